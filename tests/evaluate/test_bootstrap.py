@@ -1,0 +1,94 @@
+"""evaluate.bootstrap: the vectorised resampling equals the naive loop; intervals and paired comparisons."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluate import bootstrap as B
+from evaluate.metrics import macro_f1
+
+
+def case(seed: int = 0, n: int = 120, t: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, t)) < rng.choice([0.02, 0.1, 0.4], size=t)).astype(np.uint8)
+    y[:, 0] = 0  # never positive
+    y[:, 1] = 0
+    y[7, 1] = 1  # a single positive: absent from about a third of the resamples
+    pred = np.where(rng.random((n, t)) < 0.8, y, 1 - y)
+    return y, pred
+
+
+def test_indices_are_seeded_and_in_range():
+    idx = B.bootstrap_indices(50, n_resamples=30, seed=3)
+    assert idx.shape == (30, 50) and idx.min() >= 0 and idx.max() < 50
+    np.testing.assert_array_equal(idx, B.bootstrap_indices(50, n_resamples=30, seed=3))
+    assert not np.array_equal(idx, B.bootstrap_indices(50, n_resamples=30, seed=4))
+
+
+def test_resample_weights_count_multiplicities():
+    idx = B.bootstrap_indices(40, n_resamples=6, seed=1)
+    w = B.resample_weights(idx, 40)
+    assert w.dtype == np.float32 and w.shape == (6, 40)
+    for r in range(6):
+        np.testing.assert_array_equal(w[r], np.bincount(idx[r], minlength=40))
+    with pytest.raises(ValueError, match=r"shape \(R, 41\)"):
+        B.resample_weights(idx, 41)
+    with pytest.raises(ValueError, match="must lie in"):
+        B.resample_weights(idx + 5, 40)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_vectorised_equals_naive_loop(seed, masked):
+    y, pred = case(seed)
+    mask = (np.arange(y.shape[1]) % 3 != 2) if masked else None
+    idx = B.bootstrap_indices(len(y), n_resamples=40, seed=seed)
+    fast = B.bootstrap_macro_f1(y, pred, idx, tags_mask=mask)
+    naive = np.array([macro_f1(y[i], pred[i], tags_mask=mask)[0] for i in idx])
+    np.testing.assert_allclose(fast, naive, rtol=1e-12)
+    # the single-positive tag is missing from some resamples and then excluded, not counted as F1 = 0
+    assert 0 < (~np.isin(idx, 7)).all(axis=1).sum() < len(idx)
+
+
+def test_identity_resample_is_the_point_estimate():
+    y, pred = case(2)
+    idx = np.arange(len(y))[None, :]
+    assert B.bootstrap_macro_f1(y, pred, idx)[0] == pytest.approx(macro_f1(y, pred)[0], rel=1e-12)
+
+
+def test_resample_without_scored_tag_is_nan():
+    y = np.zeros((4, 2), dtype=int)
+    y[0, 0] = 1
+    idx = np.array([[0, 1, 2, 3], [1, 1, 2, 3]])
+    out = B.bootstrap_macro_f1(y, y, idx)
+    assert out[0] == 1.0 and np.isnan(out[1])
+
+
+def test_confidence_interval_percentiles():
+    samples = np.arange(1001) / 1000
+    assert B.confidence_interval(samples) == pytest.approx((0.025, 0.975))
+    assert B.confidence_interval(samples, level=0.5) == pytest.approx((0.25, 0.75))
+    assert B.confidence_interval(np.append(samples, np.nan)) == pytest.approx((0.025, 0.975))
+    assert np.isnan(B.confidence_interval(np.full(3, np.nan))).all()
+    with pytest.raises(ValueError, match="level"):
+        B.confidence_interval(samples, level=95)
+
+
+def test_paired_bootstrap():
+    y, pred = case(0, n=200)
+    idx = B.bootstrap_indices(len(y), n_resamples=200)
+    same = B.paired_bootstrap(y, pred, pred, idx)
+    assert same["mean_diff"] == 0 and same["ci"] == [0, 0] and same["p_a_better"] == 0.5
+
+    better = B.paired_bootstrap(y, y, pred, idx)  # perfect predictions vs noisy ones
+    assert better["p_a_better"] == 1.0 and better["ci"][0] > 0 and better["n_resamples"] == 200
+    assert better["observed_diff"] == pytest.approx(better["macro_f1_a"] - better["macro_f1_b"])
+    assert better["macro_f1_a"] == 1.0
+
+    rng = np.random.default_rng(5)
+    other = np.where(rng.random(y.shape) < 0.8, y, 1 - y)
+    ab, ba = B.paired_bootstrap(y, pred, other, idx), B.paired_bootstrap(y, other, pred, idx)
+    assert ab["mean_diff"] == pytest.approx(-ba["mean_diff"])
+    assert ab["p_a_better"] == pytest.approx(1 - ba["p_a_better"])
+    assert ab["ci"] == pytest.approx([-ba["ci"][1], -ba["ci"][0]])
+    assert ab["ci"][0] <= ab["mean_diff"] <= ab["ci"][1]
