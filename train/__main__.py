@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from train.probe import ProbeConfig
 from train.registry import FAMILIES, REGISTRY
 from train.run import STRATEGIES, RunError, RunOptions, is_complete, pair_name, train_pair
 from train.weights import WeightsNotFound
@@ -41,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-size", type=int, default=128, help="image cache resolution (px)")
     p.add_argument("--max-train-images", type=int, help="stratified subset of train (val/test untouched)")
     p.add_argument("--loss", choices=("bce", "balanced", "asl"), default="bce")
-    p.add_argument("--epochs", type=int, help="epochs (probe default 30, ft default 8)")
+    p.add_argument("--epochs", type=int, help="fine-tune epochs (default 5; early stopping on val mAP)")
+    p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default 30)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, help="fine-tune learning rate for the last 4 blocks (per-family default)")
     p.add_argument("--augment", action="store_true", help="light augmentation (disables the frozen-trunk cache)")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                               cache_size=args.cache_size, max_train_images=args.max_train_images, loss=args.loss,
                               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,
                               seed=args.seed, device=args.device, resume=args.resume or args.all,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress,
+                              probe=ProbeConfig(**({"epochs": args.probe_epochs} if args.probe_epochs else {})))
             t = time.perf_counter()
             try:
                 out = train_pair(args.data, args.out, opts)

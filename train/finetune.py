@@ -35,7 +35,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-4  # last 4 blocks
     head_lr: float = 1e-3

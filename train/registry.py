@@ -68,6 +68,8 @@ def _specs() -> dict[str, BackboneSpec]:
                      label="CLIP ViT-B/32 (open_clip)", interpolation="bicubic"),
         BackboneSpec("ViT-B-16", "clip", "open_clip", "ViT-B-16", "openai", 224, CLIP_MEAN, CLIP_STD, "clip",
                      label="CLIP ViT-B/16 (open_clip)", interpolation="bicubic"),
+        BackboneSpec("ViT-S-32", "clip", "open_clip", "ViT-S-32", "", 224, CLIP_MEAN, CLIP_STD, "clip",
+                     label="CLIP ViT-S/32 (open_clip config, no public weights)", interpolation="bicubic"),
     ]
     return {x.name: x for x in s}
 

@@ -195,8 +195,7 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
                         progress=opts.progress, describe={"model": spec.name, "rows": len(rows)})["features"]
         timing["feature_extraction"] = time.perf_counter() - t
         x = np.asarray(feats, dtype=np.float32)
-        probe_cfg = ProbeConfig(**{**asdict(opts.probe), "loss": opts.loss, "seed": opts.seed,
-                                   **({"epochs": opts.epochs} if opts.epochs else {})})
+        probe_cfg = ProbeConfig(**{**asdict(opts.probe), "loss": opts.loss, "seed": opts.seed})
         result = train_probe(x[:len(rows_train)], y_train, x[len(rows_train):], y_val, probe_cfg, loss_fn, device)
         timing["head_training"] = result.seconds
         model.head.load_state_dict(result.head.state_dict())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from train.data import synth
 from train.data.dataset import field_of, load_dataset
@@ -66,12 +67,13 @@ def test_generate_is_deterministic_and_seed_dependent(tmp_path):
 
 
 def test_generate_writes_a_loadable_dataset(tmp_path):
+    (tmp_path / "splits.json").write_text("{}")  # left by an earlier dataset in the same directory
     ds = synth.generate(tmp_path, n_images=30, n_tags=60, seed=0, image_size=48, workers=1)
     back = load_dataset(tmp_path)
     assert back.ids == ds.ids and back.tags == ds.tags and len(back.taxonomy) == 60
     assert all(back.image_path(i).is_file() and not back.images[i].startswith("/") for i in range(len(back)))
     assert back.labels().sum(1).min() >= 1
-    from PIL import Image
+    assert back.splits is None
     with Image.open(back.image_path(0)) as im:
         assert im.size == (48, 48) and im.mode == "RGB"
     source = read_json(tmp_path / "taxonomy.json")["source"]

@@ -7,12 +7,13 @@ it from being trivially separable. Tag frequencies follow a Zipf-Mandelbrot law 
 tags form a long tail; rare tags stay visually distinct from common ones.
 
 Same ``seed`` -> byte-identical manifest and images, whatever the number of workers: tags come from one
-generator seeded by ``(seed, 0)``, each image's pixels from its own generator seeded by ``(seed, 1, index)``.
+generator (``SeedSequence(seed, spawn_key=(0,))``), each image's pixels from its own (``image_rng(seed, index)``).
 """
 from __future__ import annotations
 
 import math
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from train.data.dataset import Dataset, write_dataset
+from train.data.dataset import SPLITS, STATS, Dataset, write_dataset
 
 GENERATOR_VERSION = 1
 MIN_VALUES_PER_FIELD = 2
@@ -62,7 +63,7 @@ def _poly(*pts: tuple[float, float]) -> Prim:
     if not (np.all(turns >= 0) or np.all(turns <= 0)):
         raise ValueError(f"polygon {pts} is not convex")
     sign = 1.0 if turns.sum() > 0 else -1.0
-    planes = [(-sign * dy, sign * dx, sign * (dy * x0 - dx * y0)) for (x0, y0), (dx, dy) in zip(p, e)]
+    planes = [(-sign * dy, sign * dx, sign * (dy * x0 - dx * y0)) for (x0, y0), (dx, dy) in zip(p.tolist(), e.tolist())]
 
     def f(X, Y):
         m = np.ones(X.shape, dtype=bool)
@@ -343,14 +344,18 @@ def _shift(m: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+_DICE = {1: [(0, 0)], 2: [(-1, -1), (1, 1)], 3: [(-1, -1), (0, 0), (1, 1)],
+         4: [(-1, -1), (1, -1), (-1, 1), (1, 1)], 5: [(-1, -1), (1, -1), (0, 0), (-1, 1), (1, 1)],
+         6: [(-1, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (1, 1)]}  # pip positions of a die face
 _LUMA = np.array([0.3, 0.59, 0.11], dtype=np.float32)
 _GOLD = np.array([0.83, 0.69, 0.22], dtype=np.float32)
 _INK = np.array([0.1, 0.1, 0.11], dtype=np.float32)
 
 
 def _paint(img: np.ndarray, mask: np.ndarray, colour, alpha: float = 1.0) -> None:
-    c = np.asarray(colour, dtype=np.float32)
-    img[mask] = c if alpha == 1.0 else img[mask] + alpha * (c - img[mask])
+    """Paint ``colour`` over the ``mask`` pixels of a channel-first (3, S, S) image."""
+    c = np.asarray(colour, dtype=np.float32).reshape(-1, 1)
+    img[:, mask] = c if alpha == 1.0 else img[:, mask] + alpha * (c - img[:, mask])
 
 
 def _contrast(c: np.ndarray) -> np.ndarray:
@@ -373,26 +378,29 @@ class Renderer:
         self.glyphs = _glyph_table(len(self.tax["brand"]))
         self.col = {name: j for j, name in enumerate(FIELD_NAMES)}
         # Sensor noise (about 3 grey levels, +0.5 for rounding): each image takes a random window of it.
-        self.noise = 0.5 + 3 * np.random.default_rng(0).standard_normal((2 * image_size, 2 * image_size, 3), dtype=np.float32)
+        self.noise = 0.5 + 3 * np.random.default_rng(0).standard_normal((3, 2 * image_size, 2 * image_size), dtype=np.float32)
 
     def value(self, codes: Sequence[int], field: str) -> str | None:
         c = int(codes[self.col[field]])
         return self.tax[field][c] if c >= 0 else None
 
     def __call__(self, codes: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-        """``size x size x 3`` uint8 image for one row of ``sample_tags`` codes."""
+        """``size x size x 3`` uint8 image for one row of ``sample_tags`` codes (one value index per field)."""
         S, U, V = self.size, self.U, self.V
-        # Pose, background, lighting and noise are drawn first, in a fixed order, whatever the tags.
-        cx, cy = rng.uniform(-0.1, 0.1, 2).tolist()
-        scale = rng.uniform(0.6, 0.74)
-        theta = rng.uniform(-0.21, 0.21)
-        flip = rng.choice((-1.0, 1.0))
-        corner = rng.choice((-1.0, 1.0))
-        bg = (rng.uniform(0.62, 0.97, (2, 1)) + rng.uniform(-0.05, 0.05, (2, 3))).astype(np.float32)
-        bx, by = (rng.normal(size=2) / 4).tolist()
-        gain = (255 * rng.uniform(0.9, 1.08) * (1 + rng.uniform(-0.03, 0.03, 3))).astype(np.float32)
-        fill = self.colours[codes[self.col["colour"]]] * (1 + rng.uniform(-0.04, 0.04, 3)).astype(np.float32)
-        ny, nx = rng.integers(0, S, 2).tolist()
+        # Pose, background, lighting and noise: one draw with a fixed layout, whatever the tags.
+        a = rng.random(25)
+        u = a.tolist()
+        cx, cy = 0.2 * u[0] - 0.1, 0.2 * u[1] - 0.1
+        scale = 0.6 + 0.14 * u[2]
+        theta = 0.42 * u[3] - 0.21
+        flip = 1.0 if u[4] < 0.5 else -1.0
+        corner = 1.0 if u[5] < 0.5 else -1.0
+        bg = (0.62 + 0.35 * a[6:8, None] + 0.1 * a[8:14].reshape(2, 3) - 0.05).astype(np.float32)[..., None, None]
+        angle, slope = 2 * math.pi * u[14], 0.35 * u[15]
+        bx, by = slope * math.cos(angle), slope * math.sin(angle)
+        gain = (255 * (0.9 + 0.18 * u[16]) * (0.97 + 0.06 * a[17:20])).astype(np.float32)[:, None, None]
+        fill = self.colours[codes[self.col["colour"]]] * (0.96 + 0.08 * a[20:23]).astype(np.float32)
+        ny, nx = int(S * u[23]), int(S * u[24])
 
         cos, sin = math.cos(theta) / scale, math.sin(theta) / scale
         du, dv = U - cx, V - cy
@@ -401,42 +409,41 @@ class Renderer:
         shape = self.shapes[codes[self.col["category"]]]
         M = shape.mask(X, Y)
 
-        t = np.clip(bx * U + by * V + 0.5, 0, 1)[..., None]
-        img = bg[0] + t * (bg[1] - bg[0])
+        # Channel-first (3, S, S) so colours broadcast over whole planes. |bx U + by V| < 0.5: no clipping.
+        img = bg[0] + (bx * U + by * V + 0.5) * (bg[1] - bg[0])
 
-        self._packaging_behind(img, self.value(codes, "packaging"), X, Y, M, fill)
-        style = self.value(codes, "style")
+        packaging, style = self.value(codes, "packaging"), self.value(codes, "style")
+        self._packaging_behind(img, packaging, X, Y, M, fill)
         if style == "retro":  # drop shadow
             sh = _shift(M, max(1, S // 24), max(1, S // 24)) & ~M
-            img[sh] *= 0.55
+            img[:, sh] *= 0.55
 
-        obj = np.broadcast_to(fill, img.shape).copy()
+        obj = (fill + 0.4)[:, None, None]  # the offset lets texture and shading show on black too
         pattern = self.value(codes, "pattern")
         if pattern is not None:
-            a = _pattern(pattern, X, Y, rng, S)
-            obj += a[..., None] * (_contrast(fill) - obj)
+            obj = obj + _pattern(pattern, X, Y, rng, S) * (_contrast(fill) - fill)[:, None, None]
         material = self.value(codes, "material")
         lum = 1 - 0.06 * (X + Y)  # soft key light from the top left
         if material is not None:
             lum = lum * _material(material, X, Y, M, rng, S)
-        obj = (obj + 0.4) * lum[..., None] - 0.4  # the offset lets texture show on black too
-        np.copyto(img, obj if material != "glass" else 0.45 * img + 0.55 * obj, where=M[..., None])
+        obj = obj * lum - 0.4
+        np.copyto(img, obj if material != "glass" else 0.45 * img + 0.55 * obj, where=M)
         if material == "glass":
             _paint(img, M & (np.abs(X + 0.3 + 0.25 * Y) < 0.07), 1.0, 0.7)
 
-        self._packaging_front(img, self.value(codes, "packaging"), X, Y, M)
+        self._packaging_front(img, packaging, X, Y, M)
         brand = codes[self.col["brand"]]
         if brand >= 0:
             self._badge(img, self.glyphs[brand], X, Y, shape.anchor)
         if style is not None and style != "retro":
-            self._outline(img, style, M, X, Y, fill)
+            self._style(img, style, M, X, Y, fill)
         size = self.value(codes, "size")
         if size is not None:
             self._size_sticker(img, SIZE_PIPS[size], corner)
 
         img *= gain
-        img += self.noise[ny:ny + S, nx:nx + S]
-        return np.clip(img, 0, 255, out=img).astype(np.uint8)
+        img += self.noise[:, ny:ny + S, nx:nx + S]
+        return np.clip(img, 0, 255, out=img).astype(np.uint8).transpose(1, 2, 0).copy()
 
     def _badge(self, img, glyph, X, Y, anchor) -> None:
         b = 0.36
@@ -480,7 +487,7 @@ class Renderer:
             _paint(img, tag, (0.93, 0.84, 0.6))
             _paint(img, ((tx - 0.12) ** 2 + ty**2 < 0.003) | (tag & ((tx > 0.18) | (ty > 0.1))), _INK)
 
-    def _outline(self, img, style, M, X, Y, fill) -> None:
+    def _style(self, img, style, M, X, Y, fill) -> None:
         S = self.size
         r = max(1, S // 64)
         if style == "classic":
@@ -500,11 +507,8 @@ class Renderer:
     def _size_sticker(self, img, pips: int, corner: float) -> None:
         sx, sy = self.U - 0.72 * corner, self.V + 0.72
         _paint(img, sx**2 + sy**2 < 0.27**2, (0.98, 0.85, 0.25))
-        dots = {1: [(0, 0)], 2: [(-1, -1), (1, 1)], 3: [(-1, -1), (0, 0), (1, 1)],
-                4: [(-1, -1), (1, -1), (-1, 1), (1, 1)], 5: [(-1, -1), (1, -1), (0, 0), (-1, 1), (1, 1)],
-                6: [(-1, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (1, 1)]}[pips]
         on = np.zeros(sx.shape, dtype=bool)
-        for px, py in dots:
+        for px, py in _DICE[pips]:
             on |= (sx - 0.12 * px) ** 2 + (sy - 0.12 * py) ** 2 < 0.055**2
         _paint(img, on, _INK)
 
@@ -581,12 +585,16 @@ def _render_chunk(job: tuple[Path, np.ndarray, int, int, int, int, int]) -> None
     out, codes, start, seed, n_tags, image_size, width = job
     render = _renderer(n_tags, image_size)
     for i, row in enumerate(codes, start=start):
-        Image.fromarray(render(row, image_rng(seed, i))).save(out / f"{i:0{width}d}.png", compress_level=1)
+        # Huffman-only deflate: noisy pixels have few repeats to find, so this is fastest and smallest.
+        Image.fromarray(render(row, image_rng(seed, i))).save(out / f"{i:0{width}d}.png", compress_level=1,
+                                                              compress_type=zlib.Z_HUFFMAN_ONLY)
 
 
 def generate(out: str | Path, n_images: int = 3000, n_tags: int = 250, seed: int = 0, image_size: int = 64,
              workers: int | None = None, min_count: int = 3) -> Dataset:
     """Write a synthetic catalog dataset to ``out`` (images under ``out/images/``) and return it.
+
+    A dataset already in ``out`` is replaced; its splits and stats, derived from the old manifest, are removed.
 
     ``workers``: processes to render with (None: all usable cores, at most one per 500 images; 1: in-process).
     ``min_count``: every tag gets at least this many images when the head of its field can spare them.
@@ -598,6 +606,8 @@ def generate(out: str | Path, n_images: int = 3000, n_tags: int = 250, seed: int
     codes = sample_tags(n_images, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))), n_tags, min_count)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    for stale in (SPLITS, STATS):
+        (out / stale).unlink(missing_ok=True)
     width = max(6, len(str(n_images - 1)))
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), -(-n_images // 500))

@@ -1,0 +1,75 @@
+"""python -m engines bench --runs RUNS --runtime torch|onnxruntime|tensorrt [--precision P] --batch 1,8,32
+    [--warmup 2.0] [--duration 10.0] [--iterations 10] [--threads N] [--device D] [--cuda-graph]
+    [--data DATASET] [--project t4] [--pairs a,b]
+
+Benchmarks every complete run under RUNS (or the named pairs): prints trtexec-style summaries and writes
+RUNS/<pair>/latency/<runtime>[-<precision>].json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engines import RUNTIMES
+from engines.bench import bench_pair, format_trtexec, latency_path
+from engines.projection import TARGETS
+from train.run import is_complete
+
+# the runner options each runtime takes
+RUNNER_OPTIONS = {"torch": ("device", "threads", "cuda_graph"), "onnxruntime": ("device", "threads"),
+                  "tensorrt": ("cuda_graph",)}
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.replace(",", " ").split() if t]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engines", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="trtexec-style latency benchmark")
+    b.add_argument("--runs", required=True, type=Path, help="directory of run directories (<family>-<strategy>)")
+    b.add_argument("--runtime", required=True, choices=sorted(RUNTIMES))
+    b.add_argument("--precision", help="torch: fp32|fp16|bf16; onnxruntime: fp32|fp16; tensorrt: fp16")
+    b.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
+    b.add_argument("--warmup", type=float, default=2.0, help="warm-up duration, seconds")
+    b.add_argument("--duration", type=float, default=10.0, help="minimum timed duration per batch size, seconds")
+    b.add_argument("--iterations", type=int, default=10, help="minimum timed iterations per batch size")
+    b.add_argument("--threads", type=int, help="CPU intra-op threads (default: every core)")
+    b.add_argument("--device", default=None, help="torch: auto|cpu|cuda; onnxruntime: cpu|cuda|tensorrt|auto")
+    b.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (torch on GPU, tensorrt)")
+    b.add_argument("--data", type=Path, help="use this dataset's preprocessed test images instead of random inputs")
+    b.add_argument("--project", choices=sorted(TARGETS), help="add a labelled ESTIMATE for this GPU when not on it")
+    b.add_argument("--pairs", help="only these pairs, comma-separated (default: every complete run)")
+    b.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if not args.runs.is_dir():
+        ap.error(f"{args.runs}: no such directory")
+    wanted = _csv(args.pairs) if args.pairs else None
+    run_dirs = [d for d in sorted(args.runs.iterdir()) if is_complete(d) and (wanted is None or d.name in wanted)]
+    missing = sorted(set(wanted or ()) - {d.name for d in run_dirs})
+    if missing or not run_dirs:
+        ap.error(f"{args.runs}: no complete run named {missing}" if missing else f"{args.runs}: no complete runs")
+    options = {"device": args.device, "threads": args.threads, "cuda_graph": args.cuda_graph}
+    runner_kw = {k: options[k] for k in RUNNER_OPTIONS[args.runtime] if options[k] not in (None, False)}
+    failed = []
+    for run_dir in run_dirs:
+        try:
+            result = bench_pair(run_dir, args.runtime, [int(x) for x in _csv(args.batch)], args.precision,
+                                args.warmup, args.duration, args.iterations, args.data, args.project, args.seed,
+                                **runner_kw)
+        except (OSError, RuntimeError, ValueError) as e:  # a missing export, a provider, a mismatched engine
+            print(f"SKIP {run_dir.name}: {e}", file=sys.stderr)
+            failed.append(run_dir.name)
+            continue
+        print(format_trtexec(result))
+        print(f"wrote {latency_path(run_dir, args.runtime, result['precision'])}\n")
+    if failed:
+        print(f"{len(failed)} of {len(run_dirs)} runs not benchmarked: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

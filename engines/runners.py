@@ -1,0 +1,156 @@
+"""One runner interface over every runtime: ``predict(batch) -> logits``.
+
+A batch is what the registry's preprocessing produces (float32, N x 3 x S x S, normalised; numpy or torch);
+logits come back as float32 numpy N x T. Runtimes: ``torch`` (here), ``onnxruntime`` and ``tensorrt``
+(engines.ort_runner / engines.trt_runner, registered in RUNTIMES).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from train.data.io import read_json
+from train.device import device_name, pick_device
+from train.run import CONFIG, THRESHOLDS, RunError, is_complete, load_run
+
+EXPORT = "export"  # RUNS/<pair>/export/: model.onnx, model.fp16.onnx, model.<gpu>.fp16.engine + engine.json
+
+
+class MissingExport(FileNotFoundError):
+    """A run without the exported file a runtime needs; the message says how to make it."""
+
+
+def export_hint(run_dir: Path, fp16: bool = False) -> str:
+    return f"run python -m export --runs {run_dir.parent}" + (" --fp16" if fp16 else "")
+
+
+def run_meta(run_dir: str | Path) -> tuple[dict, np.ndarray]:
+    """(config, thresholds) of a complete run, without building its model (for exported runtimes)."""
+    run_dir = Path(run_dir)
+    if not is_complete(run_dir):
+        raise RunError(f"{run_dir}: not a complete run (no {CONFIG} with status 'complete'); train it first")
+    config = read_json(run_dir / CONFIG) | {"run_dir": str(run_dir)}
+    return config, np.asarray(read_json(run_dir / THRESHOLDS)["thresholds"], dtype=np.float64)
+
+
+class Runner:
+    """Base class: ``name`` (runtime), ``device`` (in words), ``precision``; ``predict`` returns logits.
+
+    GPU runners set ``last_timing`` after each ``predict``: ``{"gpu_compute_ms", "host_latency_ms"}`` from CUDA
+    events (compute alone; H2D + compute + D2H), which benchmarks report beside the wall-clock latency.
+    """
+
+    name: str = ""
+    device: str = ""
+    precision: str = ""
+    threads: int | None = None  # intra-op CPU threads (None on GPU)
+    last_timing: dict | None = None
+
+    def prepare(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """The batch in this runner's native input form (layout, dtype, pinned memory); ``predict`` accepts
+        either form, so callers that feed one batch many times (benchmarks) convert it once, outside the timing."""
+        return batch
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": self.device, "precision": self.precision, "threads": self.threads}
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchRunner(Runner):
+    """Eager PyTorch from a run directory; fp32, or fp16/bf16 autocast (bf16 is the CPU choice).
+
+    ``threads`` pins torch's intra-op threads (process-wide); ``cuda_graph`` replays one captured CUDA graph per
+    input shape (GPU only: removes the per-kernel launch cost that dominates small batches).
+    """
+
+    name = "torch"
+
+    def __init__(self, run_dir: str | Path, device: str = "auto", precision: str = "fp32",
+                 threads: int | None = None, cuda_graph: bool = False):
+        if precision not in TORCH_DTYPES:
+            raise ValueError(f"torch precision {precision!r}: choose from {list(TORCH_DTYPES)}")
+        self.torch_device = pick_device(device)
+        self.cuda = self.torch_device.type == "cuda"
+        if cuda_graph and not self.cuda:
+            raise ValueError(f"cuda_graph needs a CUDA device, not {self.torch_device}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = None if self.cuda else torch.get_num_threads()
+        self.model, self.config, self.thresholds = load_run(run_dir, device=self.torch_device)
+        self.precision = precision
+        self.cuda_graph = cuda_graph
+        self.device = device_name(self.torch_device)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def describe(self) -> dict:
+        return super().describe() | {"cuda_graph": self.cuda_graph}
+
+    def prepare(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(batch)
+        if x.ndim == 4:  # the layout the registry's preprocessing produces (fast CPU convolutions)
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.cuda and not x.is_cuda and not x.is_pinned():
+            x = x.pin_memory()
+        return x
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = TORCH_DTYPES[self.precision]
+        # no autocast weight cache: a captured graph must not hold casts made outside it
+        with torch.autocast(self.torch_device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+            return self.model(x).float()
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        """Run ``x`` through the CUDA graph captured for its shape (captured on first sight)."""
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            static_in = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (cuDNN autotuning, allocator)
+                for _ in range(2):
+                    self._forward(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    @torch.no_grad()
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = self.prepare(batch)
+        if not self.cuda:
+            return self._forward(x.to(self.torch_device)).numpy()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        marks[0].record()
+        x = x.to(self.torch_device, non_blocking=True)
+        marks[1].record()
+        y = self._replay(x) if self.cuda_graph else self._forward(x)
+        marks[2].record()
+        out = y.cpu()
+        marks[3].record()
+        marks[3].synchronize()
+        self.last_timing = {"gpu_compute_ms": marks[1].elapsed_time(marks[2]),
+                            "host_latency_ms": marks[0].elapsed_time(marks[3])}
+        return out.numpy()
+
+
+RUNTIMES: dict[str, Callable[..., Runner]] = {"torch": TorchRunner}
+
+
+def open_runner(run_dir: str | Path, runtime: str = "torch", **kwargs) -> Runner:
+    """The runner for ``runtime`` over run ``run_dir``."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; available here: {sorted(RUNTIMES)}")
+    return RUNTIMES[runtime](run_dir, **kwargs)

@@ -1,0 +1,370 @@
+"""TensorRT over a run's serialized engine (``export/model.<gpu>.fp16.engine``, checked against ``engine.json``).
+
+Needs ``tensorrt`` and cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), with pycuda as a
+fallback. Pinned host buffers and device buffers are sized once for the largest batch of the engine's
+optimisation profile; ``predict`` copies H2D, enqueues and copies D2H on one stream, timing each leg with CUDA
+events (``last_timing``), optionally replaying one captured CUDA graph per batch size.
+
+Two TensorRT APIs: the tensor-name API (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``,
+TensorRT >= 8.5, the only one left in 10) and the older bindings API (``set_binding_shape`` /
+``execute_async_v2``). The pure parts (API choice, shape resolution, buffer sizing) are plain functions.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint, run_meta
+from train.device import device_name
+
+V3_SINCE = (8, 5)
+
+
+class EngineError(RuntimeError):
+    """An engine this runner cannot use as asked (shape, batch, API, missing library)."""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'10.3.0.26' -> (10, 3, 0, 26); non-numeric tails ('8.6.1.post1') are dropped."""
+    parts = []
+    for p in version.split("."):
+        digits = "".join(c for c in p if c.isdigit()) if p[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def api_for(version: str) -> str:
+    """``v3`` (tensor-name API) from TensorRT 8.5 on, else ``v2`` (bindings API)."""
+    return "v3" if version_tuple(version)[:2] >= V3_SINCE else "v2"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine input or output: ``shape`` has -1 for dynamic dims; ``profile`` is (min, opt, max) shapes."""
+
+    name: str
+    index: int
+    is_input: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.profile[2][0] if self.profile else self.shape[0]
+
+
+def resolve_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    """The concrete shape of ``spec`` at ``batch``; only the batch axis may be dynamic."""
+    if any(d < 0 for d in spec.shape[1:]):
+        raise EngineError(f"tensor {spec.name!r} {spec.shape}: dynamic non-batch axes are not supported")
+    if spec.shape[0] >= 0 and spec.shape[0] != batch:
+        raise EngineError(f"tensor {spec.name!r} has a static batch of {spec.shape[0]}, asked for {batch}")
+    if spec.profile and not spec.profile[0][0] <= batch <= spec.profile[2][0]:
+        raise EngineError(f"batch {batch} is outside the engine's optimisation profile for {spec.name!r} "
+                          f"[{spec.profile[0][0]}, {spec.profile[2][0]}]; rebuild the engine with a wider profile")
+    return (batch, *spec.shape[1:])
+
+
+def nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def read_io(engine: Any, trt: Any, api: str) -> list[TensorSpec]:
+    """The engine's I/O tensors through either API."""
+    specs = []
+    if api == "v3":
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            shape = tuple(engine.get_tensor_shape(name))
+            profile = engine.get_tensor_profile_shape(name, 0) if is_input and -1 in shape else None
+            specs.append(TensorSpec(name, i, is_input, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
+                                    tuple(tuple(s) for s in profile) if profile else None))
+    else:
+        for i in range(engine.num_bindings):
+            is_input = engine.binding_is_input(i)
+            shape = tuple(engine.get_binding_shape(i))
+            profile = engine.get_profile_shape(0, i) if is_input and -1 in shape else None
+            specs.append(TensorSpec(engine.get_binding_name(i), i, is_input, shape,
+                                    np.dtype(trt.nptype(engine.get_binding_dtype(i))),
+                                    tuple(tuple(s) for s in profile) if profile else None))
+    return specs
+
+
+class CudaPython:
+    """The CUDA runtime calls the runner needs, through cuda-python."""
+
+    def __init__(self):
+        try:
+            from cuda.bindings import runtime as rt
+        except ImportError:
+            from cuda import cudart as rt
+        self.rt = rt
+        self._host: list[int] = []
+
+    def _ok(self, result: tuple) -> Any:
+        err, *rest = result
+        if err != self.rt.cudaError_t.cudaSuccess:
+            text = self.rt.cudaGetErrorString(err)[1]
+            raise EngineError(f"CUDA error {err}: {text.decode() if isinstance(text, bytes) else text}")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    def malloc(self, n: int) -> int:
+        return int(self._ok(self.rt.cudaMalloc(n)))
+
+    def free(self, ptr: int) -> None:
+        self._ok(self.rt.cudaFree(ptr))
+
+    def host_empty(self, n: int) -> np.ndarray:
+        """``n`` bytes of pinned host memory as a uint8 array."""
+        ptr = int(self._ok(self.rt.cudaMallocHost(n)))
+        self._host.append(ptr)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(ptr))
+
+    def stream(self) -> Any:
+        return self._ok(self.rt.cudaStreamCreate())
+
+    def handle(self, stream: Any) -> int:
+        return int(stream)
+
+    def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
+
+    def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._ok(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
+
+    def event(self) -> Any:
+        return self._ok(self.rt.cudaEventCreate())
+
+    def record(self, event: Any, stream: Any) -> None:
+        self._ok(self.rt.cudaEventRecord(event, stream))
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return float(self._ok(self.rt.cudaEventElapsedTime(start, end)))
+
+    def sync(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamSynchronize(stream))
+
+    def begin_capture(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamBeginCapture(stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+
+    def end_capture(self, stream: Any) -> Any:
+        graph = self._ok(self.rt.cudaStreamEndCapture(stream))
+        return self._ok(self.rt.cudaGraphInstantiate(graph, 0))
+
+    def launch(self, graph_exec: Any, stream: Any) -> None:
+        self._ok(self.rt.cudaGraphLaunch(graph_exec, stream))
+
+    def close(self) -> None:
+        for ptr in self._host:
+            self._ok(self.rt.cudaFreeHost(ptr))
+        self._host.clear()
+
+
+class PyCuda:
+    """The same calls through pycuda (no CUDA graphs)."""
+
+    def __init__(self):
+        import pycuda.autoinit  # noqa: F401  (creates the context)
+        import pycuda.driver as drv
+        self.drv = drv
+        self._alloc: dict[int, Any] = {}
+
+    def malloc(self, n: int) -> int:
+        alloc = self.drv.mem_alloc(n)
+        self._alloc[int(alloc)] = alloc
+        return int(alloc)
+
+    def free(self, ptr: int) -> None:
+        self._alloc.pop(ptr).free()
+
+    def host_empty(self, n: int) -> np.ndarray:
+        return self.drv.pagelocked_empty(n, np.uint8)
+
+    def stream(self) -> Any:
+        return self.drv.Stream()
+
+    def handle(self, stream: Any) -> int:
+        return stream.handle
+
+    def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        self.drv.memcpy_htod_async(dst, src, stream)
+
+    def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        self.drv.memcpy_dtoh_async(dst, src, stream)
+
+    def event(self) -> Any:
+        return self.drv.Event()
+
+    def record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return start.time_till(end)
+
+    def sync(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def begin_capture(self, stream: Any) -> None:
+        raise EngineError("CUDA graphs need cuda-python (pip install cuda-python); pycuda has no stream capture here")
+
+    def close(self) -> None:
+        pass
+
+
+def load_cuda() -> CudaPython | PyCuda:
+    try:
+        return CudaPython()
+    except ImportError:
+        pass
+    try:
+        return PyCuda()
+    except ImportError:
+        raise EngineError("the tensorrt runtime needs cuda-python or pycuda: pip install -e .[trt]") from None
+
+
+def find_engine(run_dir: Path, precision: str) -> Path:
+    """The one ``export/model.<gpu>.<precision>.engine`` of ``run_dir``."""
+    found = sorted((run_dir / EXPORT).glob(f"model.*.{precision}.engine"))
+    if not found:
+        raise MissingExport(f"{run_dir / EXPORT}: no model.<gpu>.{precision}.engine; build one on the target GPU "
+                            f"({export_hint(run_dir, precision == 'fp16')})")
+    if len(found) > 1:
+        raise EngineError(f"{run_dir / EXPORT}: several engines {[p.name for p in found]}; pass engine=PATH")
+    return found[0]
+
+
+def check_sidecar(engine: Path) -> dict:
+    """export.tensorrt's verdict on ``engine`` (GPU, TensorRT version, source ONNX); raises EngineMismatch."""
+    try:
+        from export.tensorrt import check_engine_sidecar
+    except ImportError as e:
+        raise EngineError(f"{engine}: cannot verify the engine against its engine.json ({e})") from e
+    return check_engine_sidecar(engine)
+
+
+class TrtRunner(Runner):
+    """A deserialized TensorRT engine with one input (N x 3 x S x S) and one output (N x T)."""
+
+    name = "tensorrt"
+
+    def __init__(self, run_dir: str | Path, precision: str = "fp16", engine: str | Path | None = None,
+                 cuda_graph: bool = False, device: str = "cuda", trt_module: Any = None, cuda: Any = None):
+        if device not in ("cuda", "auto"):
+            raise ValueError(f"the tensorrt runtime runs on a CUDA GPU, not {device!r}")
+        run_dir = Path(run_dir)
+        self.config, self.thresholds = run_meta(run_dir)
+        self.precision = precision
+        self.path = Path(engine) if engine else find_engine(run_dir, precision)
+        self.sidecar = check_sidecar(self.path)
+        if trt_module is None:
+            try:
+                trt_module = importlib.import_module("tensorrt")
+            except ImportError:
+                raise EngineError("tensorrt is not installed: pip install -e .[trt] (on a machine with a GPU)") from None
+        self.trt_version = trt_module.__version__
+        self.api = api_for(self.trt_version)
+        if cuda_graph and self.api != "v3":
+            raise EngineError(f"CUDA graphs need TensorRT >= {'.'.join(map(str, V3_SINCE))} here, not {self.trt_version}")
+        self.cuda_graph = cuda_graph
+        self.cu = cuda or load_cuda()
+        self._logger = trt_module.Logger(trt_module.Logger.WARNING)
+        self.engine = trt_module.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{self.path}: TensorRT {self.trt_version} could not deserialize it (see its log above)")
+        self.context = self.engine.create_execution_context()
+        specs = read_io(self.engine, trt_module, self.api)
+        inputs, outputs = [s for s in specs if s.is_input], [s for s in specs if not s.is_input]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EngineError(f"{self.path}: expected one input and one output, found {[s.name for s in specs]}")
+        self.input, self.output = inputs[0], outputs[0]
+        self.max_batch = self.input.max_batch
+        if self.output.shape[-1] != len(self.config["taxonomy"]):
+            raise EngineError(f"{self.path}: {self.output.shape[-1]} outputs but the run has "
+                              f"{len(self.config['taxonomy'])} tags; the engine is stale")
+        self.stream = self.cu.stream()
+        self._buffers = {}
+        for spec in (self.input, self.output):
+            size = nbytes(resolve_shape(spec, self.max_batch), spec.dtype)
+            self._buffers[spec.name] = (self.cu.malloc(size), self.cu.host_empty(size).view(spec.dtype))
+        if self.api == "v3":
+            for spec in (self.input, self.output):
+                self.context.set_tensor_address(spec.name, self._buffers[spec.name][0])
+        self._events = [self.cu.event() for _ in range(4)]
+        self._shape: tuple[int, ...] | None = None
+        self._graphs: dict[tuple[int, ...], Any] = {}
+        self.device = device_name(torch.device("cuda")) if torch.cuda.is_available() else "CUDA GPU"
+
+    def describe(self) -> dict:
+        return super().describe() | {"engine": str(self.path), "tensorrt": self.trt_version, "api": self.api,
+                                     "cuda_graph": self.cuda_graph, "max_batch": self.max_batch}
+
+    def prepare(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.detach().cpu().numpy()
+        return np.ascontiguousarray(batch, dtype=self.input.dtype)
+
+    def _enqueue(self, shape: tuple[int, ...]) -> None:
+        handle = self.cu.handle(self.stream)
+        if self.api == "v2":
+            if shape != self._shape:
+                self.context.set_binding_shape(self.input.index, shape)
+            bindings = [0] * (max(self.input.index, self.output.index) + 1)
+            for spec in (self.input, self.output):
+                bindings[spec.index] = self._buffers[spec.name][0]
+            self.context.execute_async_v2(bindings, handle)
+        else:
+            if shape != self._shape:
+                self.context.set_input_shape(self.input.name, shape)
+            if not self.cuda_graph:
+                self.context.execute_async_v3(handle)
+            else:
+                if shape not in self._graphs:  # TensorRT wants one plain enqueue after a shape change before capture
+                    self.context.execute_async_v3(handle)
+                    self.cu.begin_capture(self.stream)
+                    self.context.execute_async_v3(handle)
+                    self._graphs[shape] = self.cu.end_capture(self.stream)
+                self.cu.launch(self._graphs[shape], self.stream)
+        self._shape = shape
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = self.prepare(batch)
+        in_shape, out_shape = resolve_shape(self.input, len(x)), resolve_shape(self.output, len(x))
+        if x.shape != in_shape:
+            raise EngineError(f"{self.path}: input of shape {x.shape}, the engine takes {in_shape}")
+        (d_in, h_in), (d_out, h_out) = self._buffers[self.input.name], self._buffers[self.output.name]
+        h_in, h_out = h_in[:x.size].reshape(in_shape), h_out[:math.prod(out_shape)].reshape(out_shape)
+        h_in[...] = x
+        cu, s, ev = self.cu, self.stream, self._events
+        cu.record(ev[0], s)
+        cu.h2d(d_in, h_in, s)
+        cu.record(ev[1], s)
+        self._enqueue(in_shape)
+        cu.record(ev[2], s)
+        cu.d2h(h_out, d_out, s)
+        cu.record(ev[3], s)
+        cu.sync(s)
+        self.last_timing = {"gpu_compute_ms": cu.elapsed_ms(ev[1], ev[2]), "host_latency_ms": cu.elapsed_ms(ev[0], ev[3])}
+        return h_out.astype(np.float32)
+
+    def close(self) -> None:
+        """Free the device and pinned buffers."""
+        for d_ptr, _ in self._buffers.values():
+            self.cu.free(d_ptr)
+        self._buffers.clear()
+        self.cu.close()
+
+
+RUNTIMES["tensorrt"] = TrtRunner

@@ -1,0 +1,70 @@
+"""Score runs on the test split, or compare scored runs.
+
+    python -m evaluate --runs RUNS --data DATASET [--runtime torch] [--precision bf16] [--pairs cnn-probe,...]
+    python -m evaluate compare RUNS [--runtime torch] [--precision P] [--data DATASET]
+    python -m evaluate compare RUNS --runtimes torch,onnxruntime,onnxruntime-fp16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evaluate.compare import compare_table
+from evaluate.score import evaluate_all
+from train.data.dataset import DatasetError
+from train.device import setup_threads
+from train.run import RunError
+
+
+def split_list(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
+    p.add_argument("--data", required=True, help="dataset directory the runs were trained on")
+    p.add_argument("--runtime", default="torch", help="torch | onnxruntime | tensorrt (engines.runners.RUNTIMES)")
+    p.add_argument("--precision", help="fp32 | bf16 | fp16 (default: the runtime's own)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pairs", type=split_list, help="comma-separated run names (default: every run)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluate compare", description="One table of the evaluated runs.")
+    p.add_argument("runs", help="runs directory")
+    p.add_argument("--runtime", default="torch")
+    p.add_argument("--precision", help="compare this precision of --runtime (default: the runtime's own)")
+    p.add_argument("--data", help="dataset for the verdict's test labels (default: the one recorded in metrics.json)")
+    p.add_argument("--runtimes", type=split_list,
+                   help="compare evaluations instead, e.g. torch,onnxruntime,onnxruntime-fp16 (first = reference)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["compare"]:
+            args = compare_parser().parse_args(argv[1:])
+            print(compare_table(args.runs, args.runtime, args.precision, data=args.data, runtimes=args.runtimes)[1])
+            return 0
+        args = score_parser().parse_args(argv)
+        setup_threads()
+        kw = {"device": args.device} | ({"precision": args.precision} if args.precision else {})
+        results = evaluate_all(args.runs, args.data, args.runtime, pairs=args.pairs, batch_size=args.batch_size,
+                               progress=not args.no_progress, **kw)
+    except (RunError, DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bad = [p for p, m in results.items() if m["status"] in ("failed", "refused")]
+    if bad:
+        print(f"{len(bad)} of {len(results)} runs not scored: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

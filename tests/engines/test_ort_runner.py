@@ -1,0 +1,87 @@
+"""OrtRunner against TorchRunner on a tiny run; providers, threads, missing and stale exports."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engines import open_runner
+from engines.ort_runner import OrtRunner, pick_providers
+from engines.runners import MissingExport, TorchRunner
+
+
+@pytest.fixture(scope="module")
+def batch(run_onnx):
+    size = json.loads((run_onnx / "config.json").read_text())["preprocess"]["img_size"]
+    return torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def test_fp32_matches_torch(run_onnx, batch):
+    expected = TorchRunner(run_onnx, device="cpu").predict(batch)
+    ort = open_runner(run_onnx, "onnxruntime", threads=1)
+    got = ort.predict(batch)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(ort.predict(batch.numpy()), got)  # numpy in, same answer
+
+
+def test_fp16_runs_close_to_torch(run_onnx, batch):
+    expected = TorchRunner(run_onnx, device="cpu").predict(batch)
+    ort = OrtRunner(run_onnx, precision="fp16", threads=1)
+    got = ort.predict(batch)
+    assert got.dtype == np.float32 and ort.precision == "fp16" and ort.path.name == "model.fp16.onnx"
+    scale = np.abs(expected).max()
+    assert 0 < np.abs(got - expected).max() < 1e-2 * scale  # fp16, not the fp32 file
+
+
+def test_threads_are_pinned_and_reported(run_onnx):
+    ort = OrtRunner(run_onnx, threads=1)
+    assert ort.threads == 1 and ort.describe()["threads"] == 1
+    assert "(1 onnxruntime threads)" in ort.device and ort.describe()["providers"] == ["CPUExecutionProvider"]
+    assert ort.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_providers():
+    cpu_only = ["CPUExecutionProvider"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers("cpu", gpu) == cpu_only
+    assert pick_providers("auto", cpu_only) == cpu_only
+    assert pick_providers("auto", gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers("tensorrt", gpu) == gpu
+    with pytest.raises(RuntimeError, match="no CUDAExecutionProvider .*available: \\['CPUExecutionProvider'\\]"):
+        pick_providers("cuda", cpu_only)
+    with pytest.raises(ValueError, match="choose from"):
+        pick_providers("tpu", gpu)
+
+
+def test_missing_onnx_says_how_to_export(runs_onnx):
+    with pytest.raises(MissingExport, match=r"cnn-ft/export/model.onnx: no such file.*python -m export --runs"):
+        OrtRunner(runs_onnx / "cnn-ft")
+    with pytest.raises(MissingExport, match=r"model.fp16.onnx.*--fp16"):
+        OrtRunner(runs_onnx / "cnn-ft", precision="fp16")
+
+
+def test_stale_export_is_refused(run_onnx, tmp_path):
+    stale = tmp_path / "cnn-probe"
+    shutil.copytree(run_onnx, stale)
+    cfg = json.loads((stale / "config.json").read_text())
+    cfg["taxonomy"] = cfg["taxonomy"][:-1]
+    (stale / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="30 outputs but the run has 29 tags; the export is stale"):
+        OrtRunner(stale)
+
+
+def test_torch_runner_options(run_onnx, batch):
+    before = torch.get_num_threads()
+    try:
+        runner = TorchRunner(run_onnx, device="cpu", precision="bf16", threads=1)
+        assert runner.threads == 1 == torch.get_num_threads() and runner.describe()["cuda_graph"] is False
+    finally:
+        torch.set_num_threads(before)
+    assert runner.prepare(batch).is_contiguous(memory_format=torch.channels_last)
+    assert runner.predict(batch).dtype == np.float32 and runner.last_timing is None
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        TorchRunner(run_onnx, device="cpu", cuda_graph=True)

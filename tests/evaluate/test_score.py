@@ -1,0 +1,215 @@
+"""evaluate.score on the tiny runs: files, an independent scikit-learn recomputation, skips, refusals, failures."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score
+
+from engines.runners import RUNTIMES, Runner, open_runner
+from evaluate import score as S
+from evaluate.__main__ import main
+from evaluate.metrics import PER_TAG_COLUMNS
+from train.data.cache import load_cache
+from train.data.dataset import load_dataset
+from train.data.io import read_json, write_json
+from train.preprocess import Preprocess
+from train.run import RunError
+from train.weights import RANDOM_FLAG
+
+PAIRS = ("cnn-probe", "cnn-ft")
+
+
+class FixedRunner(Runner):
+    """A fake runtime that hands out preset logits in the order batches arrive (one pass over the test rows)."""
+
+    name, device = "fixed", "test"
+
+    def __init__(self, logits: np.ndarray, precision: str):
+        self.logits, self.precision, self.pos = np.asarray(logits, dtype=np.float32), precision, 0
+
+    def predict(self, batch) -> np.ndarray:
+        out = self.logits[self.pos:self.pos + len(batch)]
+        self.pos += len(batch)
+        return out
+
+
+def register_fixed(monkeypatch, logits: dict) -> None:
+    """Register runtime ``fixed`` serving ``logits[(run name, precision)]``; its default precision is fp32."""
+    def factory(run_dir, precision: str = "fp32", **_) -> FixedRunner:
+        return FixedRunner(logits[(Path(run_dir).name, precision)], precision)
+    monkeypatch.setitem(RUNTIMES, "fixed", factory)
+
+
+def copy_runs(src: Path, dst: Path, names: list[tuple[str, str]] | None = None) -> Path:
+    """Copy runs ``[(source pair, new name), ...]`` (default: both tiny runs) into ``dst``."""
+    for pair, name in names or [(p, p) for p in PAIRS]:
+        shutil.copytree(src / pair, dst / name)
+    return dst
+
+
+def held_out_labels(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    ds = load_dataset(data)
+    rows = ds.split_indices("test")
+    return rows, ds.labels()[rows]
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_runs, tiny_data, tmp_path_factory):
+    runs = copy_runs(tiny_runs, tmp_path_factory.mktemp("scored"))
+    lines: list[str] = []
+    results = S.evaluate_all(runs, tiny_data, "torch", device="cpu", log=lines.append)
+    return runs, results, lines
+
+
+def test_writes_eval_files_in_test_order(scored, tiny_data):
+    runs, results, lines = scored
+    ds = load_dataset(tiny_data)
+    rows = ds.split_indices("test")
+    assert set(results) == set(PAIRS) and len(lines) == 2
+    for pair in PAIRS:
+        out = runs / pair / "eval" / "torch"
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_tag.csv", "predictions.npy"]
+        probs = np.load(out / "predictions.npy")
+        assert probs.dtype == np.float32 and probs.shape == (len(rows), len(ds.taxonomy))
+        assert ((probs >= 0) & (probs <= 1)).all()
+        with open(out / "per_tag.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        assert tuple(table[0]) == PER_TAG_COLUMNS and [r["name"] for r in table] == ds.taxonomy
+        m = read_json(out / "metrics.json")
+        assert m == results[pair]
+        assert (m["status"], m["pair"], m["eval"], m["precision"]) == ("scored", pair, "torch", "fp32")
+        assert "per_tag" not in m
+        expected_ids = hashlib.sha256("\n".join(ds.ids[i] for i in rows).encode()).hexdigest()
+        assert m["test"] == {"split": "test", "n_images": len(rows), "ids_sha256": expected_ids,
+                             "order": "ds.split_indices('test') (manifest order)"}
+        assert m["dataset"]["hash"] == ds.content_hash()
+        assert m["random_init"] and m["warning"] == RANDOM_FLAG  # the tiny runs are random init
+        assert m["training"]["seconds"] == read_json(runs / pair / "timing.json")["seconds"]["total"]
+        assert m["inference"]["images_per_s"] > 0 and m["versions"]["torch"]
+        assert (m["ci"]["n_resamples"], m["ci"]["seed"]) == (1000, 0)
+        for key in ("macro_f1", "tail_macro_f1", "medium_macro_f1"):
+            lo, hi = m["ci"][key]
+            assert 0 <= lo <= hi <= 1
+        assert m["ci"]["head_macro_f1"] == [None, None]  # no tag has 500 training images here
+        assert "vs_fp32" not in m
+
+
+def test_metrics_match_sklearn_recomputation(scored, tiny_data):
+    """macro-F1, tail-F1 and mAP recomputed from predictions.npy with scikit-learn."""
+    runs, _, _ = scored
+    rows, y = held_out_labels(tiny_data)
+    ds = load_dataset(tiny_data)
+    stats = ds.stats()
+    train_counts = np.array([stats["tags"][t]["train"] for t in ds.taxonomy])
+    has_pos = y.sum(axis=0) > 0
+    tail = has_pos & (train_counts < stats["long_tail_threshold"])
+    assert 0 < tail.sum() < has_pos.sum()  # the check covers a real subset
+    for pair in PAIRS:
+        out = runs / pair / "eval" / "torch"
+        probs = np.load(out / "predictions.npy")
+        thr = np.array(read_json(runs / pair / "thresholds.json")["thresholds"])
+        pred = probs >= thr
+        m = read_json(out / "metrics.json")
+        assert m["macro_f1"] == pytest.approx(f1_score(y[:, has_pos], pred[:, has_pos], average="macro", zero_division=0))
+        assert m["buckets"]["tail"]["macro_f1"] == pytest.approx(
+            f1_score(y[:, tail], pred[:, tail], average="macro", zero_division=0))
+        aps = [average_precision_score(y[:, j], probs[:, j]) for j in np.flatnonzero(has_pos)]
+        assert m["macro_ap"] == pytest.approx(np.mean(aps))
+        with open(out / "per_tag.csv", newline="") as f:
+            f1_csv = [float(r["f1"]) if r["f1"] else None for r in csv.DictReader(f)]
+        ref = f1_score(y, pred, average=None, zero_division=0)
+        assert [v is None for v in f1_csv] == list(~has_pos)
+        assert np.allclose([v for v in f1_csv if v is not None], ref[has_pos])
+
+
+def test_prediction_rows_are_the_test_rows_in_order(scored, tiny_data):
+    """Re-predict three test rows directly: they match the matching rows of predictions.npy."""
+    runs, _, _ = scored
+    ds = load_dataset(tiny_data)
+    rows = ds.split_indices("test")
+    pick = np.array([5, 0, len(rows) - 1])
+    config = read_json(runs / "cnn-ft" / "config.json")
+    images = load_cache(ds, config["preprocess"]["cache_size"])
+    runner = open_runner(runs / "cnn-ft", "torch", device="cpu")
+    logits = runner.predict(Preprocess.from_config(config["preprocess"])(images[rows[pick]]))
+    probs = np.load(runs / "cnn-ft" / "eval" / "torch" / "predictions.npy")
+    np.testing.assert_allclose(S.sigmoid(logits), probs[pick], atol=1e-5)
+
+
+def test_eval_names_follow_the_runtime_default():
+    assert S.eval_name("torch") == S.eval_name("torch", "fp32") == "torch"
+    assert S.eval_name("torch", "bf16") == "torch-bf16"
+    with pytest.raises(ValueError, match="unknown runtime 'nope'"):
+        S.eval_name("nope", "fp16")
+
+
+def test_reduced_precision_records_deltas_vs_fp32(scored, tiny_data):
+    runs, _, _ = scored
+    m = S.evaluate_run(runs / "cnn-probe", tiny_data, "torch", device="cpu", precision="bf16")
+    assert (m["eval"], m["precision"]) == ("torch-bf16", "bf16")
+    fp32 = read_json(runs / "cnn-probe" / "eval" / "torch" / "metrics.json")
+    p32 = np.load(runs / "cnn-probe" / "eval" / "torch" / "predictions.npy")
+    p16 = np.load(runs / "cnn-probe" / "eval" / "torch-bf16" / "predictions.npy")
+    thr = np.array(read_json(runs / "cnn-probe" / "thresholds.json")["thresholds"])
+    d = m["vs_fp32"]
+    assert d["reference"] == "torch"
+    assert d["macro_f1"] == pytest.approx(m["macro_f1"] - fp32["macro_f1"])
+    assert d["max_abs_prob"] == pytest.approx(np.abs(p16.astype(float) - p32).max()) and d["max_abs_prob"] > 0
+    assert d["decisions_flipped"] == pytest.approx(np.mean((p16 >= thr) != (p32 >= thr)))
+
+
+def test_incomplete_run_is_skipped(tiny_runs, tiny_data, tmp_path, monkeypatch):
+    runs = copy_runs(tiny_runs, tmp_path, [("cnn-probe", "cnn-probe"), ("cnn-ft", "cnn-half")])
+    config = read_json(runs / "cnn-half" / "config.json")
+    write_json(runs / "cnn-half" / "config.json", config | {"status": "running"})
+    register_fixed(monkeypatch, {("cnn-probe", "fp32"): np.zeros(held_out_labels(tiny_data)[1].shape)})
+    lines: list[str] = []
+    results = S.evaluate_all(runs, tiny_data, "fixed", log=lines.append)
+    assert results["cnn-half"]["status"] == "skipped" and results["cnn-probe"]["status"] == "scored"
+    assert "cnn-half: skipped, the run is incomplete" in lines
+    assert not (runs / "cnn-half" / "eval").exists()
+    with pytest.raises(RunError, match="not a complete run"):
+        S.evaluate_run(runs / "cnn-half", tiny_data, device="cpu")
+    with pytest.raises(RunError, match="no run named cnn-nope"):
+        S.evaluate_all(runs, tiny_data, pairs=["cnn-nope"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_outputs_fail_the_run(tiny_runs, tiny_data, tmp_path, monkeypatch, capsys, bad):
+    runs = copy_runs(tiny_runs, tmp_path)
+    rows, y = held_out_labels(tiny_data)
+    good = np.zeros(y.shape)
+    broken = good.copy()
+    broken[3, 7] = bad
+    register_fixed(monkeypatch, {("cnn-probe", "fp32"): good, ("cnn-ft", "fp32"): broken})
+    stale = runs / "cnn-ft" / "eval" / "fixed"
+    stale.mkdir(parents=True)
+    np.save(stale / "predictions.npy", good)  # an earlier evaluation's file must not survive
+    code = main(["--runs", str(runs), "--data", str(tiny_data), "--runtime", "fixed", "--device", "cpu", "--no-progress"])
+    assert code == 1
+    assert "cnn-ft" in capsys.readouterr().err
+    m = read_json(stale / "metrics.json")
+    assert m["status"] == "failed" and "the run is failed" in m["reason"]
+    assert (m["n_nan"], m["n_inf"]) == ((1, 0) if np.isnan(bad) else (0, 1))
+    assert sorted(p.name for p in stale.iterdir()) == ["metrics.json"]
+    assert read_json(runs / "cnn-probe" / "eval" / "fixed" / "metrics.json")["status"] == "scored"
+
+
+def test_other_taxonomy_or_dataset_is_refused(tiny_runs, tiny_data, tmp_path):
+    runs = copy_runs(tiny_runs, tmp_path, [("cnn-probe", "cnn-probe")])
+    cfg_path = runs / "cnn-probe" / "config.json"
+    config = read_json(cfg_path)
+    write_json(cfg_path, config | {"taxonomy": ["colour=Mauve", *config["taxonomy"][1:]]})
+    with pytest.raises(RunError, match="taxonomy"):
+        S.evaluate_run(runs / "cnn-probe", tiny_data, device="cpu")
+    results = S.evaluate_all(runs, tiny_data, device="cpu", log=lambda _: None)
+    assert results["cnn-probe"]["status"] == "refused"
+    write_json(cfg_path, config | {"dataset": {**config["dataset"], "hash": "0" * 64}})
+    with pytest.raises(RunError, match="test split is not held out"):
+        S.evaluate_run(runs / "cnn-probe", tiny_data, device="cpu")
+    assert not (runs / "cnn-probe" / "eval").exists()
