@@ -8,6 +8,7 @@ labelled ESTIMATE.
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 import time
@@ -137,6 +138,10 @@ def format_trtexec(result: dict) -> str:
             lines.append(_stats_line("GPU Compute Time", r["gpu_compute_ms"]))
         lines.append(f"Total Host Walltime: {r['duration_s']:.4g} s ({r['iterations']} iterations, "
                      f"warm-up {result['warmup_s']:g} s)")
+    load = result.get("load_average_1m")
+    if load and max(load["before"], load["after"]) > load["cpus"]:
+        lines.append(f"WARNING: load average {max(load['before'], load['after']):g} on {load['cpus']} CPUs during the "
+                     "benchmark: other processes competed for the cores, so these CPU figures are pessimistic")
     if result.get("estimate"):
         lines.append(format_estimate(result["estimate"]))
     return "\n".join(lines)
@@ -167,7 +172,10 @@ def bench_pair(run_dir: str | Path, runtime: str, batches: list[int], precision:
     precision = precision or DEFAULT_PRECISION[runtime]
     runner = open_runner(run_dir, runtime, precision=precision, **runner_kw)
     inputs = real_images(data, runner.config, max(batches)) if data else None
+    load_before = os.getloadavg()[0]
     result = bench_runner(runner, batches, warmup_s, duration_s, min_iters, inputs=inputs, seed=seed)
+    # other processes competing for the cores make CPU figures meaningless (and oversubscribed OpenMP collapses)
+    load = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     model = runner.model if isinstance(runner, TorchRunner) else load_run(run_dir)[0]
     cost = model_cost(model, result["img_size"])
     result = {"pair": run_dir.name, "run_dir": str(run_dir), **result,
@@ -175,8 +183,8 @@ def bench_pair(run_dir: str | Path, runtime: str, batches: list[int], precision:
               "model": {"name": runner.config["backbone"]["name"], "params": cost["params"],
                         "flops_per_image": cost["flops_per_image"], "weight_bytes_fp16": cost["weight_bytes"],
                         "activation_bytes_per_image_fp16": cost["activation_bytes_per_image"]},
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
-              "estimate": None}
+              "load_average_1m": load, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": versions(), "estimate": None}
     if project_to and not result["is_t4"]:
         result["estimate"] = project(cost, batches, TARGETS[project_to])
     if write:

@@ -2,16 +2,21 @@
 
 A resample draws N images with replacement; it is represented by the multiplicity of each image, so the
 per-tag counts of all R resamples are three matrix products ``W @ X`` with ``W`` the ``R x N`` multiplicity
-matrix (float32: counts are integers below 2**24, so exact). Within each resample the macro average runs
-over the tags that have a positive *in that resample* (the point-estimate convention of
-:func:`evaluate.metrics.macro_f1`); a resample with no such tag gives NaN, and NaN resamples are left out
-of intervals and comparisons. Pairing: compare runs on the same ``idx`` from :func:`bootstrap_indices`.
+matrix (float32: counts are integers below 2**24, so exact).
+
+Tag set: every resample averages over the SAME tags, those scored on the full test set (a positive in test,
+inside the mask). A tag that loses all its positives in a resample keeps its full-test-set F1 there. Dropping
+such tags instead (re-deciding the tag set per resample) biases every resample upward, because the tags that
+drop out are the rare ones with low F1: on the fashion test split, with 63 scored tags of <= 2 positives, the
+interval then missed its own point estimate (0.322 vs [0.329, 0.362]). Counting them as F1 = 0 biases downward
+a little; keeping their value is neutral. With no scored tag at all the result is NaN, which intervals and
+comparisons leave out. Pairing: compare runs on the same ``idx`` from :func:`bootstrap_indices`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from evaluate.metrics import _pair, _restrict, check_binary, macro_f1, macro_f1_from_counts
+from evaluate.metrics import _pair, _restrict, check_binary, f1_from_counts, macro_f1, per_tag_counts
 
 
 def bootstrap_indices(n: int, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
@@ -37,11 +42,17 @@ def bootstrap_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray,
     y_true, y_pred = _pair(y_true, y_pred, "y_pred")
     keep = _restrict(tags_mask, y_true.shape[1])
     y_true, y_pred = y_true[:, keep], check_binary(y_pred, "y_pred")[:, keep]
+    scored = y_true.any(axis=0)
+    y_true, y_pred = y_true[:, scored], y_pred[:, scored]
+    if not scored.any():
+        return np.full(len(idx), np.nan)
     w = resample_weights(idx, y_true.shape[0])
     tp = w @ (y_true & y_pred).astype(np.float32)
     fp = w @ y_pred.astype(np.float32) - tp
     fn = w @ y_true.astype(np.float32) - tp
-    return np.asarray(macro_f1_from_counts(tp, fp, fn)[0], dtype=np.float64).reshape(-1)
+    full = f1_from_counts(*per_tag_counts(y_true, y_pred))
+    f1 = np.where(tp + fn > 0, f1_from_counts(tp, fp, fn), full)
+    return f1.mean(axis=1).astype(np.float64)
 
 
 def confidence_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -102,7 +102,8 @@ def single_text(name: str, rows: list[dict], verdict_: dict | None) -> str:
     for r in rows:
         flag = "*" if r["random_init"] else ""
         if r["status"] != "scored":
-            body.append([r["pair"] + flag, f"{r['status'].upper()}: {r['reason']}", "", "", "", fmt_seconds(r["train_seconds"])])
+            body.append([r["pair"] + flag, f"{r['status'].upper()}: {r['reason']}", "", "", "",
+                         fmt_seconds(r["train_seconds"])])
             continue
         body.append([r["pair"] + flag, fmt_ci(r["macro_f1"], r["macro_f1_ci"]), fmt_ci(r["tail_f1"], r["tail_f1_ci"]),
                      fmt(r["head_f1"], 3), fmt(r["map"], 3), fmt_seconds(r["train_seconds"])])

@@ -7,10 +7,10 @@
   order (the sha256 of their ids is ``test.ids_sha256`` in metrics.json), columns in taxonomy order;
 - ``per_tag.csv`` — one row per tag, columns :data:`evaluate.metrics.PER_TAG_COLUMNS`;
 - ``metrics.json`` — :func:`evaluate.metrics.score_run` (its per-tag rows go to per_tag.csv), bootstrap CIs,
-  deltas vs the fp32 evaluation of the same runtime when one exists, training and inference time, and
-  provenance. Written last: once it exists the other two are whole. ``status`` is ``"scored"``, or
-  ``"failed"`` with a ``reason`` when the outputs hold NaN/Inf (then nothing is scored and no other file
-  is kept).
+  deltas vs the fp32 evaluation of the same runtime when that already exists (score fp32 first), training
+  and inference time, and provenance. Written last: once it exists the other two are whole. ``status`` is
+  ``"scored"``, or ``"failed"`` with a ``reason`` when the outputs hold NaN/Inf (then nothing is scored and
+  no other file is kept).
 
 Every run is scored on the same bootstrap resamples (:data:`N_RESAMPLES` with :data:`BOOTSTRAP_SEED`), so
 intervals and later comparisons are paired.
@@ -44,6 +44,11 @@ from train.weights import RANDOM_FLAG
 
 EVAL, METRICS, PER_TAG, PREDICTIONS = "eval", "metrics.json", "per_tag.csv", "predictions.npy"
 N_RESAMPLES, BOOTSTRAP_SEED, LEVEL = 1000, 0, 0.95
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """A metric for printing; ``n/a`` when undefined (None)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def default_precision(runtime: str) -> str | None:
@@ -177,9 +182,28 @@ def read_thresholds(run_dir: Path, taxonomy: Sequence[str]) -> np.ndarray:
 
 def versions() -> dict:
     """Python and the numeric / runtime libraries loaded in this process."""
-    libs = ("numpy", "torch", "onnxruntime", "tensorrt")
+    libs = ("numpy", "torch", "timm", "open_clip", "onnxruntime", "tensorrt")
     return {"python": platform.python_version(),
             **{m: sys.modules[m].__version__ for m in libs if m in sys.modules}}
+
+
+def provenance(run_dir: Path, config: dict, ds: Dataset, runner: Runner, name: str) -> dict:
+    """What a later reader needs to trust (or refuse) an evaluation: run, weights, data, runner, versions."""
+    weights = config["weights"]
+    timing = read_json(run_dir / TIMING) if (run_dir / TIMING).exists() else {}
+    return {
+        "status": "scored", "pair": run_dir.name, "eval": name, "runtime": runner.name, "precision": runner.precision,
+        "device": runner.device, "runner": runner.describe(),
+        "weights": weights, "random_init": weights["kind"] == "random",
+        "warning": RANDOM_FLAG if weights["kind"] == "random" else None,
+        "run": {"dir": str(run_dir.resolve()), "config_sha256": sha256_file(run_dir / CONFIG),
+                "model_sha256": sha256_file(run_dir / MODEL), "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
+                "model": config["backbone"]["name"], "img_size": config["preprocess"]["img_size"]},
+        "dataset": {"path": str(ds.root.resolve()), "hash": ds.content_hash()},
+        "training": {"seconds": timing.get("seconds", {}).get("total"), "device": timing.get("device")},
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_predictions(path: Path, probs: np.ndarray) -> None:
@@ -217,23 +241,9 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
     load_seconds = time.perf_counter() - t
     name = eval_name(runtime, runner.precision)
     out = run_dir / EVAL / name
-    weights = config["weights"]
-    timing = read_json(run_dir / TIMING) if (run_dir / TIMING).exists() else {}
-    metrics = {
-        "status": "scored", "pair": run_dir.name, "eval": name, "runtime": runtime, "precision": runner.precision,
-        "device": runner.device, "runner": runner.describe(),
-        "weights": weights, "random_init": weights["kind"] == "random",
-        "warning": RANDOM_FLAG if weights["kind"] == "random" else None,
-        "run": {"dir": str(run_dir.resolve()), "config_sha256": sha256_file(run_dir / CONFIG),
-                "model_sha256": sha256_file(run_dir / MODEL), "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
-                "model": config["backbone"]["name"], "img_size": config["preprocess"]["img_size"]},
-        "dataset": {"path": str(ds.root.resolve()), "hash": ds.content_hash()},
+    metrics = provenance(run_dir, config, ds, runner, name) | {
         "test": {"split": "test", "n_images": int(len(rows)), "ids_sha256": test_hash,
-                 "order": "ds.split_indices('test') (manifest order)"},
-        "training": {"seconds": timing.get("seconds", {}).get("total"), "device": timing.get("device")},
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+                 "order": "ds.split_indices('test') (manifest order)"}}
     (out / METRICS).unlink(missing_ok=True)  # from here on, an old metrics.json would describe new files
 
     t = time.perf_counter()
@@ -257,7 +267,8 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
     metrics |= scores
     fp32 = eval_name(runtime, "fp32")
     if runner.precision != "fp32" and fp32 != name and (ref := read_eval(run_dir, fp32)) and ref[1] is not None:
-        if ref[0]["run"]["model_sha256"] == metrics["run"]["model_sha256"]:
+        same = all(ref[0][k][f] == metrics[k][f] for k, f in (("run", "model_sha256"), ("test", "ids_sha256")))
+        if same:
             metrics["vs_fp32"] = prediction_deltas(ref[0], ref[1], metrics, probs, thresholds)
     write_predictions(out / PREDICTIONS, probs)
     write_per_tag(out / PER_TAG, per_tag)
@@ -291,12 +302,8 @@ def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str 
         if m["status"] == "failed":
             log(f"{pair}: FAILED ({m['eval']}): {m['reason']}")
         else:
-            ci = m["ci"]["macro_f1"]
-            log(f"{pair} ({m['eval']}, {m['device']}): macro-F1 {m['macro_f1']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}], "
+            lo, hi = m["ci"]["macro_f1"]
+            log(f"{pair} ({m['eval']}, {m['device']}): macro-F1 {fmt(m['macro_f1'])} [{fmt(lo)}, {fmt(hi)}], "
                 f"tail-F1 {fmt(m['buckets']['tail']['macro_f1'])}, mAP {fmt(m['macro_ap'])}, "
                 f"{m['inference']['images_per_s']:.0f} img/s" + (f"  ({m['warning']})" if m["warning"] else ""))
     return results
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.device import autocast
 from train.losses import MultiLabelLoss
 from train.valmetrics import macro_ap
 
@@ -24,10 +25,11 @@ from train.valmetrics import macro_ap
 class ProbeConfig:
     lrs: tuple[float, ...] = (1e-3, 3e-3)
     weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 1024
     eval_every: int = 3
     loss: str = "bce"
+    amp: bool = True  # bf16 matmuls (CPU and GPU); weights, loss and optimiser stay fp32
     seed: int = 0
 
     def grid(self) -> list[tuple[float, float]]:
@@ -99,7 +101,8 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
         perm = torch.randperm(n, generator=g).to(device)
         for k in range(steps_per_epoch):
             idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            logits = torch.einsum("bd,sdt->sbt", xt[idx], weight) + bias[:, None, :]
+            with autocast(device, cfg.amp):
+                logits = torch.einsum("bd,sdt->sbt", xt[idx], weight).float() + bias[:, None, :]
             per_setting = torch.stack([loss_fn(logits[j], yt[idx]) for j in range(s)])
             # L2 on the weights, scaled per tag so that wd reads like logistic regression's 1/(C n)
             l2 = 0.5 * wds * weight.pow(2).sum(dim=(1, 2)) / t

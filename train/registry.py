@@ -55,18 +55,19 @@ def _specs() -> dict[str, BackboneSpec]:
         # cnn: ImageNet-supervised
         BackboneSpec("resnet50", "cnn", "timm", "resnet50", "a1_in1k", 224, label="ResNet-50 (timm a1_in1k)"),
         BackboneSpec("convnext_tiny", "cnn", "timm", "convnext_tiny", "fb_in1k", 224, label="ConvNeXt-T (fb_in1k)"),
-        BackboneSpec("efficientnet_lite0", "cnn", "timm", "efficientnet_lite0", "in1k", 224, (0.5,) * 3, (0.5,) * 3,
+        BackboneSpec("efficientnet_lite0", "cnn", "timm", "efficientnet_lite0", "ra_in1k", 224, (0.5,) * 3, (0.5,) * 3,
                      label="EfficientNet-Lite0 (ImageNet-1k)"),
-        BackboneSpec("mobilenetv2_100", "cnn", "timm", "mobilenetv2_100", "in1k", 224, label="MobileNetV2-1.0 (ImageNet)"),
+        BackboneSpec("mobilenetv2_100", "cnn", "timm", "mobilenetv2_100", "ra_in1k", 224, label="MobileNetV2-1.0 (ImageNet)"),
         # dinov2: self-supervised; CLS + mean patch token is DINOv2's own linear-eval pooling
         BackboneSpec("vit_small_patch14_dinov2", "dinov2", "timm", "vit_small_patch14_dinov2", "lvd142m", 224,
                      pool="cls+mean", label="DINOv2 ViT-S/14", interpolation="bicubic"),
         BackboneSpec("vit_base_patch14_dinov2", "dinov2", "timm", "vit_base_patch14_dinov2", "lvd142m", 224,
                      pool="cls+mean", label="DINOv2 ViT-B/14", interpolation="bicubic"),
-        # clip: contrastive image-text; the image embedding (after projection) is the feature
-        BackboneSpec("ViT-B-32", "clip", "open_clip", "ViT-B-32", "openai", 224, CLIP_MEAN, CLIP_STD, "clip",
+        # clip: contrastive image-text; the image embedding (after projection) is the feature. OpenAI's
+        # weights use QuickGELU: the *-quickgelu configs build the same graph with or without weights.
+        BackboneSpec("ViT-B-32", "clip", "open_clip", "ViT-B-32-quickgelu", "openai", 224, CLIP_MEAN, CLIP_STD, "clip",
                      label="CLIP ViT-B/32 (open_clip)", interpolation="bicubic"),
-        BackboneSpec("ViT-B-16", "clip", "open_clip", "ViT-B-16", "openai", 224, CLIP_MEAN, CLIP_STD, "clip",
+        BackboneSpec("ViT-B-16", "clip", "open_clip", "ViT-B-16-quickgelu", "openai", 224, CLIP_MEAN, CLIP_STD, "clip",
                      label="CLIP ViT-B/16 (open_clip)", interpolation="bicubic"),
         BackboneSpec("ViT-S-32", "clip", "open_clip", "ViT-S-32", "", 224, CLIP_MEAN, CLIP_STD, "clip",
                      label="CLIP ViT-S/32 (open_clip config, no public weights)", interpolation="bicubic"),

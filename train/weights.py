@@ -4,7 +4,9 @@ Resolution for ``weights="pretrained"``: a local file named ``<arch>.<tag>.safet
 ``<arch>.*.safetensors``) in ``weights_dir`` / ``$BAKEOFF_WEIGHTS`` is used first (an explicit local copy
 needs no network round-trip, which on an offline machine costs ~50 s of retries); otherwise the library's
 hub download. If neither works the build FAILS naming the model and where it looked. ``weights="random"``
-is explicit and flagged; a path is loaded as that file. Nothing falls back to random silently.
+is explicit and flagged; a path is loaded as that file. ``weights="auto"`` (the offline demo's choice) takes
+pretrained weights wherever they are reachable without a download (local files, the hub cache) and otherwise
+random init, flagged and announced. Nothing falls back to random silently.
 """
 from __future__ import annotations
 
@@ -105,6 +107,26 @@ def _open_clip_visual(spec: BackboneSpec, pretrained: str | None) -> nn.Module:
     return model.visual
 
 
+def in_hub_cache(spec: BackboneSpec) -> bool:
+    """Whether the library's hub checkpoint for ``spec`` is already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if spec.library == "timm":
+            import timm
+
+            repo = timm.models.get_pretrained_cfg(spec.hub_id).hf_hub_id
+            files = ("model.safetensors", "pytorch_model.bin")
+        else:
+            import open_clip
+
+            repo = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained_tag)["hf_hub"].rstrip("/")
+            files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    except (AttributeError, KeyError, RuntimeError, TypeError):
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
 def _library_model(spec: BackboneSpec, kind: str, file: Path | None) -> nn.Module:
     if spec.library == "timm":
         return _timm_model(spec, pretrained=kind != "random", file=file)
@@ -120,7 +142,7 @@ def create_backbone(spec: BackboneSpec, weights: str = "pretrained", weights_dir
     torch.manual_seed(seed)
     if weights == "random":
         return wrap(spec, _library_model(spec, "random", None)), WeightsInfo("random", "random")
-    if weights != "pretrained":
+    if weights not in ("pretrained", "auto"):
         path = Path(weights)
         if not path.is_file():
             raise WeightsNotFound(f"{spec.name}: weights file {path} does not exist")
@@ -129,6 +151,11 @@ def create_backbone(spec: BackboneSpec, weights: str = "pretrained", weights_dir
     local = find_local_weights(spec, dirs)
     if local is not None:
         return wrap(spec, _library_model(spec, "file", local)), WeightsInfo("file", str(local.resolve()), sha256_file(local))
+    if weights == "auto" and not in_hub_cache(spec):
+        print(f"WARNING {spec.name}: no pretrained weights reachable offline (no {spec.arch}.*.safetensors in "
+              f"{', '.join(map(str, dirs)) or '$' + WEIGHTS_ENV + ' (unset)'}; {spec.hub_id} not in the hub cache): "
+              f"{RANDOM_FLAG}")
+        return create_backbone(spec, "random", seed=seed)
     try:
         model = _library_model(spec, "hub", None)
     except Exception as e:  # hub unreachable or no such tag

@@ -77,7 +77,7 @@ def test_bench_runner_records_each_batch():
     clock = FakeClock()
     runner = FakeRunner(clock)
     result = bench_runner(runner, [1, 4], warmup_s=0.01, duration_s=0.05, min_iters=5, clock=clock)
-    assert [c for c in runner.calls[:1]] == [(1, 3, 4, 4)]  # random inputs at the run's img_size
+    assert runner.calls[0] == (1, 3, 4, 4)  # random inputs at the run's img_size
     b1, b4 = result["batches"]
     assert b1["iterations"] == 50 and b4["iterations"] == 13
     assert b4["throughput_ips"] == pytest.approx(4 * 13 / b4["duration_s"], rel=1e-3)
@@ -122,7 +122,7 @@ def test_bench_pair_writes_the_latency_json(run_onnx):
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
     for key in ("runtime", "precision", "device", "is_t4", "threads", "batches", "warmup_s", "model", "date",
-                "versions", "estimate", "input"):
+                "versions", "estimate", "input", "load_average_1m"):
         assert key in saved, key
     assert saved["threads"] == 1 and saved["is_t4"] is False and saved["input"] == "random normal, seed 0"
     assert saved["model"]["params"] > 0 and saved["model"]["flops_per_image"] > 0
