@@ -15,7 +15,9 @@ import onnxruntime as ort
 import torch
 
 from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint, run_meta
+from train.data.io import sha256_file
 from train.device import device_name
+from train.run import MODEL
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
 PROVIDERS = {
@@ -66,7 +68,10 @@ class OrtRunner(Runner):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as e:  # onnxruntime's own Fail / InvalidGraph types derive from Exception only
+            raise RuntimeError(f"{self.path}: onnxruntime {ort.__version__} cannot load it: {e}") from e
         self.providers = self.session.get_providers()
         if self.providers[0] != providers[0]:
             raise RuntimeError(f"{self.path}: onnxruntime dropped {providers[0]} when creating the session "
@@ -78,6 +83,11 @@ class OrtRunner(Runner):
         if isinstance(out.shape[-1], int) and out.shape[-1] != n_tags:
             raise ValueError(f"{self.path}: {out.shape[-1]} outputs but the run has {n_tags} tags; the export is "
                              f"stale ({export_hint(Path(run_dir), precision == 'fp16')})")
+        # export.onnx_export records the checkpoint's sha256 in the metadata (ONNX files made elsewhere may not)
+        source = self.session.get_modelmeta().custom_metadata_map.get("source_sha256")
+        if source and source != sha256_file(Path(run_dir) / MODEL):
+            raise ValueError(f"{self.path}: exported from another checkpoint than {Path(run_dir) / MODEL} "
+                             f"(sha256 {source[:12]}...); the export is stale ({export_hint(Path(run_dir), precision == 'fp16')})")
         on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.threads = opts.intra_op_num_threads if on_cpu else None
         # device_name(cpu) ends with torch's thread count; say onnxruntime's instead

@@ -16,7 +16,7 @@ from train.data.io import read_json
 from train.device import device_name, pick_device
 from train.run import CONFIG, THRESHOLDS, RunError, is_complete, load_run
 
-EXPORT = "export"  # RUNS/<pair>/export/: model.onnx, model.fp16.onnx, model.<gpu>.fp16.engine + engine.json
+EXPORT = "export"  # RUNS/<pair>/export/: model.onnx, model.fp16.onnx, model.<gpu>.fp16.engine(.json)
 
 
 class MissingExport(FileNotFoundError):

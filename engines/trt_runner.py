@@ -1,4 +1,4 @@
-"""TensorRT over a run's serialized engine (``export/model.<gpu>.fp16.engine``, checked against ``engine.json``).
+"""TensorRT over a run's serialized engine (``export/model.<gpu>.fp16.engine``, checked against its sidecar .json).
 
 Needs ``tensorrt`` and cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), with pycuda as a
 fallback. Pinned host buffers and device buffers are sized once for the largest batch of the engine's

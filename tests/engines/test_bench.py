@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engines.__main__ import main
 from engines.bench import (bench_pair, bench_runner, format_trtexec, is_t4, latency_path, latency_stats,
@@ -31,9 +32,10 @@ class FakeRunner(Runner):
 
     def predict(self, batch):
         self.calls.append(batch.shape)
+        self.last = batch
         self.clock.t += 0.001 * len(batch)  # 1 ms per image
         if self.gpu:
-            self.last_timing = {"gpu_compute_ms": 0.5 * len(batch), "host_latency_ms": 0.8 * len(batch)}
+            self.last_timing = {"gpu_compute_ms": float(len(self.calls)), "host_latency_ms": 0.8 * len(batch)}
         return np.zeros((len(batch), 3), np.float32)
 
 
@@ -89,13 +91,13 @@ def test_bench_runner_records_each_batch():
 def test_bench_runner_gpu_timings_exclude_warmup_and_real_inputs_are_tiled():
     clock = FakeClock()
     runner = FakeRunner(clock, gpu=True)
-    images = np.arange(3 * 3 * 4 * 4, dtype=np.float32).reshape(3, 3, 4, 4)
-    import torch
-    result = bench_runner(runner, [5], warmup_s=0.02, duration_s=0.0, min_iters=3,
-                          inputs=torch.from_numpy(images), clock=clock)
+    images = torch.arange(3 * 3 * 4 * 4, dtype=torch.float32).reshape(3, 3, 4, 4)
+    result = bench_runner(runner, [5], warmup_s=0.02, duration_s=0.0, min_iters=3, inputs=images, clock=clock)
     (row,) = result["batches"]
-    assert row["iterations"] == 3
-    assert row["gpu_compute_ms"]["mean"] == pytest.approx(2.5) and row["host_latency_ms"]["max"] == pytest.approx(4.0)
+    assert torch.equal(runner.last, torch.cat([images, images[:2]]))  # 3 real images tiled to a batch of 5
+    assert row["iterations"] == 3 and len(runner.calls) == 4 + 3  # four 5 ms warm-up calls fill 0.02 s
+    assert row["gpu_compute_ms"]["min"] == 5.0 and row["gpu_compute_ms"]["max"] == 7.0  # calls 5-7: no warm-up
+    assert row["host_latency_ms"]["max"] == pytest.approx(4.0)
 
 
 def test_format_trtexec_has_trtexec_fields():

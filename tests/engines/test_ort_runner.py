@@ -85,3 +85,29 @@ def test_torch_runner_options(run_onnx, batch):
     assert runner.predict(batch).dtype == np.float32 and runner.last_timing is None
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         TorchRunner(run_onnx, device="cpu", cuda_graph=True)
+
+
+def test_unloadable_onnx_names_the_file(run_onnx, tmp_path):
+    broken = tmp_path / "cnn-probe"
+    shutil.copytree(run_onnx, broken)
+    (broken / "export" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(RuntimeError, match=r"cnn-probe/export/model.onnx: onnxruntime .* cannot load it"):
+        OrtRunner(broken)
+
+
+def test_export_of_another_checkpoint_is_refused(run_onnx, tmp_path):
+    import onnx
+
+    from train.data.io import sha256_file
+
+    stale = tmp_path / "cnn-probe"
+    shutil.copytree(run_onnx, stale)
+    path = stale / "export" / "model.onnx"
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"source_sha256": sha256_file(stale / "model.safetensors")})
+    onnx.save(model, str(path))
+    OrtRunner(stale)  # metadata matches the checkpoint
+    onnx.helper.set_model_props(model, {"source_sha256": "0" * 64})
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="exported from another checkpoint .*the export is stale"):
+        OrtRunner(stale)

@@ -59,8 +59,8 @@ def test_only_last_blocks_and_head_are_trainable(tiny_data):
     assert not any("patch_embed" in n or "blocks.7." in n for n in trainable)
 
 
-def _run(tiny_data, tmp_path, resume_dir, stop=None, resume=False, model_seed=0):
-    model, ds, prep, images, rows, y = _setup(tiny_data)
+def _run(tiny_data, tmp_path, resume_dir, stop=None, resume=False):
+    model, ds, prep, images, rows, y = _setup(tiny_data, "cnn")
     val_rows = ds.split_indices("val")
     cfg = FinetuneConfig(epochs=3, batch_size=32, patience=5)
     src = ImageSource(model, images, rows, prep)
@@ -83,7 +83,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tiny_data, tmp_path
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
-    model, ds, prep, images, rows, y = _setup(tiny_data)
+    model, ds, prep, images, rows, y = _setup(tiny_data, "cnn")
     val_rows = ds.split_indices("val")
     cfg = FinetuneConfig(epochs=2, batch_size=32)
     src = ImageSource(model, images, rows, prep)

@@ -1,0 +1,67 @@
+"""python -m export --fp16 --runs RUNS [--data DATASET] [--pairs cnn-probe ...] [--target t4]
+
+Exports every complete run (ONNX fp32; with --fp16 also the FP16 ONNX and, where TensorRT and a CUDA GPU
+exist, an FP16 engine), checks parity against PyTorch on test images, and exits non-zero when any run fails.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from export.parity import Tolerance
+from export.pipeline import ExportOptions, export_run, find_runs
+from export.tensorrt import TARGETS, EngineOptions, profile_shapes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
+    p.add_argument("--fp16", action="store_true", help="also the FP16 ONNX and the FP16 TensorRT engine")
+    p.add_argument("--data", help="dataset for the parity images (default: each run's own dataset)")
+    p.add_argument("--pairs", nargs="+", help="only these runs, e.g. cnn-probe dinov2-ft")
+    p.add_argument("--target", choices=sorted(TARGETS), help="warn when the build GPU is not this one")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace limit")
+    p.add_argument("--parity-images", type=int, default=256, help="test images for the parity check")
+    p.add_argument("--fp32-max-flips", type=float, default=0.001, help="max fraction of flipped decisions, fp32")
+    p.add_argument("--fp32-max-dprob", type=float, default=1e-3, help="max |delta probability|, fp32")
+    p.add_argument("--fp16-max-flips", type=float, default=0.005, help="max fraction of flipped decisions, fp16")
+    p.add_argument("--fp16-max-dprob", type=float, help="max |delta probability|, fp16 (default: not judged)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    a = p.parse_args(argv)
+    try:
+        profile_shapes(1, a.min_batch, a.opt_batch, a.max_batch)
+    except ValueError as e:
+        p.error(str(e))
+    opts = ExportOptions(
+        fp16=a.fp16, data=a.data, n_images=a.parity_images,
+        tolerances={"fp32": Tolerance(a.fp32_max_flips, a.fp32_max_dprob), "fp16": Tolerance(a.fp16_max_flips, a.fp16_max_dprob)},
+        engine=EngineOptions(a.min_batch, a.opt_batch, a.max_batch, a.workspace_gb, a.target))
+    try:
+        runs, skipped = find_runs(a.runs, a.pairs)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in skipped:
+        print(line, file=sys.stderr)
+    failed = []
+    for run_dir in runs:
+        try:
+            export_run(run_dir, opts)
+        except Exception as e:  # one broken run must not stop the others; the exit code reports it
+            print(f"FAILED {run_dir.name}: {type(e).__name__}: {e}", file=sys.stderr)
+            failed.append(run_dir.name)
+    if not runs:
+        print(f"{a.runs}: no complete run to export", file=sys.stderr)
+    return 1 if failed or not runs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

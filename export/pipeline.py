@@ -1,0 +1,111 @@
+"""Export one run end to end: ONNX fp32 -> (FP16 ONNX) -> parity -> (TensorRT FP16 engine + its parity).
+
+Writes ``RUNS/<pair>/export/``: ``model.onnx``, ``model.fp16.onnx``, ``parity.json``, and where TensorRT and a
+GPU exist ``model.<gpu>.fp16.engine`` + ``model.<gpu>.fp16.engine.json``. A parity failure writes parity.json
+with status "failed" and raises ``ParityFailed``; no engine is built from a model that failed parity, and an
+engine that fails its own parity check keeps the verdict in its sidecar, which then refuses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnxruntime
+
+from export import tensorrt as trt_export
+from export.fp16 import convert_fp16
+from export.onnx_export import EXPORT_DIR, ONNX_FP16, ONNX_FP32, PARITY, check_onnx, export_onnx
+from export.parity import DEFAULT_TOLERANCES, Tolerance, ort_logits, parity_inputs, parity_report, torch_logits, write_parity
+from train.data.dataset import load_dataset
+from train.data.io import read_json, sha256_file
+from train.run import CONFIG, MODEL, is_complete, load_run
+
+
+@dataclass
+class ExportOptions:
+    fp16: bool = False  # also the FP16 ONNX and (where TensorRT and a GPU exist) the FP16 engine
+    data: str | None = None  # dataset for parity images (default: the run's own)
+    n_images: int = 256
+    batch_size: int = 32
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    engine: trt_export.EngineOptions = field(default_factory=trt_export.EngineOptions)
+
+
+PARITY_SUMMARY = ("status", "flip_rate", "max_abs_prob", "failures")
+
+
+def _fmt(name: str, r: dict) -> str:
+    return (f"{name} max|dp| {r['max_abs_prob']:.1e}, flips {r['flips']}/{r['decisions']} "
+            f"({r['flip_rate']:.2%}) {r['status']}")
+
+
+def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], None] = print) -> dict:
+    """Export complete run ``run_dir``; returns parity.json's content. Raises ``ParityFailed`` on a failure."""
+    run_dir = Path(run_dir)
+    out = run_dir / EXPORT_DIR
+    ds = load_dataset(opts.data or read_json(run_dir / CONFIG)["dataset"]["path"])
+    model, config, thresholds = load_run(run_dir, ds)
+    n_tags = len(config["taxonomy"])
+    graphs = {"onnx_fp32": check_onnx(export_onnx(run_dir, ds=ds), n_tags)}
+    files = {"onnx_fp32": (out / ONNX_FP32, "fp32")}
+    if opts.fp16:
+        precision = convert_fp16(out / ONNX_FP32, out / ONNX_FP16)
+        graphs["onnx_fp16"] = check_onnx(out / ONNX_FP16, n_tags) | {"precision": precision}
+        files["onnx_fp16"] = (out / ONNX_FP16, "fp16")
+
+    rows, inputs = parity_inputs(ds, config, opts.n_images)
+    reference = torch_logits(model, inputs, opts.batch_size)
+    candidates = {name: {"logits": ort_logits(path, inputs, opts.batch_size), "precision": prec, "file": path.name,
+                         "sha256": graphs[name]["sha256"],
+                         "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"}
+                  for name, (path, prec) in files.items()}
+    info = {"pair": config["pair"], "source_sha256": sha256_file(run_dir / MODEL), "dataset": str(ds.root),
+            "dataset_matches_run": ds.content_hash() == config["dataset"]["hash"],
+            "images": f"{len(rows)} test rows spread evenly over the test split", "graphs": graphs}
+
+    def finish(rep: dict) -> dict:
+        log(f"{config['pair']}: parity {rep['status']} on {len(rows)} test images: "
+            + "; ".join(_fmt(k, v) for k, v in rep["results"].items()))
+        write_parity(out / PARITY, rep)
+        return rep
+
+    result = finish(parity_report(reference, candidates, thresholds, opts.tolerances, **info))
+    if not opts.fp16:
+        return result
+    env = trt_export.current_trt_environment()
+    if env is None:
+        log(f"{config['pair']}: no TensorRT engine built: {trt_export.trt_unavailable_reason()}")
+        return result
+    warning = trt_export.target_warning(opts.engine.target, env)
+    if warning:
+        log(f"WARNING {config['pair']}: {warning}")
+    engine = out / trt_export.engine_name(env)
+    side = trt_export.build_engine(out / ONNX_FP32, out / ONNX_FP16, engine, config["preprocess"]["img_size"],
+                                   opts.engine, trt_export.timing_cache_path(run_dir.parent, env), env)
+    log(f"{config['pair']}: built {engine.name} (TensorRT {side['tensorrt']}, {side['build_path']}, "
+        f"{side['build_seconds']} s)")
+    logits = trt_export.engine_logits(engine, inputs, min(opts.batch_size, opts.engine.max_batch))
+    candidates["tensorrt_fp16"] = {"logits": logits, "precision": "fp16", "file": engine.name,
+                                   "sha256": side["engine_sha256"], "runtime": f"TensorRT {side['tensorrt']} on {env['gpu']}",
+                                   "sidecar": trt_export.sidecar_path(engine).name}
+    rep = parity_report(reference, candidates, thresholds, opts.tolerances, **info)
+    verdict = rep["results"]["tensorrt_fp16"]
+    trt_export.write_engine_sidecar(engine, side | {"parity": {k: verdict[k] for k in PARITY_SUMMARY}})
+    return finish(rep)
+
+
+def find_runs(runs: str | Path, pairs: list[str] | None = None) -> tuple[list[Path], list[str]]:
+    """(complete run dirs to export, one line per run skipped and why); asked-for pairs must exist."""
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{runs}: no such runs directory")
+    dirs = sorted(p for p in runs.iterdir() if p.is_dir() and (p / CONFIG).exists())
+    if pairs:
+        unknown = sorted(set(pairs) - {p.name for p in dirs})
+        if unknown:
+            raise FileNotFoundError(f"{runs}: no run named {unknown}; runs here: {[p.name for p in dirs]}")
+        dirs = [p for p in dirs if p.name in pairs]
+    skipped = [f"{p.name}: skipped, not complete (train it first)" for p in dirs if not is_complete(p)]
+    return [p for p in dirs if is_complete(p)], skipped
+

@@ -1,0 +1,39 @@
+"""python -m reports --runs RUNS --out REPORT_DIR [--latency-budget-ms MS] [--target-runtime RT]
+    [--min-tail-f1 F] [--data DATASET]
+
+Writes REPORT_DIR/report.md, report.html (self-contained), figures/*.png and summary.json from the artifacts
+under RUNS, and prints the recommendation.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reports.artifacts import ReportError
+from reports.build import build_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reports", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
+    p.add_argument("--out", required=True, help="report directory to write")
+    p.add_argument("--latency-budget-ms", type=float, help="p99 latency at batch 1 a pair must meet")
+    p.add_argument("--target-runtime", help="torch | onnxruntime | tensorrt, or <runtime>-<precision>")
+    p.add_argument("--min-tail-f1", type=float, help="minimum long-tail macro-F1")
+    p.add_argument("--data", help="dataset directory for the test labels (default: the one the evaluations record)")
+    args = p.parse_args(argv)
+    try:
+        summary = build_report(args.runs, args.out, latency_budget_ms=args.latency_budget_ms,
+                               target_runtime=args.target_runtime, min_tail_f1=args.min_tail_f1, data=args.data)
+    except (ReportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rec = summary["recommendation"]
+    print("\n".join(rec["rule"] + [""] + [t.replace("**", "") for t in rec["text"]]))
+    print(f"\nwrote {args.out}/report.md, report.html, summary.json and {len(summary['figures'])} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

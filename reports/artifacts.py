@@ -1,0 +1,336 @@
+"""Read a runs directory's artifacts (files only, no model code): configs, timings, evaluations, latencies, exports.
+
+Every number the report shows is a :class:`Sourced` value: it remembers the file it came from (relative to the
+runs directory) and the field inside it, so that ``summary.json`` traces each figure back to an artifact.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.data.dataset import Dataset, load_dataset
+from train.data.io import read_json, sha256_file
+
+CONFIG, TIMING, THRESHOLDS, MODEL = "config.json", "timing.json", "thresholds.json", "model.safetensors"
+EVAL, METRICS, PER_TAG, PREDICTIONS = "eval", "metrics.json", "per_tag.csv", "predictions.npy"
+LATENCY, EXPORT, PARITY, SIDECAR = "latency", "export", "parity.json", ".engine.json"  # model.<gpu>.fp16.engine.json
+REFERENCE_EVAL = "torch"  # PyTorch fp32: the accuracy every other evaluation is compared with
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+FAMILIES = ("cnn", "dinov2", "clip")
+STRATEGIES = ("probe", "ft")
+BUCKETS_TITLE = {"tail": "long tail", "medium": "medium", "head": "head"}  # evaluate.metrics.BUCKETS
+
+
+class ReportError(RuntimeError):
+    """Artifacts that cannot be reported as asked; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """A value read from an artifact: ``source`` is the file (relative to the runs directory), ``field`` the key."""
+
+    value: Any
+    source: str
+    field: str
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "source": self.source, "field": self.field}
+
+
+def dig(doc: Any, path: str) -> Any:
+    """``doc["a"]["b"][0]`` for ``path == "a.b.0"``; None where any step is missing."""
+    for key in path.split("."):
+        if isinstance(doc, dict):
+            doc = doc.get(key)
+        elif isinstance(doc, list) and key.isdigit() and int(key) < len(doc):
+            doc = doc[int(key)]
+        else:
+            return None
+    return doc
+
+
+@dataclass
+class Document:
+    """One JSON artifact: its path relative to the runs directory and its content."""
+
+    rel: str
+    doc: dict
+
+    def get(self, path: str) -> Sourced:
+        return Sourced(dig(self.doc, path), self.rel, path)
+
+
+@dataclass
+class Evaluation(Document):
+    """``RUNS/<pair>/eval/<name>/``: metrics.json (+ per_tag.csv and predictions.npy once scored)."""
+
+    pair: str = ""
+    name: str = ""
+    dir: Path = field(default_factory=Path)
+
+    @property
+    def scored(self) -> bool:
+        return self.doc.get("status") == "scored"
+
+    @property
+    def label(self) -> str:
+        return runtime_label(self.doc.get("runtime", self.name), self.doc.get("precision"))
+
+    @cached_property
+    def per_tag(self) -> list[dict]:
+        """per_tag.csv rows with numbers parsed (empty cells, i.e. undefined values, are None)."""
+        path = self.dir / PER_TAG
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        numeric = ("support", "predicted", "train_count", "threshold", "precision", "recall", "f1", "ap")
+        return [{k: (None if v == "" else float(v)) if k in numeric else v for k, v in r.items()} for r in rows]
+
+    def predictions(self) -> np.ndarray:
+        """Test probabilities (N_test x T, rows in test-split order), checked against metrics.json's shape."""
+        path = self.dir / PREDICTIONS
+        probs = np.load(path, mmap_mode="r")
+        expected = (self.doc["test"]["n_images"], self.doc["n_tags"])
+        if probs.shape != expected:
+            raise ReportError(f"{path}: shape {probs.shape}, but {self.dir / METRICS} describes {expected}; "
+                              "re-evaluate the run")
+        return probs
+
+    def decisions(self) -> np.ndarray:
+        """Test predictions as tag decisions: probability >= the run's threshold (thresholds.json)."""
+        path = self.dir.parents[1] / THRESHOLDS
+        doc = read_json(path)
+        thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
+        if thresholds.shape != (self.doc["n_tags"],):
+            raise ReportError(f"{path}: {thresholds.size} thresholds for {self.doc['n_tags']} tags in "
+                              f"{self.dir / METRICS}; re-evaluate the run")
+        return np.asarray(self.predictions()) >= thresholds
+
+    def bucket_mask(self, bucket: str) -> np.ndarray:
+        """Tags in ``bucket`` (tail / medium / head by training frequency), from per_tag.csv."""
+        return np.array([r["bucket"] == bucket for r in self.per_tag])
+
+
+@dataclass
+class Latency(Document):
+    """One benchmark (``latency/<runtime>[-<precision>].json``), or the T4 projection stored in one (``estimate``)."""
+
+    pair: str = ""
+    name: str = ""
+    estimate: bool = False
+
+    @property
+    def prefix(self) -> str:
+        return "estimate." if self.estimate else ""
+
+    @property
+    def runtime(self) -> str:
+        return "tensorrt" if self.estimate else self.doc["runtime"]
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.estimate else self.doc["precision"]
+
+    @property
+    def device(self) -> str:
+        return f"{self.doc['estimate']['target']} (ESTIMATE, not measured)" if self.estimate else self.doc["device"]
+
+    @property
+    def on_t4(self) -> bool:
+        """Measured on a T4 (an estimate never is)."""
+        return not self.estimate and bool(self.doc.get("is_t4"))
+
+    @property
+    def contended(self) -> bool:
+        """A CPU benchmark during which other processes loaded the cores (its figures are pessimistic)."""
+        load = self.doc.get("load_average_1m")
+        return not self.estimate and bool(load) and max(load["before"], load["after"]) > load["cpus"]
+
+    def _batches(self) -> list[dict]:
+        return dig(self.doc, self.prefix + "batches") or []
+
+    def _index(self, batch: int | None) -> int | None:
+        """Position of ``batch`` in the benchmark (None: the largest batch); None when it was not run."""
+        sizes = [r["batch"] for r in self._batches()]
+        if batch is None:
+            batch = max(sizes, default=None)
+        return sizes.index(batch) if batch in sizes else None
+
+    def latency_ms(self, stat: str, batch: int = 1) -> Sourced:
+        """``stat`` (median, p99, ...) latency at ``batch``; an estimate has one figure for every statistic."""
+        i = self._index(batch)
+        if i is None:
+            return Sourced(None, self.rel, f"{self.prefix}batches[batch={batch}]")
+        return self.get(f"{self.prefix}batches.{i}.latency_ms" + ("" if self.estimate else f".{stat}"))
+
+    def throughput(self) -> tuple[Sourced, int | None]:
+        """Images/s at the largest batch benchmarked, and that batch."""
+        i = self._index(None)
+        if i is None:
+            return Sourced(None, self.rel, f"{self.prefix}batches"), None
+        return self.get(f"{self.prefix}batches.{i}.throughput_ips"), self._batches()[i]["batch"]
+
+
+@dataclass
+class Pair:
+    """One run directory and every artifact found in it."""
+
+    name: str
+    dir: Path
+    config: Document
+    timing: Document | None
+    evals: dict[str, Evaluation]
+    latencies: list[Latency]
+    export: dict[str, Sourced]  # model file name -> size in bytes; parity.json and engine sidecars -> content
+    stale: list[str] = field(default_factory=list)  # evaluations of an earlier version of the run (left out)
+
+    @property
+    def family(self) -> str:
+        return self.config.doc.get("family", self.name.split("-")[0])
+
+    @property
+    def strategy(self) -> str:
+        return self.config.doc.get("strategy", self.name.rsplit("-", 1)[-1])
+
+    @property
+    def complete(self) -> bool:
+        return self.config.doc.get("status") == "complete"
+
+    @property
+    def random_init(self) -> bool:
+        return dig(self.config.doc, "weights.kind") == "random"
+
+    @property
+    def engines(self) -> list[dict]:
+        """The TensorRT engine sidecars (GPU, TensorRT version, compute capability, ...) of the export."""
+        return [s.value for name, s in self.export.items() if name.endswith(SIDECAR)]
+
+    @property
+    def reference(self) -> Evaluation | None:
+        """The scored PyTorch fp32 evaluation of the complete run, if any."""
+        ev = self.evals.get(REFERENCE_EVAL)
+        return ev if self.complete and ev is not None and ev.scored else None
+
+    def unscored_reason(self) -> str:
+        """Why the pair has no usable PyTorch fp32 evaluation."""
+        if not self.complete:
+            return f"training incomplete (config.json status {self.config.doc.get('status')!r})"
+        if REFERENCE_EVAL in self.stale:
+            return "eval/torch is stale (scored before the run's config.json changed): re-evaluate"
+        ev = self.evals.get(REFERENCE_EVAL)
+        return (f"eval/torch {ev.doc.get('status')}: {ev.doc.get('reason', '')}" if ev is not None
+                else "not evaluated (no eval/torch/metrics.json)")
+
+    def measured(self) -> list[Latency]:
+        """The benchmarks actually run (not the T4 estimate)."""
+        return [lat for lat in self.latencies if not lat.estimate]
+
+
+RUNTIME_LABELS = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
+FAMILY_LABELS = {"cnn": "CNN", "dinov2": "DINOv2", "clip": "CLIP"}
+STRATEGY_LABELS = {"probe": "linear probe", "ft": "fine-tune"}
+
+
+def runtime_label(runtime: str, precision: str | None = None) -> str:
+    return RUNTIME_LABELS.get(runtime, runtime) + (f" {precision}" if precision else "")
+
+
+def pair_label(pair: Pair) -> str:
+    return f"{FAMILY_LABELS.get(pair.family, pair.family)} {STRATEGY_LABELS.get(pair.strategy, pair.strategy)}"
+
+
+def _read(path: Path, runs_dir: Path) -> Document:
+    try:
+        return Document(path.relative_to(runs_dir).as_posix(), read_json(path))
+    except ValueError as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from e
+
+
+def _evaluations(run_dir: Path, runs_dir: Path) -> tuple[dict[str, Evaluation], list[str]]:
+    """(evaluations of the run as it is now, names of stale ones: scored before config.json last changed)."""
+    found, stale = {}, []
+    config_sha = sha256_file(run_dir / CONFIG)
+    for d in sorted((run_dir / EVAL).glob(f"*/{METRICS}")):
+        doc = _read(d, runs_dir)
+        if dig(doc.doc, "run.config_sha256") != config_sha:
+            stale.append(d.parent.name)
+            continue
+        found[d.parent.name] = Evaluation(doc.rel, doc.doc, pair=run_dir.name, name=d.parent.name, dir=d.parent)
+    return found, stale
+
+
+def _latencies(run_dir: Path, runs_dir: Path) -> list[Latency]:
+    """Measured benchmarks, plus one T4 estimate (the first found) when no TensorRT benchmark was measured."""
+    found = []
+    for path in sorted((run_dir / LATENCY).glob("*.json")):
+        doc = _read(path, runs_dir)
+        found.append(Latency(doc.rel, doc.doc, pair=run_dir.name, name=path.stem))
+    if not any(lat.runtime == "tensorrt" for lat in found):
+        est = next((lat for lat in found if lat.doc.get("estimate")), None)
+        if est is not None:
+            found.append(Latency(est.rel, est.doc, pair=run_dir.name, name="tensorrt-estimate", estimate=True))
+    return found
+
+
+def _export(run_dir: Path, runs_dir: Path) -> dict[str, Sourced]:
+    found: dict[str, Sourced] = {}
+    for path in sorted((run_dir / EXPORT).glob("*")):
+        rel = path.relative_to(runs_dir).as_posix()
+        if path.name == PARITY or path.name.endswith(SIDECAR):
+            found[path.name] = Sourced(_read(path, runs_dir).doc, rel, "")
+        elif path.is_file() and path.suffix in (".onnx", ".engine"):
+            found[path.name] = Sourced(path.stat().st_size, rel, "file size (bytes)")
+    return found
+
+
+def load_pairs(runs_dir: str | Path) -> list[Pair]:
+    """Every run directory (one holding config.json) under ``runs_dir``, family then strategy order."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ReportError(f"{runs_dir}: not a runs directory")
+    pairs = []
+    for d in sorted(runs_dir.iterdir()):
+        if d.name.startswith(".") or not (d / CONFIG).is_file():
+            continue
+        evals, stale = _evaluations(d, runs_dir)
+        pairs.append(Pair(d.name, d, _read(d / CONFIG, runs_dir),
+                          _read(d / TIMING, runs_dir) if (d / TIMING).is_file() else None,
+                          evals, _latencies(d, runs_dir), _export(d, runs_dir), stale))
+    if not pairs:
+        raise ReportError(f"{runs_dir}: no run directories (none holds a {CONFIG}); train first")
+    return sorted(pairs, key=order_key)
+
+
+def order_key(pair: Pair) -> tuple:
+    fam = FAMILIES.index(pair.family) if pair.family in FAMILIES else len(FAMILIES)
+    strat = STRATEGIES.index(pair.strategy) if pair.strategy in STRATEGIES else len(STRATEGIES)
+    return fam, pair.family, strat, pair.name
+
+
+def ids_sha256(ids: list[str]) -> str:
+    """The hash evaluate records for the test rows (``test.ids_sha256`` in metrics.json, evaluate.score.ids_sha256)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class HeldOutLabels:
+    """The test split's labels, with the hashes that tie predictions.npy files to them."""
+
+    dataset: Dataset
+    y_true: np.ndarray
+    ids_sha256: str
+    content_hash: str
+
+    @classmethod
+    def load(cls, root: str | Path) -> HeldOutLabels:
+        ds = load_dataset(root)
+        rows = ds.split_indices("test")
+        return cls(ds, ds.labels()[rows], ids_sha256([ds.ids[i] for i in rows]), ds.content_hash())
+
+    def matches(self, ev: Evaluation) -> bool:
+        return (dig(ev.doc, "dataset.hash"), dig(ev.doc, "test.ids_sha256")) == (self.content_hash, self.ids_sha256)

@@ -1,0 +1,211 @@
+"""Build the report directory from a runs directory: report.md, report.html, figures/*.png, summary.json.
+
+Reads artifact files only (reports.artifacts); the one computation beyond reading is the paired bootstrap
+(reports.paired), on the stored predictions and the dataset's test labels.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from reports import figures, longtail
+from reports.artifacts import BUCKETS_TITLE, Pair, load_pairs, runtime_label
+from reports.document import Block, Code, Figure, Heading, Para, Table, to_html, to_markdown
+from reports.paired import comparer_for
+from reports.provenance import blocks as provenance_blocks, provenance
+from reports.rule import Constraints, recommend
+from reports.table import main_table, phases
+from train.data.io import write_text
+
+FIGURES = "figures"
+LATENCY_FIG, BUCKET_FIG = "1_latency_vs_macro_f1.png", "2_f1_by_frequency_bucket.png"
+TAG_FIG, TIME_FIG, DEPLOYED_FIG = ("3_per_tag_f1_vs_frequency.png", "4_training_time_by_phase.png",
+                                   "5_deployed_vs_pytorch.png")
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _scored(pairs: list[Pair]) -> list[Pair]:
+    return [p for p in pairs if p.reference is not None]
+
+
+def latency_points(pairs: list[Pair]) -> list[dict]:
+    """Figure 1's points: each benchmark with a batch-1 p99, at the accuracy of the same runtime's evaluation
+    where it was scored, else PyTorch fp32."""
+    points = []
+    for p in _scored(pairs):
+        for lat in p.latencies:
+            p99 = lat.latency_ms("p99")
+            if p99.value is None:
+                continue
+            ev = p.evals.get(lat.name)
+            ev = ev if ev is not None and ev.scored and not lat.estimate else p.reference
+            points.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "runtime": lat.runtime,
+                           "label": "T4 ESTIMATE" if lat.estimate else runtime_label(lat.runtime, lat.precision),
+                           "latency_ms": p99.value, "macro_f1": ev.doc["macro_f1"], "estimate": lat.estimate,
+                           "sources": [p99.source, ev.rel]})
+    return points
+
+
+def bucket_rows(pairs: list[Pair]) -> tuple[list[dict], list[tuple[str, str]]]:
+    rows = []
+    for p in _scored(pairs):
+        values = {}
+        for b in BUCKETS_TITLE:
+            v, ci = p.reference.get(f"buckets.{b}.macro_f1").value, p.reference.get(f"ci.{b}_macro_f1").value
+            values[b] = (v, *(ci if ci and ci[0] is not None else (None, None)))
+        rows.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "values": values})
+    ref = _scored(pairs)[0].reference
+    titles = []
+    for b, title in BUCKETS_TITLE.items():
+        lo, hi = ref.get(f"buckets.{b}.train_count_range").value or (None, None)
+        span = f"< {hi}" if lo in (0, None) else f"≥ {lo}" if hi is None else f"{lo}–{hi - 1}"
+        titles.append((b, f"{title} ({span} training images)"))
+    return rows, titles
+
+
+def per_tag_series(pairs: list[Pair]) -> tuple[list[dict], int]:
+    """Figure 3's series and how many tags were left out (no training image: no place on a log axis)."""
+    series, dropped = [], 0
+    for p in _scored(pairs):
+        rows = [r for r in p.reference.per_tag if r["f1"] is not None]
+        keep = [r for r in rows if r["train_count"] >= 1]
+        dropped = max(dropped, len(rows) - len(keep))
+        series.append({"pair": p.name, "family": p.family, "strategy": p.strategy,
+                       "train_count": [r["train_count"] for r in keep], "f1": [r["f1"] for r in keep]})
+    return series, dropped
+
+
+def deployed_rows(pairs: list[Pair]) -> list[dict]:
+    rows = []
+    for p in _scored(pairs):
+        deltas = {ev.label: ev.doc["macro_f1"] - p.reference.doc["macro_f1"] if ev.scored else None
+                  for name, ev in p.evals.items() if name != p.reference.name}
+        if deltas:
+            rows.append({"pair": p.name, "deltas": deltas})
+    return rows
+
+
+def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str], list[dict]]:
+    """The figures that the artifacts allow (by file name), a sentence for each one that they do not, and
+    Figure 1's points (each with the files its two coordinates come from)."""
+    made: dict[str, Figure] = {}
+    skipped: list[str] = []
+
+    def add(name: str, caption: str, draw_fn, *args) -> None:
+        made[name] = Figure(draw_fn(*args, out_dir / FIGURES / name), f"{FIGURES}/{name}", caption)
+
+    if not _scored(pairs):
+        return made, ["No figure: no pair has a scored PyTorch evaluation (python -m evaluate)."], []
+    points = latency_points(pairs)
+    if points:
+        flagged = sorted({p["label"] for p in points if p["estimate"]})
+        add(LATENCY_FIG,
+            "Figure 1. Test macro-F1 against p99 latency at batch 1, one point per (pair, runtime); colour = "
+            "backbone, marker = runtime, hollow = linear probe. Accuracy is the runtime's own evaluation where it "
+            "was scored, else PyTorch fp32. The dashed line is the Pareto front of measured points"
+            + (" (stars are T4 ESTIMATES, not measurements, and are not on the front)" if flagged else "")
+            + ". Devices differ between points: see the table's footnotes.",
+            figures.latency_accuracy, points)
+    else:
+        skipped.append("Figure 1 (accuracy vs latency) not drawn: no latency benchmark (latency/*.json) yet "
+                       "(python -m engines bench).")
+    rows, titles = bucket_rows(pairs)
+    add(BUCKET_FIG,
+        "Figure 2. Test macro-F1 by training-frequency bucket for each pair, with 95% bootstrap CI whiskers "
+        "(PyTorch fp32; hatched = linear probe).", figures.bucket_bars, rows, titles)
+    series, dropped = per_tag_series(pairs)
+    threshold = _scored(pairs)[0].reference.get("buckets.tail.train_count_range.1").value
+    add(TAG_FIG,
+        f"Figure 3. Per-tag test F1 against training images per tag (log scale), one colour per backbone, lines "
+        f"= mean F1 in log-spaced frequency bins; dotted: the {threshold}-image long-tail threshold. Tags without "
+        "a test positive have no F1 and are not shown" + (f"; {dropped} tags with no training image are left off "
+                                                          "the log axis" if dropped else "") + ".",
+        figures.per_tag_f1, series, threshold)
+    timed = [{"pair": p.name, "phases": phases(p.timing.doc)} for p in pairs if p.timing is not None]
+    if timed:
+        add(TIME_FIG,
+            "Figure 4. Training time by phase (timing.json); feature extraction / trunk caching run the frozen "
+            "backbone once over the training and validation images.", figures.training_time, timed)
+    deployed = deployed_rows(pairs)
+    if deployed:
+        add(DEPLOYED_FIG,
+            "Figure 5. Macro-F1 of each exported or reduced-precision evaluation minus PyTorch fp32, per pair "
+            "(same test images and thresholds); a cross marks an evaluation that failed (NaN/Inf outputs).",
+            figures.deployed_delta, deployed)
+    else:
+        skipped.append("Figure 5 (deployed vs PyTorch accuracy) not drawn: no exported-model evaluation yet "
+                       "(python -m export, then python -m evaluate --runtime onnxruntime).")
+    return made, skipped, points
+
+
+def _title(pairs: list[Pair]) -> str:
+    paths = {Path(str(p.config.doc.get("dataset", {}).get("path", ""))).name for p in pairs}
+    return "Backbone bake-off" + (f": {paths.pop()}" if len(paths) == 1 and "" not in paths else "")
+
+
+def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, figs: dict[str, Figure], skipped: list[str],
+            prov: dict, created: str) -> list[Block]:
+    def fig(name: str) -> list[Block]:
+        return [figs[name]] if name in figs else []
+
+    random = [p.name for p in pairs if p.random_init]
+    out: list[Block] = [Heading(_title(pairs), 1),
+                        Para(f"{len(pairs)} runs, {len(_scored(pairs))} scored; generated {created} from the "
+                             f"artifacts under the runs directory (every number's source file: summary.json).")]
+    if random:
+        out.append(Para(f"**Warning: {', '.join(random)} use random-init weights — not a valid comparison.** "
+                        "Their scores measure nothing about the pretrained backbones."))
+    out += [Heading("Recommendation"), Code("\n".join(rec["rule"])), *[Para(t) for t in rec["text"]]]
+    out += [Heading("All pairs"), table]
+    for heading, name in (("Accuracy and latency", LATENCY_FIG), ("Accuracy by tag frequency", BUCKET_FIG)):
+        out += [Heading(heading), *fig(name)] if name in figs else []
+    out += [Heading("The long tail"), *longtail.blocks(tail, "eval/torch/predictions.npy, per_tag.csv"), *fig(TAG_FIG)]
+    for heading, name in (("Training cost", TIME_FIG), ("Deployed accuracy", DEPLOYED_FIG)):
+        out += [Heading(heading), *fig(name)] if name in figs else []
+    gaps = skipped + [f"{u['pair']}: {u['reason']}" for u in rec["not_considered"]]
+    if gaps:
+        out += [Heading("Not in this report"), *[Para(g) for g in gaps]]
+    out += provenance_blocks(prov)
+    return out
+
+
+def build_report(runs_dir: str | Path, out_dir: str | Path, *, latency_budget_ms: float | None = None,
+                 target_runtime: str | None = None, min_tail_f1: float | None = None,
+                 data: str | Path | None = None) -> dict:
+    """Write the report of ``runs_dir`` into ``out_dir``; return summary.json's content.
+
+    ``data`` is the dataset directory whose test labels the paired bootstraps use (default: the one the
+    evaluations record). Raises :class:`~reports.artifacts.ReportError` for unusable artifacts and
+    ``ValueError`` for bad constraints.
+    """
+    constraints = Constraints(latency_budget_ms, target_runtime, min_tail_f1)
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    pairs = load_pairs(runs_dir)
+    comparer = comparer_for([p.reference for p in _scored(pairs)], None if data is None else str(data))
+    table, table_summary = main_table(pairs)
+    rec = recommend(pairs, constraints, comparer)
+    tail = longtail.analyse(pairs, comparer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs, skipped, points = draw(pairs, out_dir)
+    prov = provenance(pairs)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    blocks = compose(pairs, table, rec, tail, figs, skipped, prov, created)
+    summary = {"report": {"runs_dir": str(runs_dir.resolve()), "created": created,
+                          "sources_relative_to": str(runs_dir.resolve()), "constraints": rec["constraints"]},
+               "table": table_summary, "recommendation": rec, "long_tail": tail,
+               "figures": [{"file": f.rel, "caption": f.caption} for f in figs.values()], "not_drawn": skipped,
+               "latency_vs_macro_f1_points": points, "provenance": prov}
+    write_text(out_dir / "report.md", to_markdown(blocks))
+    write_text(out_dir / "report.html", to_html(blocks, _title(pairs)))
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return json.loads(json.dumps(summary, default=_json_default))

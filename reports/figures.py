@@ -1,0 +1,231 @@
+"""The report's five figures (matplotlib, Agg canvas, Okabe-Ito colour-blind-safe palette), from plain data.
+
+Colour is the backbone family throughout; in scatter plots the marker is the runtime and a hollow marker is
+the linear probe (filled: fine-tune). Each function writes one PNG.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from reports.artifacts import FAMILY_LABELS, runtime_label
+from reports.fmt import seconds_unit
+
+OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
+             "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000"}
+FAMILY_COLOURS = {"cnn": OKABE_ITO["blue"], "dinov2": OKABE_ITO["vermillion"], "clip": OKABE_ITO["green"]}
+SPARE_COLOURS = [OKABE_ITO[k] for k in ("purple", "orange", "sky", "black")]
+RUNTIME_MARKERS = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}
+ESTIMATE_MARKER = "*"
+DPI = 110
+STRATEGY_TITLES = {"probe": "linear probe", "ft": "fine-tune (last 4 blocks)"}
+
+
+def family_colour(family: str) -> str:
+    return FAMILY_COLOURS.get(family, SPARE_COLOURS[sum(map(ord, family)) % len(SPARE_COLOURS)])
+
+
+def _figure(width: float, height: float, ncols: int = 1, **kw) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False, **kw)[0]
+    for ax in axes:
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        ax.set_axisbelow(True)
+    return fig, list(axes)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _marker_style(family: str, strategy: str) -> dict:
+    colour = family_colour(family)
+    return {"color": colour, "markeredgecolor": colour, "markerfacecolor": "white" if strategy == "probe" else colour}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower x, higher y), in increasing x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def latency_accuracy(points: list[dict], path: Path) -> Path:
+    """Figure 1: macro-F1 against p99 latency at batch 1, one point per (pair, runtime); the Pareto front of the
+    measured points. ``points``: pair, family, strategy, runtime, label, latency_ms, macro_f1, estimate."""
+    fig, (ax,) = _figure(10.5, 5.8)
+    for p in points:
+        marker = ESTIMATE_MARKER if p["estimate"] else RUNTIME_MARKERS.get(p["runtime"], "D")
+        ax.plot(p["latency_ms"], p["macro_f1"], linestyle="none", marker=marker, markersize=13 if p["estimate"] else 9,
+                markeredgewidth=1.6, alpha=0.9, **_marker_style(p["family"], p["strategy"]))
+    measured = [p for p in points if not p["estimate"]]
+    front = [measured[i] for i in pareto_front([(p["latency_ms"], p["macro_f1"]) for p in measured])]
+    if front:
+        xs = [p["latency_ms"] for p in front]
+        ys = [p["macro_f1"] for p in front]
+        ax.plot(xs, ys, drawstyle="steps-post", color="black", linestyle="--", linewidth=1.2, zorder=0)
+        for p in front:
+            ax.annotate(f"{p['pair']} · {p['label']}", (p["latency_ms"], p["macro_f1"]), xytext=(7, 6),
+                        textcoords="offset points", fontsize=8.5)
+    lat = [p["latency_ms"] for p in points]
+    if lat and max(lat) / min(lat) > 20:
+        ax.set_xscale("log")
+        ax.set_xlabel("p99 latency at batch 1 (ms, log scale)")
+    else:
+        ax.set_xlabel("p99 latency at batch 1 (ms)")
+    ax.set_ylabel("test macro-F1")
+    ax.set_title("Accuracy vs latency (dashed: Pareto front of measured points)")
+    families = sorted({p["family"] for p in points}, key=lambda f: list(FAMILY_COLOURS).index(f)
+                      if f in FAMILY_COLOURS else 99)
+    runtimes = sorted({p["runtime"] for p in points if not p["estimate"]})
+    handles = [Patch(color=family_colour(f), label=FAMILY_LABELS.get(f, f)) for f in families]
+    handles += [Line2D([], [], linestyle="none", marker=RUNTIME_MARKERS.get(r, "D"), color="grey",
+                       label=runtime_label(r))
+                for r in runtimes]
+    if any(p["estimate"] for p in points):
+        handles.append(Line2D([], [], linestyle="none", marker=ESTIMATE_MARKER, markersize=11, color="grey",
+                              label="T4 ESTIMATE (not measured)"))
+    handles += [Line2D([], [], linestyle="none", marker="o", color="grey", markerfacecolor="white",
+                       label="linear probe"),
+                Line2D([], [], linestyle="none", marker="o", color="grey", label="fine-tune")]
+    fig.legend(handles=handles, fontsize=9, loc="outside right upper", frameon=False)
+    return _save(fig, path)
+
+
+def bucket_bars(rows: list[dict], buckets: list[tuple[str, str]], path: Path) -> Path:
+    """Figure 2: macro-F1 per frequency bucket, one bar per pair with its 95% CI whisker.
+    ``rows``: pair, family, strategy, values {bucket: (value, lo, hi) or None}; ``buckets``: (key, title)."""
+    fig, axes = _figure(12, 4.6, ncols=len(buckets), sharey=True)
+    x = np.arange(len(rows))
+    for ax, (bucket, title) in zip(axes, buckets):
+        for i, r in enumerate(rows):
+            v = r["values"].get(bucket)
+            if v is None or v[0] is None:
+                continue
+            colour = family_colour(r["family"])
+            probe = r["strategy"] == "probe"
+            ax.bar(i, v[0], color="white" if probe else colour, edgecolor=colour, hatch="///" if probe else None,
+                   linewidth=1.4)
+            if v[1] is not None:
+                ax.errorbar(i, v[0], yerr=[[v[0] - v[1]], [v[2] - v[0]]], color="black", capsize=4, linewidth=1.2)
+        if not any(r["values"].get(bucket) and r["values"][bucket][0] is not None for r in rows):
+            ax.text(0.5, 0.5, "no tag in this bucket", transform=ax.transAxes, ha="center", color="grey")
+        ax.set_title(title, fontsize=11)
+        ax.set_xticks(x, [r["pair"] for r in rows], rotation=35, ha="right", fontsize=9)
+    axes[0].set_ylabel("test macro-F1 (95% CI)")
+    axes[0].set_ylim(0, 1.06)
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    handles = [Patch(color=family_colour(f), label=FAMILY_LABELS.get(f, f)) for f in families]
+    handles += [Patch(facecolor="white", edgecolor="grey", hatch="///", label="linear probe"),
+                Patch(color="grey", label="fine-tune")]
+    fig.legend(handles=handles, fontsize=9, loc="outside upper center", ncols=len(handles), frameon=False)
+    return _save(fig, path)
+
+
+def _binned_mean(x: np.ndarray, y: np.ndarray, n_bins: int = 8, min_tags: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``y`` in log-spaced bins of ``x`` (bins with at least ``min_tags`` points), at the bins'
+    geometric centres."""
+    edges = np.geomspace(x.min(), x.max() * 1.0001, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)
+    keep = [b for b in range(n_bins) if (which == b).sum() >= min_tags]
+    return (np.sqrt(edges[keep] * edges[np.array(keep, dtype=int) + 1]),
+            np.array([y[which == b].mean() for b in keep]))
+
+
+def per_tag_f1(series: list[dict], tail_threshold: float, path: Path) -> Path:
+    """Figure 3: per-tag test F1 against training images per tag (log x), one panel per strategy, colour per
+    backbone, binned means as lines. ``series``: pair, family, strategy, train_count, f1 (arrays; tags with a test
+    positive and at least one training image)."""
+    strategies = list(dict.fromkeys(s["strategy"] for s in series))
+    fig, axes = _figure(6.2 * len(strategies), 5, ncols=len(strategies), sharey=True)
+    for ax, strategy in zip(axes, strategies):
+        for s in (s for s in series if s["strategy"] == strategy):
+            x, y = np.asarray(s["train_count"], float), np.asarray(s["f1"], float)
+            colour = family_colour(s["family"])
+            ax.scatter(x, y, s=12, color=colour, alpha=0.3, linewidths=0)
+            if len(x) >= 3:
+                bx, by = _binned_mean(x, y)
+                ax.plot(bx, by, color=colour, linewidth=2.2, marker="o", markersize=4,
+                        label=f"{FAMILY_LABELS.get(s['family'], s['family'])} (binned mean)")
+        ax.axvline(tail_threshold, color="black", linestyle=":", linewidth=1.3)
+        ax.text(tail_threshold * 1.07, 0.98, f"long-tail threshold: {tail_threshold:g} images", fontsize=8.5,
+                rotation=90, va="top", ha="left", transform=ax.get_xaxis_transform())
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per tag (log scale)")
+        ax.set_title(STRATEGY_TITLES.get(strategy, strategy), fontsize=11)
+        ax.legend(fontsize=8.5, loc="lower right")
+    axes[0].set_ylabel("test F1 per tag")
+    axes[0].set_ylim(-0.03, 1.03)
+    return _save(fig, path)
+
+
+PHASES = {"weights_load": "load weights", "image_cache": "image cache", "feature_extraction": "feature extraction",
+          "trunk_caching": "trunk caching", "head_training": "head training", "block_training": "block fine-tuning",
+          "thresholds": "threshold fitting", "other": "other"}
+PHASE_COLOURS = dict(zip(PHASES, [OKABE_ITO[k] for k in
+                                  ("black", "yellow", "sky", "blue", "orange", "vermillion", "purple", "green")]))
+
+
+def training_time(rows: list[dict], path: Path) -> Path:
+    """Figure 4: training time by phase, stacked horizontal bars. ``rows``: pair, phases {phase key: seconds}."""
+    fig, (ax,) = _figure(9.5, 0.5 * len(rows) + 1.8)
+    unit, scale = seconds_unit(max((sum(r["phases"].values()) for r in rows), default=0.0))
+    order = list(PHASES) + sorted({k for r in rows for k in r["phases"]} - set(PHASES))
+    present = [k for k in order if any(r["phases"].get(k, 0) > 0 for r in rows)]
+    for k in present:
+        seconds = np.array([r["phases"].get(k, 0.0) for r in rows]) / scale
+        left = np.array([sum(r["phases"].get(j, 0.0) for j in present[:present.index(k)]) for r in rows]) / scale
+        ax.barh(range(len(rows)), seconds, left=left, color=PHASE_COLOURS.get(k, "grey"), edgecolor="white",
+                label=PHASES.get(k, k))
+    ax.set_yticks(range(len(rows)), [r["pair"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"training time ({unit})")
+    ax.set_title("Training time by phase")
+    fig.legend(fontsize=9, loc="outside right upper", frameon=False)
+    return _save(fig, path)
+
+
+def deployed_delta(rows: list[dict], path: Path) -> Path:
+    """Figure 5: macro-F1 of each deployed evaluation minus PyTorch fp32, per pair, as dots on stems from 0;
+    a failed evaluation (NaN/Inf outputs) is a cross at 0 labelled FAILED.
+    ``rows``: pair, deltas {evaluation label: difference, or None when it failed}."""
+    labels = list(dict.fromkeys(k for r in rows for k in r["deltas"]))
+    colours = dict(zip(labels, [OKABE_ITO[k] for k in ("blue", "vermillion", "green", "purple", "orange", "sky")] * 3))
+    fig, (ax,) = _figure(9.5, 4.6)
+    width = 0.7 / max(len(labels), 1)
+    for j, label in enumerate(labels):
+        for i, r in enumerate(rows):
+            if label not in r["deltas"]:
+                continue
+            x, d = i + (j - (len(labels) - 1) / 2) * width, r["deltas"][label]
+            if d is None:
+                ax.plot(x, 0, marker="X", markersize=11, color=colours[label], linestyle="none")
+                ax.annotate("FAILED", (x, 0), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=8,
+                            color=colours[label], fontweight="bold")
+                continue
+            ax.vlines(x, 0, d, color=colours[label], linewidth=2)
+            ax.plot(x, d, marker="o", markersize=8, color=colours[label], linestyle="none")
+    for label in labels:
+        ax.plot([], [], marker="o", color=colours[label], linestyle="none", label=label)
+    ax.axhline(0, color="black", linewidth=1)
+    ax.set_xticks(range(len(rows)), [r["pair"] for r in rows], rotation=20, ha="right")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylabel("macro-F1 difference vs PyTorch fp32")
+    lim = max((abs(d) for r in rows for d in r["deltas"].values() if d is not None), default=0.0)
+    ax.set_ylim(-max(lim * 1.3, 0.002), max(lim * 1.3, 0.002))
+    ax.set_title("Deployed vs PyTorch accuracy (0 = no change)")
+    ax.legend(fontsize=8.5)
+    return _save(fig, path)

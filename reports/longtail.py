@@ -1,0 +1,125 @@
+"""The long-tail section: how the backbones differ on rare tags, and whether fine-tuning helps the tail.
+
+All on the PyTorch fp32 evaluations: tail macro-F1 of each pair, paired bootstraps between backbones (per
+strategy) and between strategies (per backbone) on the tail tags, and the rare tags where the pairs disagree
+most (per_tag.csv).
+"""
+from __future__ import annotations
+
+from itertools import combinations
+
+from reports import fmt
+from reports.artifacts import FAMILY_LABELS, STRATEGY_LABELS, Pair
+from reports.document import Block, Bullets, Para, Table
+from reports.paired import Comparer
+
+TAIL = "tail"
+N_DISAGREE = 10
+
+
+def _verdict(res: dict, better: str, worse: str) -> str:
+    return (f"{better} better" if res["observed_diff"] > 0 else f"{worse} better") if res["separated"] \
+        else "no clear difference"
+
+
+def analyse(pairs: list[Pair], comparer: Comparer) -> dict:
+    """Backbone comparisons per strategy, fine-tune vs probe per backbone, and the most disputed tail tags."""
+    scored = [p for p in pairs if p.complete and p.reference is not None]
+    by_key = {(p.family, p.strategy): p for p in scored}
+    families = list(dict.fromkeys(p.family for p in scored))
+    strategies = list(dict.fromkeys(p.strategy for p in scored))
+    backbones = []
+    for strategy in strategies:
+        for fa, fb in combinations(families, 2):
+            a, b = by_key.get((fa, strategy)), by_key.get((fb, strategy))
+            if a is not None and b is not None:
+                res = comparer.compare(a.reference, b.reference, TAIL)
+                backbones.append({"strategy": strategy, "a": a.name, "b": b.name, "result": res})
+    finetune = []
+    for family in families:
+        ft, probe = by_key.get((family, "ft")), by_key.get((family, "probe"))
+        if ft is not None and probe is not None:
+            finetune.append({"family": family, "ft": ft.name, "probe": probe.name,
+                             "tail_f1": {p.name: p.reference.get("buckets.tail.macro_f1").to_json()
+                                         for p in (ft, probe)},
+                             "result": comparer.compare(ft.reference, probe.reference, TAIL)})
+    return {"pairs": [p.name for p in scored],
+            "tail_f1": {p.name: {**p.reference.get("buckets.tail.macro_f1").to_json(),
+                                 "ci": p.reference.get("ci.tail_macro_f1").value,
+                                 "n_tags_scored": p.reference.get("buckets.tail.n_tags_scored").value}
+                        for p in scored},
+            "threshold": scored[0].reference.get("buckets.tail.train_count_range.1").value if scored else None,
+            "backbones": backbones, "finetune": finetune, "disagreements": disagreements(scored),
+            "paired_bootstrap": comparer.available, "unavailable": comparer.unavailable}
+
+
+def disagreements(pairs: list[Pair], n: int = N_DISAGREE) -> list[dict]:
+    """Tail tags with a test positive, ranked by the spread (max - min) of their F1 across ``pairs``."""
+    if len(pairs) < 2:
+        return []
+    tables = {p.name: p.reference.per_tag for p in pairs}
+    first = tables[pairs[0].name]
+    rows = []
+    for j, tag in enumerate(first):
+        if tag["bucket"] != TAIL or not tag["support"]:
+            continue
+        f1 = {name: t[j]["f1"] for name, t in tables.items()}
+        values = [v for v in f1.values() if v is not None]
+        rows.append({"tag": tag["name"] or str(j), "train_count": tag["train_count"], "support": tag["support"],
+                     "f1": f1, "spread": max(values) - min(values)})
+    rows.sort(key=lambda r: (-r["spread"], r["tag"]))
+    return rows[:n]
+
+
+def _comparison(res: dict | None, a: str, b: str) -> list[str]:
+    if res is None:
+        return [f"{a} − {b}", fmt.DASH, fmt.DASH, fmt.DASH]
+    return [f"{a} − {b}", fmt.signed_ci(res["observed_diff"], res["ci"]), f"{res['p_a_better']:.2f}",
+            _verdict(res, a, b)]
+
+
+def blocks(analysis: dict, sources: str) -> list[Block]:
+    """The section's paragraphs and tables; ``sources`` names the files its numbers come from."""
+    out: list[Block] = []
+    tail = analysis["tail_f1"]
+    if not tail:
+        return [Para("No pair has a scored PyTorch evaluation yet: nothing to say about the long tail.")]
+    leader = max(tail, key=lambda p: -1 if tail[p]["value"] is None else tail[p]["value"])
+    n_tail = tail[leader]["n_tags_scored"]
+    out.append(Para(f"Long-tail tags have fewer than {analysis['threshold']} training images ({n_tail} of them "
+                    f"have a test positive). Highest long-tail macro-F1: **{leader}** "
+                    f"{fmt.with_ci(tail[leader]['value'], tail[leader]['ci'])}. Differences below are paired "
+                    f"bootstraps over the test images on the tail tags only (P = share of resamples where the "
+                    f"first pair is better; sources: {sources})."))
+    if not analysis["paired_bootstrap"]:
+        out.append(Para(f"No paired comparison could be made: {analysis['unavailable']}."))
+    header = ["comparison (tail macro-F1)", "difference [95% CI]", "P(first better)", "verdict"]
+    if analysis["backbones"]:
+        rows = [_comparison(c["result"], c["a"], c["b"]) for c in analysis["backbones"]]
+        strategies = [STRATEGY_LABELS.get(c["strategy"], c["strategy"]) for c in analysis["backbones"]]
+        out.append(Table(["strategy", *header], [[s, *r] for s, r in zip(strategies, rows)]))
+    if analysis["finetune"]:
+        items = []
+        for c in analysis["finetune"]:
+            res = c["result"]
+            name = FAMILY_LABELS.get(c["family"], c["family"])
+            if res is None:
+                items.append(f"{name}: fine-tune {fmt.num(c['tail_f1'][c['ft']]['value'])} vs probe "
+                             f"{fmt.num(c['tail_f1'][c['probe']]['value'])} (no paired test possible).")
+                continue
+            effect = ("**helps** the tail" if res["observed_diff"] > 0 else "**hurts** the tail") if res["separated"] \
+                else "has **no clear effect** on the tail"
+            items.append(f"{name}: fine-tuning {effect}: {c['ft']} − {c['probe']} "
+                         f"{fmt.signed_ci(res['observed_diff'], res['ci'])}, P(fine-tune better) = "
+                         f"{res['p_a_better']:.2f}.")
+        out += [Para("Does fine-tuning help or hurt the tail?"), Bullets(items)]
+    if analysis["disagreements"]:
+        names = list(analysis["disagreements"][0]["f1"])
+        rows = [[r["tag"], f"{r['train_count']:.0f}", f"{r['support']:.0f}",
+                 *[fmt.num(r["f1"][n], 2) for n in names], fmt.num(r["spread"], 2)]
+                for r in analysis["disagreements"]]
+        out.append(Para(f"The {len(rows)} rare tags where the pairs disagree most (per-tag test F1; with this few "
+                        "test positives a single image moves a tag's F1 a lot, so read these as examples, not "
+                        "verdicts):"))
+        out.append(Table(["tag", "train images", "test positives", *names, "spread"], rows))
+    return out

@@ -1,0 +1,101 @@
+"""The whole chain in one command, resumable: catalog -> dataset -> runs -> exports -> scores -> latency -> report.
+
+    python -m reports.pipeline                       # the embedded synthetic default, CPU-sized
+    python -m reports.pipeline --data data/fashion --runs runs/fashion --out report/fashion --skip-data
+
+Each stage is its own CLI, run as a subprocess (this module imports no model code); every stage skips or
+resumes work already done, so rerunning after an interrupt continues where it stopped. Weights: ``auto`` takes
+pretrained weights wherever reachable offline (``--weights-dir`` / ``$BAKEOFF_WEIGHTS``, the hub cache) and
+runs the other families with explicit random init, announced at the start and flagged in every artifact.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO = {  # the embedded default: small enough for 2 CPU cores in minutes
+    "images": 3000, "tags": 250, "synth_size": 64, "cache_size": 64, "test_size": "0.2",
+    "image_size": ["cnn=64", "dinov2=56", "clip=64"], "epochs": 3, "probe_epochs": 15,
+}
+
+
+def stages(a: argparse.Namespace) -> list[tuple[str, list[str], bool]]:
+    """(name, argv, skip) for every stage, in order."""
+    py = [sys.executable, "-m"]
+    data, runs, out = str(a.data), str(a.runs), str(a.out)
+    weights = ["--weights", a.weights] + (["--weights-dir", a.weights_dir] if a.weights_dir else [])
+    sizes = [x for s in a.image_size for x in ("--image-size", s)]
+    models = [x for m in a.model for x in ("--model", m)]
+    have_data = (Path(data) / "manifest.csv").exists()
+    prepared = (Path(data) / "splits.json").exists()
+    runtimes = ["torch", "onnxruntime"]
+    return [
+        ("synth", py + ["train.data", "synth", "--out", data, "--images", str(a.images), "--tags", str(a.tags),
+                        "--image-size", str(a.synth_size)], a.skip_data or have_data),
+        ("prepare", py + ["train.data", "prepare", data, "--test-size", a.test_size, "--cache-size", str(a.cache_size)],
+         a.skip_data or prepared),
+        ("train", py + ["train", "--all", "--data", data, "--out", runs, "--cache-size", str(a.cache_size),
+                        "--epochs", str(a.epochs), "--probe-epochs", str(a.probe_epochs), "--no-progress"]
+         + weights + sizes + models, False),
+        ("export", py + ["export", "--fp16", "--runs", runs, "--data", data], False),
+        *[(f"evaluate {rt}", py + ["evaluate", "--runs", runs, "--data", data, "--runtime", rt, "--no-progress"], False)
+          for rt in runtimes],
+        ("evaluate onnxruntime fp16", py + ["evaluate", "--runs", runs, "--data", data, "--runtime", "onnxruntime",
+                                           "--precision", "fp16", "--no-progress"], False),
+        *[(f"bench {rt}", py + ["engines", "bench", "--runs", runs, "--runtime", rt, "--batch", "1,8,32",
+                                "--warmup", "0.5", "--duration", str(a.bench_seconds), "--project", "t4"], False)
+          for rt in runtimes],
+        ("report", py + ["reports", "--runs", runs, "--out", out]
+         + (["--latency-budget-ms", str(a.latency_budget_ms)] if a.latency_budget_ms else []), False),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reports.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("data/demo"))
+    p.add_argument("--runs", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("report/demo"))
+    p.add_argument("--skip-data", action="store_true", help="the dataset exists and is prepared: start at training")
+    p.add_argument("--weights", default="auto", help="auto | pretrained | random (per family: FAMILY=VALUE)")
+    p.add_argument("--weights-dir", default=os.environ.get("BAKEOFF_WEIGHTS"))
+    p.add_argument("--model", action="append", default=[], help="FAMILY=NAME registry variant")
+    p.add_argument("--image-size", action="append", default=None, help="FAMILY=PX")
+    p.add_argument("--images", type=int, default=DEMO["images"])
+    p.add_argument("--tags", type=int, default=DEMO["tags"])
+    p.add_argument("--synth-size", type=int, default=DEMO["synth_size"])
+    p.add_argument("--cache-size", type=int, default=DEMO["cache_size"])
+    p.add_argument("--test-size", default=DEMO["test_size"])
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
+    p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"])
+    p.add_argument("--bench-seconds", type=float, default=2.0)
+    p.add_argument("--latency-budget-ms", type=float)
+    a = p.parse_args(argv)
+    a.image_size = a.image_size or DEMO["image_size"]
+    t0 = time.perf_counter()
+    if a.weights == "auto":
+        print(f"weights: pretrained where reachable offline ({a.weights_dir or '$BAKEOFF_WEIGHTS unset'}, hub cache); "
+              "other families run with RANDOM INIT — not a valid comparison, flagged in every artifact and the report")
+    plan = stages(a)
+    for k, (name, argv_, skip) in enumerate(plan, 1):
+        if skip:
+            print(f"[{k}/{len(plan)}] {name}: done already, skipped")
+            continue
+        print(f"[{k}/{len(plan)}] {name}: {shlex.join(argv_[1:])}", flush=True)
+        t = time.perf_counter()
+        rc = subprocess.call(argv_)
+        print(f"[{k}/{len(plan)}] {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
+        if rc != 0:
+            print(f"pipeline stopped at '{name}' (exit {rc}); fix it and rerun: finished work is kept")
+            return rc
+    print(f"pipeline done in {time.perf_counter() - t0:.0f} s: {a.out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

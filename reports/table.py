@@ -1,0 +1,201 @@
+"""The main table: one row per pair, every cell from an artifact, every gap a dash with a footnote.
+
+Each row also returns its numbers as :class:`~reports.artifacts.Sourced` values (for summary.json).
+"""
+from __future__ import annotations
+
+from reports import fmt
+from reports.artifacts import (MODEL, PARITY, REFERENCE_EVAL, RUNTIMES, Evaluation, Latency, Pair, Sourced, pair_label,
+                               runtime_label)
+from reports.document import Cell, Table
+from reports.figures import PHASES
+
+SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class Notes:
+    """Numbered footnotes; one note per kind of gap or caveat, listing the pairs it applies to."""
+
+    def __init__(self):
+        self._notes: dict[str, list[str]] = {}
+
+    def mark(self, text: str, pair: str) -> str:
+        pairs = self._notes.setdefault(text, [])
+        if pair not in pairs:
+            pairs.append(pair)
+        return str(list(self._notes).index(text) + 1).translate(SUPERSCRIPTS)
+
+    def lines(self) -> list[str]:
+        return [f"{str(i).translate(SUPERSCRIPTS)} {text}: {', '.join(pairs)}."
+                for i, (text, pairs) in enumerate(self._notes.items(), start=1)]
+
+    def as_json(self) -> list[dict]:
+        return [{"note": text, "pairs": pairs} for text, pairs in self._notes.items()]
+
+
+def phases(timing: dict) -> dict[str, float]:
+    """timing.json seconds per phase, plus ``other`` (total minus the phases, when positive)."""
+    seconds = timing.get("seconds", {})
+    found = {k: float(v) for k, v in seconds.items() if k != "total" and v is not None}
+    other = float(seconds.get("total") or 0.0) - sum(found.values())
+    return found | ({"other": other} if other > 0.005 * max(float(seconds.get("total") or 0), 1) else {})
+
+
+def _latency_lines(lat: Latency, pair: Pair, notes: Notes) -> tuple[list[str], dict]:
+    p50, p99 = lat.latency_ms("median"), lat.latency_ms("p99")
+    tput, batch = lat.throughput()
+    marks = ""
+    if lat.estimate:
+        marks += notes.mark("T4 ESTIMATE: a roofline projection for TensorRT fp16 on a T4 (engines.projection), "
+                            "not a measurement; batch-1 figures are a lower bound", pair.name)
+    elif not lat.on_t4:
+        marks += notes.mark(f"latency measured on {lat.device}, not a T4", pair.name)
+    if lat.contended:
+        marks += notes.mark("other processes loaded the CPU during the benchmark (load average above the core "
+                            "count): figures are pessimistic", pair.name)
+    figures = f"≈ {fmt.ms(p99.value)}" if lat.estimate else f"{fmt.ms(p50.value)} / {fmt.ms(p99.value)}"
+    lines = [f"{lat.precision}: {figures} ms{marks}", f"{fmt.rate(tput.value)} img/s @{batch}"]
+    return lines, {"p50_ms_batch1": p50.to_json(), "p99_ms_batch1": p99.to_json(), "throughput_ips": tput.to_json(),
+                  "throughput_batch": batch, "device": lat.device, "on_t4": lat.on_t4, "estimate": lat.estimate}
+
+
+def latency_cell(pair: Pair, runtime: str, notes: Notes) -> tuple[Cell, dict]:
+    lats = [lat for lat in pair.latencies if lat.runtime == runtime]
+    if not lats:
+        engine = any(name.endswith(".engine") for name in pair.export)
+        hint = ("no engine built (needs TensorRT and an NVIDIA GPU)" if runtime == "tensorrt" and not engine
+                else "not benchmarked")
+        return fmt.DASH + notes.mark(f"{runtime_label(runtime)}: {hint}, no latency/{runtime}*.json", pair.name), {}
+    lines, values = [], {}
+    for lat in lats:
+        text, values[lat.name] = _latency_lines(lat, pair, notes)
+        lines += text
+    return lines, values
+
+
+def parity_line(pair: Pair) -> tuple[str | None, dict]:
+    """The export's parity verdict (parity.json): passed with the worst decision-flip rate, or what failed."""
+    parity = pair.export.get(PARITY)
+    if parity is None:
+        return None, {}
+    doc = parity.value
+    rates = [r.get("flip_rate") for r in doc.get("results", {}).values() if r.get("flip_rate") is not None]
+    worst = f", ≤ {max(rates):.2%} decisions flipped" if rates else ""
+    line = (f"export parity passed ({doc.get('n_images')} images{worst})" if doc.get("status") == "passed"
+            else f"export parity FAILED: {'; '.join(doc.get('failures', []))[:120]}")
+    return line, {"parity": {"value": doc.get("status"), "max_flip_rate": max(rates, default=None),
+                             "source": parity.source, "field": "status, results.*.flip_rate"}}
+
+
+def deployed_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
+    """Macro-F1 of every other evaluation of the pair minus PyTorch fp32 (failed ones said so), and parity."""
+    ref = pair.reference
+    others = [ev for name, ev in pair.evals.items() if name != REFERENCE_EVAL]
+    parity, values = parity_line(pair)
+    if ref is None or not others:
+        why = (pair.unscored_reason() if ref is None
+               else "no exported-model evaluation (eval/onnxruntime*, eval/tensorrt*)")
+        return [fmt.DASH + notes.mark(why, pair.name), *([parity] if parity else [])], values
+    lines = []
+    for ev in others:
+        if not ev.scored:
+            lines.append(f"{ev.label}: FAILED ({ev.doc.get('reason', ev.doc.get('status'))[:60]})")
+            values[ev.name] = {"status": ev.doc.get("status"), "source": ev.rel}
+            continue
+        d = delta(ev, ref)
+        lines.append(f"{ev.label}: {fmt.signed(d.value, 4)}")
+        values[ev.name] = d.to_json()
+    return lines + ([parity] if parity else []), values
+
+
+def delta(ev: Evaluation, ref: Evaluation) -> Sourced:
+    return Sourced(ev.doc["macro_f1"] - ref.doc["macro_f1"], f"{ev.rel} − {ref.rel}", "macro_f1 (difference)")
+
+
+def size_cell(pair: Pair) -> tuple[Cell, dict]:
+    """Parameters (total, trained and their share) and the sizes of the checkpoint and exported files."""
+    total, trained = pair.config.get("params_total"), pair.config.get("params_trained")
+    values = {"params_total": total.to_json(), "params_trained": trained.to_json()}
+    lines = [f"{fmt.count(total.value)} params"] if total.value is not None else []
+    if trained.value is not None:
+        share = f" ({trained.value / total.value:.{0 if trained.value >= 0.01 * total.value else 2}%})" \
+            if total.value else ""
+        lines.append(f"{fmt.count(trained.value)} trained{share}")
+    model = pair.dir / MODEL
+    if model.is_file():
+        size = Sourced(model.stat().st_size, f"{pair.name}/{MODEL}", "file size (bytes)")
+        values["checkpoint_bytes"] = size.to_json()
+        lines.append(f"{fmt.megabytes(size.value)} checkpoint")
+    for name, size in pair.export.items():
+        if name.endswith((".onnx", ".engine")):
+            values[name] = size.to_json()
+            kind = "TensorRT engine" if name.endswith(".engine") else "FP16 ONNX" if ".fp16." in name else "ONNX"
+            lines.append(f"{fmt.megabytes(size.value)} {kind}")
+    return lines or fmt.DASH, values
+
+
+def training_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
+    if pair.timing is None:
+        return fmt.DASH + notes.mark("no timing.json (training unfinished)", pair.name), {}
+    total = pair.timing.get("seconds.total")
+    parts = phases(pair.timing.doc)
+    minor = ("weights_load", "image_cache", "thresholds", "other")  # shown in Figure 4
+    shown = sorted(((k, v) for k, v in parts.items() if k not in minor), key=lambda kv: -kv[1])
+    lines = [f"{fmt.duration(total.value)} total"] + [f"{PHASES.get(k, k)} {fmt.duration(v)}" for k, v in shown]
+    if "linear probe" in str(pair.config.get("summary.init_head").value or ""):
+        lines[0] += notes.mark("fine-tune starts from the linear probe's head: add the probe's time for the full cost",
+                               pair.name)
+    return lines, {"total_seconds": total.to_json(),
+                   "phases_seconds": {k: {"value": v, "source": pair.timing.rel, "field": f"seconds.{k}"}
+                                      for k, v in parts.items()},
+                   "device": pair.timing.get("device").to_json()}
+
+
+def accuracy_cells(pair: Pair, notes: Notes) -> tuple[list[Cell], dict]:
+    """Macro-F1 [CI], long-tail F1 [CI], medium / head F1, mAP of the PyTorch fp32 evaluation."""
+    ref = pair.reference
+    if ref is None:
+        return [fmt.DASH + notes.mark(pair.unscored_reason(), pair.name)] * 4, {}
+    values, cells = {}, {}
+    for key, field, ci_field in (("macro_f1", "macro_f1", "macro_f1"), *[
+            (f"{b}_f1", f"buckets.{b}.macro_f1", f"{b}_macro_f1") for b in ("tail", "medium", "head")]):
+        v, ci = ref.get(field), ref.get(f"ci.{ci_field}")
+        values[key] = v.to_json() | {"ci": ci.value}
+        cells[key] = (fmt.with_ci(v.value, ci.value).replace(" [", "\n[") if key in ("macro_f1", "tail_f1")
+                      else fmt.num(v.value))
+        if v.value is None:
+            cells[key] += notes.mark(f"{key.split('_')[0]}: no tag of this bucket has a test positive", pair.name)
+    m = ref.get("macro_ap")
+    values["map"] = m.to_json()
+    return [cells["macro_f1"].split("\n"), cells["tail_f1"].split("\n"), f"{cells['medium_f1']} / {cells['head_f1']}",
+            fmt.num(m.value)], values
+
+
+def main_table(pairs: list[Pair]) -> tuple[Table, dict]:
+    """The table of every pair (best macro-F1 first) and its numbers with their sources."""
+    notes = Notes()
+    ranked = sorted(pairs, key=lambda p: -(p.reference.doc["macro_f1"] if p.reference and p.reference.doc.get(
+        "macro_f1") is not None else -1.0))
+    header = ["Pair", "Macro-F1 [95% CI]", "Long-tail F1 [95% CI]", "Medium / head F1", "mAP", "Training time",
+              *[f"{runtime_label(r)} latency" for r in RUNTIMES], "FP16 / engine Δ macro-F1", "Size"]
+    rows, summary = [], {}
+    for pair in ranked:
+        name: list[str] = [f"**{pair.name}**", pair_label(pair)]
+        if pair.random_init:
+            name += ["⚠ random init —", "not a valid comparison"]
+        acc, values = accuracy_cells(pair, notes)
+        values |= {"random_init": pair.random_init, "weights": pair.config.get("weights").to_json()}
+        train, values["training"] = training_cell(pair, notes)
+        lat_cells = []
+        values["latency"] = {}
+        for runtime in RUNTIMES:
+            cell, values["latency"][runtime] = latency_cell(pair, runtime, notes)
+            lat_cells.append(cell)
+        deployed, values["deployed_delta"] = deployed_cell(pair, notes)
+        size, values["size"] = size_cell(pair)
+        rows.append([name, *acc, train, *lat_cells, deployed, size])
+        summary[pair.name] = values
+    legend = ("Accuracy: test split, PyTorch fp32, 95% bootstrap CIs. Latency cells: precision: p50 / p99 ms at "
+              "batch 1, then images/s at the largest batch benchmarked (@batch). FP16 / engine Δ: macro-F1 of "
+              "each exported or reduced-precision evaluation minus PyTorch fp32.")
+    return Table(header, rows, [legend, *notes.lines()]), {"pairs": summary, "notes": notes.as_json()}

@@ -1,0 +1,67 @@
+"""engines.projection: counters, roofline arithmetic, calibration against the anchor, and the ESTIMATE labels."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.projection import (ANCHOR, LABEL, RESNET50_COST, T4, Target, calibrate, format_estimate, model_cost,
+                                project, roofline_ms)
+
+
+def test_model_cost_of_one_convolution():
+    cost = model_cost(nn.Conv2d(3, 4, 3, padding=1), 8)
+    assert cost["params"] == 3 * 9 * 4 + 4 and cost["weight_bytes"] == 2 * 112
+    assert cost["flops_per_image"] == 2 * (3 * 9) * 4 * 8 * 8  # multiply-adds x 2
+    assert cost["activation_bytes_per_image"] == 2 * 2 * (4 * 8 * 8) + 2 * (3 * 8 * 8)  # output w+r, input read
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(192, 192)  # a parameter, so model_cost knows the device and dtype
+
+    def forward(self, x):  # q = k = v: 1 image x 3 heads x 8 tokens x 8 dims
+        q = self.proj(x.reshape(1, 1, 192)).reshape(1, 3, 8, 8)
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_model_cost_counts_cpu_attention():
+    cost = model_cost(Attention(), 8)
+    attention = 2 * 2 * (3 * 8 * 8 * 8)  # QK^T and AV: two matmuls of h*n*n*d multiply-adds
+    assert cost["flops_per_image"] == 2 * 192 * 192 + attention
+
+
+def test_resnet50_anchor_cost_is_what_the_counters_say():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):  # shapes only: fast
+        model = torchvision.models.resnet50()
+    cost = model_cost(model, 224)
+    assert {k: cost[k] for k in RESNET50_COST} == RESNET50_COST
+
+
+def test_roofline_arithmetic():
+    target = Target("toy", peak_flops=1e12, bandwidth=1e9, source="test")
+    # compute 4 * 1e9 / (0.5 * 1e12) = 8 ms; memory (1e6 + 4 * 1e6) / (0.5 * 1e9) = 10 ms
+    assert roofline_ms(1e9, 1e6, 1e6, 4, 0.5, target) == (pytest.approx(10.0), "memory")
+    assert roofline_ms(2e9, 1e6, 1e6, 4, 0.5, target) == (pytest.approx(16.0), "compute")
+
+
+def test_calibration_reproduces_the_anchor():
+    eff = calibrate()
+    assert 0.05 < eff < 1.0
+    est = project(RESNET50_COST, [ANCHOR.batch, 1])
+    assert est["efficiency"] == pytest.approx(eff, abs=1e-4)
+    assert est["batches"][0]["throughput_ips"] == pytest.approx(ANCHOR.throughput_ips, rel=1e-3)
+    assert est["batches"][1]["latency_ms"] < est["batches"][0]["latency_ms"]
+
+
+def test_estimate_is_labelled_and_cites_its_anchor():
+    est = project({"flops_per_image": 6e8, "weight_bytes": 7e6, "activation_bytes_per_image": 2.7e7}, [1, 8], T4)
+    assert est["label"] == LABEL == "ESTIMATE (not measured)" and "T4" in est["target"]
+    assert est["anchor"]["source"].startswith("https://") and est["anchor"]["throughput_ips"] == ANCHOR.throughput_ips
+    assert est["int8_reference"]["source"] and [r["batch"] for r in est["batches"]] == [1, 8]
+    text = format_estimate(est)
+    assert text.splitlines()[0].endswith(f"{LABEL} ===")
+    assert all(line.endswith(LABEL) for line in text.splitlines() if line.startswith("batch "))

@@ -1,0 +1,352 @@
+"""TensorRT export: the pure parts everywhere, the build driven by a fake ``tensorrt``; a real build on a GPU."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from export import tensorrt as T
+from export.parity import ParityFailed, ort_logits
+from export.pipeline import ExportOptions, export_run
+
+H200 = {"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "compute_capability": "9.0", "gpu_slug": "h200"}
+T4 = {"tensorrt": "10.3.0", "gpu": "Tesla T4", "compute_capability": "7.5", "gpu_slug": "t4"}
+
+
+def test_profile_shapes():
+    assert T.profile_shapes(224, 1, 8, 32) == ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))
+    for bad in ((0, 1, 2), (4, 2, 8), (1, 16, 8)):
+        with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
+            T.profile_shapes(224, *bad)
+
+
+@pytest.mark.parametrize("version, path", [("10.3.0.26", T.WEAK_FP16), ("10.13.1", T.WEAK_FP16),
+                                           ("11.0.0", T.STRONGLY_TYPED), ("12.1", T.STRONGLY_TYPED)])
+def test_build_path_by_major_version(version, path):
+    assert T.build_path(version) == path
+
+
+def test_build_path_refuses_old_or_odd_versions():
+    with pytest.raises(T.EngineBuildError, match="8.6.1 is too old"):
+        T.build_path("8.6.1")
+    with pytest.raises(ValueError, match="unrecognised TensorRT version"):
+        T.build_path("dev")
+
+
+def test_layers_to_pin():
+    layers = [("ln", "NORMALIZATION", None), ("attn/softmax", "SOFTMAX", None), ("mean", "REDUCE", None),
+              ("var", "ELEMENTWISE", "POW"), ("std", "UNARY", "SQRT"), ("res", "ELEMENTWISE", "SUM"),
+              ("gelu", "UNARY", "ERF"), ("qkv", "MATRIX_MULTIPLY", None), ("conv", "CONVOLUTION", None)]
+    assert T.layers_to_pin(layers) == ["ln", "attn/softmax", "mean", "var", "std"]
+
+
+@pytest.mark.parametrize("name, slug", [("Tesla T4", "t4"), ("NVIDIA H200", "h200"),
+                                        ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb")])
+def test_gpu_slug(name, slug):
+    assert T.gpu_slug(name) == slug
+    assert T.engine_name({"gpu_slug": slug}) == f"model.{slug}.fp16.engine"
+
+
+def test_target_warning():
+    assert T.target_warning(None, H200) is None and T.target_warning("t4", T4) is None
+    msg = T.target_warning("t4", H200)
+    assert "NVIDIA H200 (sm_90), not a Tesla T4 (sm_75)" in msg and "not T4-tuned" in msg and "rebuild it on a Tesla T4" in msg
+    with pytest.raises(ValueError, match="unknown --target 'a10'"):
+        T.target_warning("a10", H200)
+
+
+def test_timing_cache_is_per_gpu_and_version(tmp_path):
+    assert T.timing_cache_path(tmp_path, T4) == tmp_path / ".trt_timing.t4-trt10.3.0.cache"
+    assert T.timing_cache_path(tmp_path, T4) != T.timing_cache_path(tmp_path, H200)
+
+
+NO_TRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+
+
+@NO_TRT
+def test_no_environment_without_tensorrt():
+    assert T.current_trt_environment() is None
+    assert T.trt_unavailable_reason().startswith("tensorrt is not importable")
+
+
+# -- sidecar -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def engine(tmp_path) -> Path:
+    """An 'engine' and its ONNX in RUNS/cnn-probe/export/, with a sidecar written for T4."""
+    export = tmp_path / "runs" / "cnn-probe" / "export"
+    export.mkdir(parents=True)
+    (export / "model.onnx").write_bytes(b"onnx v1")
+    path = export / "model.t4.fp16.engine"
+    path.write_bytes(b"plan")
+    info = {"tensorrt": T4["tensorrt"], "gpu": T4["gpu"], "compute_capability": T4["compute_capability"],
+            "profile": {"min": [1, 3, 32, 32]}, "precision": "fp16", "onnx": "model.onnx",
+            "onnx_sha256": T.sha256_file(export / "model.onnx"), "engine_sha256": T.sha256_file(path), "built": "now"}
+    assert T.write_engine_sidecar(path, info) == export / "model.t4.fp16.engine.json"
+    return path
+
+
+def test_sidecar_roundtrip(engine):
+    info = T.read_engine_sidecar(engine)
+    assert info["engine"] == engine.name and info["gpu"] == "Tesla T4"
+    assert T.check_engine_sidecar(engine, env=T4) == info
+    assert T.check_engine_sidecar(engine, engine.with_name("model.onnx"), env=T4) == info
+    with pytest.raises(ValueError, match="sidecar info lacks"):
+        T.write_engine_sidecar(engine, {"gpu": "x"})
+
+
+@pytest.mark.parametrize("env, message", [
+    (H200, r"built for sm_75, this GPU is sm_90; built on Tesla T4, this is NVIDIA H200\. Rebuild it on this GPU: "
+           r"python -m export --fp16 --runs RUNS --pairs cnn-probe"),
+    (T4 | {"tensorrt": "10.8.0"}, r"TensorRT 10.3.0 built it, this is TensorRT 10.8.0"),
+])
+def test_sidecar_refuses_another_machine(engine, env, message):
+    with pytest.raises(T.EngineMismatch, match=message):
+        T.check_engine_sidecar(engine, env=env)
+
+
+@NO_TRT
+def test_sidecar_refuses_any_engine_without_tensorrt(engine):
+    with pytest.raises(T.EngineMismatch, match=r"built with TensorRT 10.3.0 on Tesla T4 \(sm_75\), but tensorrt is not"):
+        T.check_engine_sidecar(engine)
+
+
+def test_sidecar_refuses_changed_files_and_missing_things(engine):
+    engine.with_name("model.onnx").write_bytes(b"onnx v2")
+    with pytest.raises(T.EngineMismatch, match="model.onnx was re-exported after the engine was built"):
+        T.check_engine_sidecar(engine, env=T4)
+    engine.write_bytes(b"another plan")
+    with pytest.raises(T.EngineMismatch, match="the engine file changed since its sidecar was written"):
+        T.check_engine_sidecar(engine, env=T4)
+    info = T.read_engine_sidecar(engine)
+    T.write_engine_sidecar(engine, info | {"parity": {"status": "failed", "failures": ["90 of 7680 decisions flip"]}})
+    with pytest.raises(T.EngineMismatch, match="failed the parity check against PyTorch.*90 of 7680 decisions flip"):
+        T.check_engine_sidecar(engine, env=T4)
+    T.sidecar_path(engine).unlink()
+    with pytest.raises(T.EngineMismatch, match="no sidecar model.t4.fp16.engine.json"):
+        T.check_engine_sidecar(engine, env=T4)
+
+
+# -- the build, driven by a fake tensorrt module ------------------------------------------------------------
+
+class FakeLayer:
+    def __init__(self, name: str, kind: str, op: str | None = None, dtype: str = "float32"):
+        self.name, self.type, self._op = name, types.SimpleNamespace(name=kind), op
+        self.num_outputs, self.precision, self.output_types = 1, None, {}
+        self.get_output = lambda i: types.SimpleNamespace(dtype=dtype)
+
+    def set_output_type(self, index, dtype):
+        self.output_types[index] = dtype
+
+
+class FakeElementWise(FakeLayer):  # what ``layer.__class__ = trt.IElementWiseLayer`` exposes: ``op``
+    @property
+    def op(self):
+        return types.SimpleNamespace(name=self._op)
+
+
+class FakeLogger:
+    WARNING = 2
+
+    def __init__(self, level):
+        assert level == self.WARNING
+
+
+VIT_LAYERS = [("conv", "CONVOLUTION"), ("ln1", "NORMALIZATION"), ("qk", "MATRIX_MULTIPLY"), ("softmax", "SOFTMAX"),
+              ("res", "ELEMENTWISE", "SUM"), ("pow", "ELEMENTWISE", "POW"), ("erf", "UNARY", "ERF"),
+              ("sqrt", "UNARY", "SQRT"), ("pool", "REDUCE"),
+              ("shape-sum", "REDUCE", None, "int32")]
+
+
+def fake_trt(version: str, log: dict) -> types.SimpleNamespace:
+    """Just enough of the tensorrt module for ``build_engine``; records what was asked of it in ``log``."""
+    network = types.SimpleNamespace(layers=[FakeLayer(*spec) for spec in VIT_LAYERS])
+    network.num_layers = len(network.layers)
+    network.get_layer = lambda i: network.layers[i]
+    network.get_input = lambda i: types.SimpleNamespace(name="images")
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return self.data + b"+timings"
+
+    class Config:
+        def __init__(self):
+            log["flags"], log["profiles"] = set(), []
+
+        def set_flag(self, flag):
+            log["flags"].add(flag)
+
+        def set_memory_pool_limit(self, pool, size):
+            log["workspace"] = (pool, size)
+
+        def add_optimization_profile(self, profile):
+            log["profiles"].append(profile.shapes)
+
+        def create_timing_cache(self, data):
+            log["cache_in"] = data
+            self.cache = Cache(data)
+            return self.cache
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            assert cache is self.cache and ignore_mismatch is False
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def set_shape(self, name, *shapes):
+            self.shapes = (name, *shapes)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            log["network_flags"] = flags
+            return network
+
+        create_builder_config = staticmethod(Config)
+        create_optimization_profile = staticmethod(Profile)
+
+        def build_serialized_network(self, net, config):
+            return b"serialized plan"
+
+    class Parser:
+        def __init__(self, net, logger):
+            pass
+
+        def parse_from_file(self, path):
+            log["parsed"] = Path(path).name
+            return True
+
+    flags = types.SimpleNamespace(OBEY_PRECISION_CONSTRAINTS="OBEY")
+    if version.startswith("10."):
+        flags.FP16 = "FP16"  # removed in TensorRT 11
+    log["network"] = network
+    return types.SimpleNamespace(
+        __version__=version, Logger=FakeLogger, Builder=Builder, OnnxParser=Parser, BuilderFlag=flags,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1), float32="float32",
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"), IElementWiseLayer=FakeElementWise,
+        IUnaryLayer=FakeElementWise)
+
+
+@pytest.fixture
+def onnx_pair(tmp_path) -> tuple[Path, Path]:
+    export = tmp_path / "runs" / "vit-probe" / "export"
+    export.mkdir(parents=True)
+    (export / "model.onnx").write_bytes(b"fp32 graph")
+    (export / "model.fp16.onnx").write_bytes(b"fp16 graph")
+    return export / "model.onnx", export / "model.fp16.onnx"
+
+
+def test_build_trt10_pins_fragile_layers_fp32(onnx_pair):
+    fp32, fp16 = onnx_pair
+    log: dict = {}
+    engine = fp32.with_name(T.engine_name(H200))
+    cache = fp32.parents[2] / ".cache-file"
+    cache.write_bytes(b"old")  # a timing cache from an earlier build is reused and extended
+    info = T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(target="t4"), cache, H200, trt=fake_trt("10.3.0", log))
+    assert log["parsed"] == "model.onnx" and log["network_flags"] == 0 and log["flags"] == {"FP16", "OBEY"}
+    assert info["pinned_fp32_layers"] == ["ln1", "pool", "pow", "softmax", "sqrt"]
+    for layer in log["network"].layers:
+        pinned = layer.name in info["pinned_fp32_layers"]
+        assert (layer.precision == "float32") is pinned and (layer.output_types == {0: "float32"}) is pinned
+    assert log["workspace"] == ("workspace", 4 << 30)
+    assert log["profiles"] == [("images", (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))]
+    assert log["cache_in"] == b"old" and cache.read_bytes() == b"old+timings"
+    assert engine.read_bytes() == b"serialized plan"
+    side = json.loads(T.sidecar_path(engine).read_text())
+    assert side["onnx"] == "model.onnx" and side["onnx_sha256"] == T.sha256_file(fp32) and side["build_path"] == T.WEAK_FP16
+    assert side["profile"]["opt"] == [8, 3, 32, 32] and "not T4-tuned" in side["target_warning"]
+    assert T.check_engine_sidecar(engine, env=H200 | {"tensorrt": "10.3.0"})["gpu"] == "NVIDIA H200"
+
+
+def test_build_trt11_is_strongly_typed_from_the_fp16_onnx(onnx_pair):
+    fp32, fp16 = onnx_pair
+    log: dict = {}
+    env = T4 | {"tensorrt": "11.0.0"}
+    engine = fp32.with_name(T.engine_name(env))
+    cache = T.timing_cache_path(fp32.parents[2], env)
+    opts = T.EngineOptions(min_batch=2, opt_batch=4, max_batch=16, workspace_gb=1.5, target="t4")
+    info = T.build_engine(fp32, fp16, engine, 28, opts, cache, env, trt=fake_trt("11.0.0", log))
+    assert log["parsed"] == "model.fp16.onnx" and log["network_flags"] == 1 << 1 and log["flags"] == set()
+    assert info["pinned_fp32_layers"] == [] and all(layer.precision is None for layer in log["network"].layers)
+    assert log["cache_in"] == b"" and cache.read_bytes() == b"+timings" and log["workspace"][1] == int(1.5 * (1 << 30))
+    assert info["onnx_sha256"] == T.sha256_file(fp16) and info["target_warning"] is None
+    assert info["profile"]["min"] == [2, 3, 28, 28]
+    T.check_engine_sidecar(engine, env=env)
+
+
+def test_build_reports_parser_errors(onnx_pair):
+    fp32, fp16 = onnx_pair
+    trt = fake_trt("10.3.0", {})
+    trt.OnnxParser = lambda net, logger: types.SimpleNamespace(parse_from_file=lambda p: False, num_errors=1,
+                                                               get_error=lambda i: "unsupported op Foo")
+    with pytest.raises(T.EngineBuildError, match=r"model.onnx: TensorRT 10.3.0 cannot parse it: unsupported op Foo"):
+        T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("c"), T4, trt=trt)
+
+
+# -- a real engine, where TensorRT and a GPU exist ----------------------------------------------------------
+
+@pytest.mark.skipif(T.trt_unavailable_reason() is not None, reason=f"needs TensorRT and a CUDA GPU: {T.trt_unavailable_reason()}")
+def test_real_engine_matches_onnxruntime(tiny_runs, tmp_path):
+    shutil.copytree(tiny_runs / "cnn-probe", tmp_path / "cnn-probe")
+    report = export_run(tmp_path / "cnn-probe", ExportOptions(fp16=True), log=lambda line: None)
+    env = T.current_trt_environment()
+    engine = tmp_path / "cnn-probe" / "export" / T.engine_name(env)
+    assert report["status"] == "passed" and report["results"]["tensorrt_fp16"]["file"] == engine.name
+    side = T.check_engine_sidecar(engine)
+    assert side["compute_capability"] == env["compute_capability"] and side["parity"]["status"] == "passed"
+    assert T.timing_cache_path(tmp_path, env).exists()
+
+
+# -- the pipeline's engine step, with TensorRT faked (the ONNX export is the fixture's, not redone) ---------
+
+@pytest.fixture
+def fake_gpu_run(cnn_export, tmp_path, monkeypatch):
+    """A copy of the exported cnn-probe run on a pretend H200 with a fake TensorRT 10.3.0."""
+    *_, run = cnn_export
+    shutil.copytree(run, tmp_path / "runs" / "cnn-probe")
+    monkeypatch.setattr("export.pipeline.export_onnx", lambda run_dir, out=None, ds=None: run_dir / "export" / "model.onnx")
+    monkeypatch.setattr(T, "current_trt_environment", lambda: H200)
+    monkeypatch.setattr(T, "build_engine", functools.partial(T.build_engine, trt=fake_trt("10.3.0", {})))
+    return tmp_path / "runs" / "cnn-probe"
+
+
+def fake_engine_logits(shift: float):
+    """The FP16 ONNX's logits through onnxruntime, plus ``shift``: what a (good or broken) engine returns."""
+    return lambda path, inputs, batch_size: ort_logits(path.with_name("model.fp16.onnx"), inputs, batch_size) + shift
+
+
+def test_pipeline_builds_checks_and_records_an_engine(fake_gpu_run, monkeypatch):
+    monkeypatch.setattr(T, "engine_logits", fake_engine_logits(0.0))
+    lines = []
+    report = export_run(fake_gpu_run, ExportOptions(fp16=True, engine=T.EngineOptions(target="t4")), log=lines.append)
+    engine = fake_gpu_run / "export" / "model.h200.fp16.engine"
+    assert any(line.startswith("WARNING cnn-probe: built on NVIDIA H200 (sm_90), not a Tesla T4") for line in lines)
+    assert "cnn-probe: built model.h200.fp16.engine (TensorRT 10.3.0, weak-fp16" in lines[-2]
+    result = report["results"]["tensorrt_fp16"]
+    assert report["status"] == result["status"] == "passed" and result["file"] == engine.name
+    side = T.check_engine_sidecar(engine, env=H200)
+    assert side["parity"] == {"status": "passed", "flip_rate": result["flip_rate"], "max_abs_prob": result["max_abs_prob"],
+                              "failures": []}
+    assert side["onnx"] == "model.onnx" and "not T4-tuned" in side["target_warning"]
+    assert T.timing_cache_path(fake_gpu_run.parent, H200).exists()
+
+
+def test_pipeline_refuses_an_engine_that_fails_parity(fake_gpu_run, monkeypatch):
+    monkeypatch.setattr(T, "engine_logits", fake_engine_logits(2.0))
+    with pytest.raises(ParityFailed, match="tensorrt_fp16: .* decisions flip"):
+        export_run(fake_gpu_run, ExportOptions(fp16=True), log=lambda line: None)
+    report = json.loads((fake_gpu_run / "export" / "parity.json").read_text())
+    assert report["status"] == "failed" and report["results"]["onnx_fp16"]["status"] == "passed"
+    with pytest.raises(T.EngineMismatch, match="failed the parity check against PyTorch"):
+        T.check_engine_sidecar(fake_gpu_run / "export" / "model.h200.fp16.engine", env=H200)

@@ -1,0 +1,188 @@
+"""A fabricated but consistent runs directory: six pairs on a tiny label-only dataset, every artifact written by
+the real writers (evaluate.score, engines.bench, engines.projection, export.parity) from synthetic predictions.
+
+The scenario (``QUALITY`` sets how well each pair's predictions separate positives from negatives):
+
+- dinov2-ft is the most accurate pair and the slowest (p99 ~80 ms at batch 1 on the CPU);
+- clip-ft is as good as clip-probe (other noise): the two cannot be separated; clip-probe trains faster;
+- cnn-probe uses random-init weights; cnn-ft has no latency benchmark at all;
+- clip-probe has a TensorRT benchmark on a T4, dinov2-probe a T4 ESTIMATE, everything else runs on a CPU;
+- ONNX Runtime evaluations for clip-ft and dinov2-ft, failed fp16 ones (NaN outputs) for both cnn pairs (cnn-probe
+  is benchmarked on it too); parity for two exports.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+TAIL, HEAD = 20, 90
+CPU = "Intel(R) Xeon(R) Processor (2 threads)"
+QUALITY = {"cnn-probe": 0.4, "cnn-ft": 0.7, "dinov2-probe": 1.2, "dinov2-ft": 2.6, "clip-probe": 1.6, "clip-ft": 1.6}
+TRAIN_SECONDS = {"cnn-probe": 50, "cnn-ft": 200, "dinov2-probe": 90, "dinov2-ft": 400, "clip-probe": 70, "clip-ft": 300}
+# pair -> [(runtime, precision, device, ms per call at batch 1)]
+LATENCIES = {
+    "cnn-probe": [("torch", "fp32", CPU, 3.0), ("onnxruntime", "fp16", CPU, 2.0)],
+    "dinov2-probe": [("torch", "fp32", CPU, 12.0)],
+    "dinov2-ft": [("torch", "fp32", CPU, 80.0)],
+    "clip-probe": [("torch", "fp32", CPU, 8.0), ("tensorrt", "fp16", "Tesla T4", 1.5)],
+    "clip-ft": [("onnxruntime", "fp32", CPU, 6.0)],
+}
+PROBS = [0.5, 0.45, 0.4, 0.2, 0.15, 0.12, 0.1, 0.09, 0.08,
+         0.045, 0.04, 0.035, 0.03, 0.03, 0.025, 0.02, 0.02, 0.02, 0.015, 0.015, 0.015, 0.012, 0.012, 0.01]
+
+
+def fabricate_dataset(root: Path) -> Path:
+    from train.data.dataset import write_dataset
+    from train.data.splits import prepare
+
+    rng = np.random.default_rng(0)
+    y = rng.random((600, len(PROBS))) < np.array(PROBS)
+    taxonomy = [f"tag=t{j:02d}" for j in range(len(PROBS))]
+    write_dataset(root, [f"p{i}" for i in range(len(y))], [f"img/{i}.jpg" for i in range(len(y))],
+                  [[taxonomy[j] for j in np.flatnonzero(row)] for row in y], taxonomy)
+    prepare(root, test_size=150, val_fraction=0.2, seed=0, long_tail_threshold=TAIL, head_threshold=HEAD)
+    return root
+
+
+def pair_probabilities(y: np.ndarray) -> dict[str, np.ndarray]:
+    """Sigmoid probabilities per pair: positives pushed up by the pair's quality, plus unit noise."""
+    sign = 2.0 * y - 1.0
+    logits = {pair: sign * q + np.random.default_rng(k).normal(size=y.shape)
+              for k, (pair, q) in enumerate(QUALITY.items())}
+    return {pair: (1 / (1 + np.exp(-z))).astype(np.float32) for pair, z in logits.items()}
+
+
+def write_run(runs: Path, ds, pair: str, random_init: bool) -> Path:
+    from train.data.io import write_json
+
+    family, strategy = pair.split("-")
+    run = runs / pair
+    run.mkdir(parents=True)
+    weights = {"kind": "file", "source": f"/weights/{family}.safetensors", "sha256": "ab" * 32}
+    if random_init:
+        weights = {"kind": "random", "source": "random", "sha256": None,
+                   "warning": "random init — not a valid comparison"}
+    n_total = {"cnn": 3_400_000, "dinov2": 22_000_000, "clip": 22_600_000}[family]
+    n_trained = 6_000 if strategy == "probe" else n_total // 3
+    stats = ds.stats()
+    (run / "model.safetensors").write_bytes(b"0" * 1000)
+    write_json(run / "thresholds.json", {"thresholds": [0.5] * len(ds.taxonomy), "tags": ds.taxonomy})
+    phase = "feature_extraction" if strategy == "probe" else "trunk_caching"
+    train = "head_training" if strategy == "probe" else "block_training"
+    total = TRAIN_SECONDS[pair]
+    write_json(run / "timing.json", {"seconds": {"weights_load": 2.0, "image_cache": 0.5, phase: 0.6 * total,
+                                                 train: 0.3 * total, "thresholds": 0.1, "total": total},
+                                     "device": CPU, "images": {"train": stats["splits"]["train"]}})
+    write_json(run / "config.json", {
+        "status": "complete", "pair": pair, "family": family, "strategy": strategy,
+        "backbone": {"name": f"{family}_model", "family": family, "library": "timm", "img_size": 224,
+                     "label": family.upper()},
+        "weights": weights, "preprocess": {"img_size": 224, "cache_size": 256},
+        "dataset": {"path": str(ds.root), "hash": ds.content_hash(), "n_images": len(ds),
+                    "n_train_used": stats["splits"]["train"], "n_val": stats["splits"]["val"], "split_seed": 0},
+        "taxonomy": ds.taxonomy, "device": CPU, "torch": "2.14.1",
+        "summary": {"init_head": "linear probe (runs/x-probe)" if strategy == "ft" else None},
+        "params_trained": n_trained, "params_total": n_total})
+    return run
+
+
+def write_eval(run: Path, ds, probs: np.ndarray, runtime: str = "torch", precision: str = "fp32") -> None:
+    """eval/<name>/ as evaluate.score writes it (same provenance, scoring, bootstrap and files)."""
+    from engines.runners import Runner
+    from evaluate.score import (METRICS, PER_TAG, PREDICTIONS, eval_name, provenance, score_predictions, test_split,
+                                write_per_tag, write_predictions)
+    from train.data.io import read_json, write_json
+
+    class Fake(Runner):
+        name, device = runtime, CPU
+
+    runner = Fake()
+    runner.precision = precision
+    config = read_json(run / "config.json")
+    name = eval_name(runtime, precision)
+    out = run / "eval" / name
+    rows, y_true, test_hash = test_split(ds)
+    metrics = provenance(run, config, ds, runner, name) | {"test": {"split": "test", "n_images": int(len(rows)),
+                                                                     "ids_sha256": test_hash}}
+    if not np.isfinite(probs).all():
+        write_json(out / METRICS, metrics | {"status": "failed", "reason": "NaN logits", "n_nan": 1, "n_inf": 0})
+        return
+    thresholds = np.asarray(read_json(run / "thresholds.json")["thresholds"])
+    scores, per_tag = score_predictions(probs, y_true, thresholds, ds.stats(), ds.taxonomy)
+    write_predictions(out / PREDICTIONS, probs)
+    write_per_tag(out / PER_TAG, per_tag)
+    write_json(out / METRICS, metrics | scores)
+
+
+def write_latency(run: Path, runtime: str, precision: str, device: str, ms: float, estimate: bool = False) -> None:
+    """latency/<runtime>.json as engines.bench writes it, timed on a fake clock (every tenth call twice as slow)."""
+    from engines.bench import bench_runner, is_t4, latency_path
+    from engines.projection import project
+    from engines.runners import Runner
+    from train.data.io import write_json
+
+    clock = SimpleNamespace(t=0.0)
+    slow = itertools.cycle([1.0] * 9 + [2.0])
+
+    class Fake(Runner):
+        name = runtime
+
+        def predict(self, batch):
+            self.calls = getattr(self, "calls", 0) + 1
+            clock.t += ms / 1e3 * next(slow) * (1 + 0.25 * (len(batch) - 1))
+            return np.zeros((len(batch), 2), np.float32)
+
+    runner = Fake()
+    runner.device, runner.precision, runner.config = device, precision, {"preprocess": {"img_size": 2}}
+    result = bench_runner(runner, [1, 8], warmup_s=0.0, duration_s=0.0, min_iters=20, clock=lambda: clock.t)
+    cost = {"params": 1000, "flops_per_image": 4e9, "weight_bytes": 4e7, "activation_bytes_per_image": 3e7}
+    result |= {"pair": run.name, "is_t4": is_t4(device), "load_average_1m": {"before": 0.5, "after": 0.6, "cpus": 2},
+               "versions": {"python": "3.11", runtime: "9.9"},
+               "estimate": project(cost, [1, 8]) if estimate else None}
+    write_json(latency_path(run, runtime, precision), result)
+
+
+def write_parity(run: Path, ds, probs: np.ndarray, fp16_noise: float) -> None:
+    from export.parity import parity_report
+    from train.data.io import write_json
+
+    logits = np.log(probs / (1 - probs)).astype(np.float64)
+    noisy = logits + np.random.default_rng(5).normal(scale=fp16_noise, size=logits.shape)
+    report = parity_report(logits, {"onnx_fp32": {"logits": logits, "precision": "fp32"},
+                                    "onnx_fp16": {"logits": noisy, "precision": "fp16"}},
+                           np.full(logits.shape[1], 0.5), pair=run.name)
+    write_json(run / "export" / "parity.json", report)
+    for name in ("model.onnx", "model.fp16.onnx"):
+        (run / "export" / name).write_bytes(b"0" * 2_000_000)
+
+
+def fabricate(root: Path) -> tuple[Path, Path]:
+    from train.data.dataset import load_dataset
+
+    data, runs = fabricate_dataset(root / "data"), root / "runs"
+    ds = load_dataset(data)
+    y = ds.labels()[ds.split_indices("test")]
+    probs = pair_probabilities(y)
+    for pair, p in probs.items():
+        run = write_run(runs, ds, pair, random_init=pair == "cnn-probe")
+        write_eval(run, ds, p)
+        for runtime, precision, device, ms in LATENCIES.get(pair, []):
+            write_latency(run, runtime, precision, device, ms, estimate=pair == "dinov2-probe")
+    for pair in ("clip-ft", "dinov2-ft"):
+        noisy = np.clip(probs[pair] + np.random.default_rng(1).normal(scale=1e-4, size=y.shape), 1e-6, 1 - 1e-6)
+        write_eval(runs / pair, ds, noisy.astype(np.float32), "onnxruntime")
+    for pair in ("cnn-probe", "cnn-ft"):
+        write_eval(runs / pair, ds, np.full(y.shape, np.nan, np.float32), "onnxruntime", "fp16")
+    write_parity(runs / "clip-ft", ds, probs["clip-ft"], fp16_noise=1e-3)
+    write_parity(runs / "dinov2-ft", ds, probs["dinov2-ft"], fp16_noise=3.0)
+    return runs, data
+
+
+@pytest.fixture(scope="session")
+def fake_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """(runs directory, dataset directory) of the fabricated scenario; treat as read-only."""
+    return fabricate(tmp_path_factory.mktemp("reports"))
