@@ -21,7 +21,13 @@ from pathlib import Path
 DEMO = {  # the embedded default: small enough for 2 CPU cores in minutes
     "images": 3000, "tags": 250, "synth_size": 64, "cache_size": 64, "test_size": "0.2",
     "image_size": ["cnn=64", "dinov2=56", "clip=64"], "epochs": 3, "probe_epochs": 15,
+    "model": ["cnn=efficientnet_lite0"],  # the CPU-friendly CNN (and the one with offline weights here)
 }
+
+
+# Stages whose exit code 1 means "some run failed a check" (parity, a NaN evaluation, a runtime that could not
+# be benchmarked): recorded in that run's artifacts and shown in the report, so the chain goes on.
+SOFT = ("export", "evaluate", "bench")
 
 
 def stages(a: argparse.Namespace) -> list[tuple[str, list[str], bool]]:
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-data", action="store_true", help="the dataset exists and is prepared: start at training")
     p.add_argument("--weights", default="auto", help="auto | pretrained | random (per family: FAMILY=VALUE)")
     p.add_argument("--weights-dir", default=os.environ.get("BAKEOFF_WEIGHTS"))
-    p.add_argument("--model", action="append", default=[], help="FAMILY=NAME registry variant")
+    p.add_argument("--model", action="append", default=None, help="FAMILY=NAME registry variant")
     p.add_argument("--image-size", action="append", default=None, help="FAMILY=PX")
     p.add_argument("--images", type=int, default=DEMO["images"])
     p.add_argument("--tags", type=int, default=DEMO["tags"])
@@ -77,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-budget-ms", type=float)
     a = p.parse_args(argv)
     a.image_size = a.image_size or DEMO["image_size"]
+    a.model = a.model or DEMO["model"]
     t0 = time.perf_counter()
     if a.weights == "auto":
         print(f"weights: pretrained where reachable offline ({a.weights_dir or '$BAKEOFF_WEIGHTS unset'}, hub cache); "
               "other families run with RANDOM INIT — not a valid comparison, flagged in every artifact and the report")
     plan = stages(a)
+    soft_failures = []
     for k, (name, argv_, skip) in enumerate(plan, 1):
         if skip:
             print(f"[{k}/{len(plan)}] {name}: done already, skipped")
@@ -90,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         rc = subprocess.call(argv_)
         print(f"[{k}/{len(plan)}] {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
-        if rc != 0:
+        if rc == 1 and name.startswith(SOFT):
+            soft_failures.append(name)
+            print(f"[{k}/{len(plan)}] {name}: some runs failed a check (see above); recorded, continuing")
+        elif rc != 0:
             print(f"pipeline stopped at '{name}' (exit {rc}); fix it and rerun: finished work is kept")
             return rc
-    print(f"pipeline done in {time.perf_counter() - t0:.0f} s: {a.out / 'report.html'}")
+    print(f"pipeline done in {time.perf_counter() - t0:.0f} s: {a.out / 'report.html'}"
+          + (f"; checks failed in: {', '.join(soft_failures)} (see the report)" if soft_failures else ""))
     return 0
 
 
