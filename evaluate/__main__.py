@@ -30,6 +30,7 @@ def score_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--pairs", type=split_list, help="comma-separated run names (default: every run)")
+    p.add_argument("--force", action="store_true", help="re-score evaluations that are already current")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_threads()
         kw = {"device": args.device} | ({"precision": args.precision} if args.precision else {})
         results = evaluate_all(args.runs, args.data, args.runtime, pairs=args.pairs, batch_size=args.batch_size,
-                               progress=not args.no_progress, **kw)
+                               progress=not args.no_progress, force=args.force, **kw)
     except (RunError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -218,6 +218,19 @@ def write_per_tag(path: Path, rows: list[dict]) -> None:
         w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
 
 
+def current_eval(run_dir: Path, name: str, ds: Dataset) -> dict | None:
+    """metrics.json of ``run_dir/eval/name`` when it still describes this checkpoint, thresholds and test split."""
+    path = run_dir / EVAL / name / METRICS
+    if not path.exists():
+        return None
+    m = read_json(path)
+    run = m.get("run", {})
+    current = (run.get("model_sha256") == sha256_file(run_dir / MODEL)
+               and run.get("thresholds_sha256") == sha256_file(run_dir / THRESHOLDS)
+               and m.get("test", {}).get("ids_sha256") == test_split(ds)[2])
+    return m if current else None
+
+
 def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "torch", *, batch_size: int = 128,
                  progress: bool = False, **runner_kw) -> dict:
     """Score one complete run on the test split through ``runtime``; write its eval directory; return metrics.json.
@@ -278,19 +291,25 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
 
 def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str = "torch", *,
                  pairs: Sequence[str] | None = None, batch_size: int = 128, progress: bool = False,
-                 log: Callable[[str], None] = print, **runner_kw) -> dict[str, dict]:
+                 log: Callable[[str], None] = print, force: bool = False, **runner_kw) -> dict[str, dict]:
     """Evaluate every complete run under ``runs_dir`` (or ``pairs``); pair -> metrics.
 
     Incomplete runs come back as ``{"status": "skipped", "reason": ...}`` and refused ones (mismatched
-    dataset, missing cache or export) as ``{"status": "refused", ...}``; each gets one ``log`` line.
+    dataset, missing cache or export) as ``{"status": "refused", ...}``; each gets one ``log`` line. An
+    evaluation that is current (same checkpoint, thresholds and test rows) is kept unless ``force``.
     """
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     results: dict[str, dict] = {}
+    name = eval_name(runtime, runner_kw.get("precision") or default_precision(runtime))
     for run_dir in run_dirs(runs_dir, pairs):
         pair = run_dir.name
         if not is_complete(run_dir):
             results[pair] = {"status": "skipped", "reason": f"{run_dir}: incomplete run (status is not 'complete')"}
             log(f"{pair}: skipped, the run is incomplete")
+            continue
+        if not force and (done := current_eval(run_dir, name, ds)) is not None:
+            results[pair] = done
+            log(f"{pair} ({name}): evaluation is current, kept (--force redoes it)")
             continue
         try:
             m = evaluate_run(run_dir, ds, runtime, batch_size=batch_size, progress=progress, **runner_kw)

@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace limit")
     p.add_argument("--parity-images", type=int, default=256, help="test images for the parity check")
+    p.add_argument("--force", action="store_true", help="re-export runs whose export is already current")
     p.add_argument("--fp32-max-flips", type=float, default=0.001, help="max fraction of flipped decisions, fp32")
     p.add_argument("--fp32-max-dprob", type=float, default=1e-3, help="max |delta probability|, fp32")
     p.add_argument("--fp16-max-flips", type=float, default=0.005, help="max fraction of flipped decisions, fp16")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(
         fp16=a.fp16, data=a.data, n_images=a.parity_images,
         tolerances={"fp32": Tolerance(a.fp32_max_flips, a.fp32_max_dprob), "fp16": Tolerance(a.fp16_max_flips, a.fp16_max_dprob)},
-        engine=EngineOptions(a.min_batch, a.opt_batch, a.max_batch, a.workspace_gb, a.target))
+        engine=EngineOptions(a.min_batch, a.opt_batch, a.max_batch, a.workspace_gb, a.target), force=a.force)
     try:
         runs, skipped = find_runs(a.runs, a.pairs)
     except FileNotFoundError as e:

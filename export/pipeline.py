@@ -16,7 +16,7 @@ import onnxruntime
 from export import tensorrt as trt_export
 from export.fp16 import convert_fp16
 from export.onnx_export import EXPORT_DIR, ONNX_FP16, ONNX_FP32, PARITY, check_onnx, export_onnx
-from export.parity import DEFAULT_TOLERANCES, Tolerance, ort_logits, parity_inputs, parity_report, torch_logits, write_parity
+from export.parity import DEFAULT_TOLERANCES, ParityFailed, Tolerance, ort_logits, parity_inputs, parity_report, torch_logits, write_parity
 from train.data.dataset import load_dataset
 from train.data.io import read_json, sha256_file
 from train.run import CONFIG, MODEL, is_complete, load_run
@@ -30,6 +30,23 @@ class ExportOptions:
     batch_size: int = 32
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     engine: trt_export.EngineOptions = field(default_factory=trt_export.EngineOptions)
+    force: bool = False  # re-export even when the existing export is current
+
+
+def current_export(run_dir: Path, opts: ExportOptions) -> dict | None:
+    """The existing parity report when the export is current: same checkpoint, same files, nothing missing."""
+    out = run_dir / EXPORT_DIR
+    if opts.force or not (out / PARITY).exists():
+        return None
+    rep = read_json(out / PARITY)
+    wanted = {"onnx_fp32"} | ({"onnx_fp16"} if opts.fp16 else set())
+    if rep.get("source_sha256") != sha256_file(run_dir / MODEL) or not wanted <= set(rep.get("results", {})):
+        return None
+    if not all((out / rep["results"][k]["file"]).exists() for k in wanted):
+        return None
+    if opts.fp16 and trt_export.current_trt_environment() is not None and "tensorrt_fp16" not in rep["results"]:
+        return None
+    return rep
 
 
 PARITY_SUMMARY = ("status", "flip_rate", "max_abs_prob", "failures")
@@ -44,6 +61,12 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
     """Export complete run ``run_dir``; returns parity.json's content. Raises ``ParityFailed`` on a failure."""
     run_dir = Path(run_dir)
     out = run_dir / EXPORT_DIR
+    done = current_export(run_dir, opts)
+    if done is not None:
+        log(f"{run_dir.name}: export is current (same checkpoint), parity {done['status']}; skipped (--force redoes it)")
+        if done["status"] != "passed":
+            raise ParityFailed(f"{out / PARITY}: parity {done['status']} (recorded earlier)")
+        return done
     ds = load_dataset(opts.data or read_json(run_dir / CONFIG)["dataset"]["path"])
     model, config, thresholds = load_run(run_dir, ds)
     n_tags = len(config["taxonomy"])

@@ -23,8 +23,12 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 
 
 def setup_threads(n: int | None = None) -> int:
-    """Use every core for intra-op work (the default can be lower in containers)."""
-    n = n or os.cpu_count() or 1
+    """Use every core for intra-op work (the default can be lower in containers), or ``$OMP_NUM_THREADS``.
+
+    Two processes sharing two cores should run with one thread each: OpenMP threads that wait for a core
+    the other process holds make both many times slower than running them one after the other.
+    """
+    n = n or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
 

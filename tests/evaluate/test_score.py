@@ -213,3 +213,14 @@ def test_other_taxonomy_or_dataset_is_refused(tiny_runs, tiny_data, tmp_path):
     with pytest.raises(RunError, match="test split is not held out"):
         S.evaluate_run(runs / "cnn-probe", tiny_data, device="cpu")
     assert not (runs / "cnn-probe" / "eval").exists()
+
+
+def test_current_evaluation_is_kept_unless_forced(scored, tiny_data):
+    runs, _, _ = scored
+    metrics = runs / "cnn-probe" / "eval" / "torch" / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+    lines: list[str] = []
+    S.evaluate_all(runs, tiny_data, "torch", device="cpu", log=lines.append, pairs=["cnn-probe"])
+    assert metrics.stat().st_mtime_ns == before and "current, kept" in lines[0]
+    S.evaluate_all(runs, tiny_data, "torch", device="cpu", log=lines.append, pairs=["cnn-probe"], force=True)
+    assert metrics.stat().st_mtime_ns != before

@@ -197,3 +197,17 @@ def test_parity_rows_spread_over_test(tiny_data):
     rows = parity_rows(ds, 5)
     assert len(rows) == 5 and rows[0] == test[0] and rows[-1] == test[-1] and set(rows) <= set(test)
     assert (parity_rows(ds, 10_000) == test).all()
+
+
+def test_current_export_is_skipped_until_the_checkpoint_changes(cnn_export, tmp_path):
+    import shutil
+
+    from export.pipeline import ExportOptions, current_export
+
+    run = tmp_path / "cnn-probe"
+    shutil.copytree(cnn_export[3], run)
+    assert current_export(run, ExportOptions(fp16=True))["status"] == "passed"
+    assert current_export(run, ExportOptions(fp16=True, force=True)) is None
+    with open(run / "model.safetensors", "ab") as f:  # a retrained checkpoint
+        f.write(b" ")
+    assert current_export(run, ExportOptions(fp16=True)) is None
