@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 DEMO = {  # the embedded default: small enough for 2 CPU cores in minutes
-    "images": 3000, "tags": 250, "synth_size": 64, "cache_size": 64, "test_size": "0.2",
-    "image_size": ["cnn=64", "dinov2=56", "clip=64"], "epochs": 3, "probe_epochs": 15,
+    "images": 2000, "tags": 250, "synth_size": 64, "cache_size": 64, "test_size": "0.2",
+    "image_size": ["cnn=64", "dinov2=56", "clip=64"], "epochs": 2, "probe_epochs": 12,
     "model": ["cnn=efficientnet_lite0"],  # the CPU-friendly CNN (and the one with offline weights here)
 }
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-size", default=DEMO["test_size"])
     p.add_argument("--epochs", type=int, default=DEMO["epochs"])
     p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"])
-    p.add_argument("--bench-seconds", type=float, default=2.0)
+    p.add_argument("--bench-seconds", type=float, default=1.0)
     p.add_argument("--latency-budget-ms", type=float)
     a = p.parse_args(argv)
     a.image_size = a.image_size or DEMO["image_size"]

@@ -98,10 +98,18 @@ def trainable_parameters(model: TaggingModel) -> list[nn.Parameter]:
 
 
 def set_train_mode(model: TaggingModel) -> None:
-    """Frozen stem in eval mode (BatchNorm statistics stay put); tuned blocks and head in train mode."""
+    """Tuned blocks and head in train mode (dropout, drop-path); everything else, and every BatchNorm, in eval.
+
+    BatchNorm keeps its pretrained statistics (its affine weights still train): batch statistics over the
+    last stages' 2x2..4x4 maps of a 64-image batch are noisy, and the probe's head was fitted on features
+    computed with the running statistics, so LP-then-FT starts exactly where the probe ended.
+    """
     model.eval()
     for m in [*model.backbone.tuned_modules(), model.head]:
         m.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def make_optimizer(model: TaggingModel, cfg: FinetuneConfig) -> torch.optim.AdamW:
