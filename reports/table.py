@@ -36,7 +36,7 @@ class Notes:
 def phases(timing: dict) -> dict[str, float]:
     """timing.json seconds per phase, plus ``other`` (total minus the phases, when positive)."""
     seconds = timing.get("seconds", {})
-    found = {k: float(v) for k, v in seconds.items() if k != "total" and v is not None}
+    found = {k: float(v) for k, v in seconds.items() if k not in ("total", "wall") and v is not None}
     other = float(seconds.get("total") or 0.0) - sum(found.values())
     return found | ({"other": other} if other > 0.005 * max(float(seconds.get("total") or 0), 1) else {})
 
