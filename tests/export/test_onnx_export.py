@@ -110,7 +110,7 @@ def test_tampered_model_fails_parity_loudly(cnn_export, cli, tmp_path, monkeypat
         return dst
 
     monkeypatch.setattr("export.pipeline.export_onnx", export_tampered)
-    code, out, err = cli("--runs", str(runs))
+    code, out, err = cli("--runs", str(runs), "--force")  # the copied export is current: force a re-export
     assert code == 1
     assert "FAILED cnn-probe: ParityFailed" in err and "onnx_fp32:" in err and "decisions flip" in err
     report = json.loads((runs / "cnn-probe" / "export" / "parity.json").read_text())
