@@ -8,7 +8,6 @@ with linear warm-up, bf16 autocast, early stopping on validation mAP; every epoc
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
