@@ -14,10 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint, run_meta
+from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint
 from train.data.io import sha256_file
 from train.device import device_name
-from train.run import MODEL
+from train.run import MODEL, read_run
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
 PROVIDERS = {
@@ -59,7 +59,7 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
-        self.config, self.thresholds = run_meta(run_dir)
+        self.config, self.thresholds = read_run(run_dir)
         self.path = onnx_path(run_dir, precision)
         self.precision = precision
         providers = pick_providers(device, ort.get_available_providers())

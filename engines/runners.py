@@ -12,9 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from train.data.io import read_json
 from train.device import device_name, pick_device
-from train.run import CONFIG, THRESHOLDS, RunError, is_complete, load_run
+from train.run import load_run
 
 EXPORT = "export"  # RUNS/<pair>/export/: model.onnx, model.fp16.onnx, model.<gpu>.fp16.engine(.json)
 
@@ -25,15 +24,6 @@ class MissingExport(FileNotFoundError):
 
 def export_hint(run_dir: Path, fp16: bool = False) -> str:
     return f"run python -m export --runs {run_dir.parent}" + (" --fp16" if fp16 else "")
-
-
-def run_meta(run_dir: str | Path) -> tuple[dict, np.ndarray]:
-    """(config, thresholds) of a complete run, without building its model (for exported runtimes)."""
-    run_dir = Path(run_dir)
-    if not is_complete(run_dir):
-        raise RunError(f"{run_dir}: not a complete run (no {CONFIG} with status 'complete'); train it first")
-    config = read_json(run_dir / CONFIG) | {"run_dir": str(run_dir)}
-    return config, np.asarray(read_json(run_dir / THRESHOLDS)["thresholds"], dtype=np.float64)
 
 
 class Runner:

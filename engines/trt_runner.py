@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint, run_meta
+from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint
 from train.device import device_name
+from train.run import read_run
 
 V3_SINCE = (8, 5)
 
@@ -265,7 +266,7 @@ class TrtRunner(Runner):
         if device not in ("cuda", "auto"):
             raise ValueError(f"the tensorrt runtime runs on a CUDA GPU, not {device!r}")
         run_dir = Path(run_dir)
-        self.config, self.thresholds = run_meta(run_dir)
+        self.config, self.thresholds = read_run(run_dir)
         self.precision = precision
         self.path = Path(engine) if engine else find_engine(run_dir, precision)
         self.sidecar = check_sidecar(self.path)

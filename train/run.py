@@ -101,8 +101,9 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> TaggingMode
     return model.to(device).eval()
 
 
-def load_run(run_dir: str | Path, ds: Dataset | None = None, device: torch.device | str = "cpu") -> tuple[TaggingModel, dict, np.ndarray]:
-    """(model, config, thresholds) of a complete run; refuses incomplete runs and taxonomy mismatches."""
+def read_run(run_dir: str | Path, ds: Dataset | None = None) -> tuple[dict, np.ndarray]:
+    """(config, thresholds) of a complete run without building its model; refuses incomplete runs and
+    taxonomy mismatches."""
     run_dir = Path(run_dir)
     if not is_complete(run_dir):
         raise RunError(f"{run_dir}: not a complete run (no {CONFIG} with status 'complete'); train it first")
@@ -110,7 +111,12 @@ def load_run(run_dir: str | Path, ds: Dataset | None = None, device: torch.devic
     if ds is not None and config["taxonomy"] != ds.taxonomy:
         raise RunError(f"{run_dir / CONFIG}: the checkpoint's taxonomy ({len(config['taxonomy'])} tags) differs from "
                        f"dataset {ds.root} ({len(ds.taxonomy)} tags); it was trained on another dataset")
-    thresholds = np.asarray(read_json(run_dir / THRESHOLDS)["thresholds"], dtype=np.float64)
+    return config, np.asarray(read_json(run_dir / THRESHOLDS)["thresholds"], dtype=np.float64)
+
+
+def load_run(run_dir: str | Path, ds: Dataset | None = None, device: torch.device | str = "cpu") -> tuple[TaggingModel, dict, np.ndarray]:
+    """(model, config, thresholds) of a complete run; refuses incomplete runs and taxonomy mismatches."""
+    config, thresholds = read_run(run_dir, ds)
     return build_model(config, device), config, thresholds
 
 
