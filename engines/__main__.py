@@ -2,7 +2,8 @@
     [--warmup 2.0] [--duration 10.0] [--iterations 10] [--threads N] [--device D] [--cuda-graph]
     [--data DATASET] [--project t4] [--pairs a,b]
 
-Benchmarks every complete run under RUNS (or the named pairs): prints trtexec-style summaries and writes
+Benchmarks every complete run under RUNS (or the named pairs): prints trtexec-style performance summaries
+(Latency = H2D + GPU compute + D2H on GPU, the wall time of one call on CPU) and writes
 RUNS/<pair>/latency/<runtime>[-<precision>].json.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--warmup", type=float, default=2.0, help="warm-up duration, seconds")
     b.add_argument("--duration", type=float, default=10.0, help="minimum timed duration per batch size, seconds")
     b.add_argument("--iterations", type=int, default=10, help="minimum timed iterations per batch size")
-    b.add_argument("--threads", type=int, help="CPU intra-op threads (default: every core)")
+    b.add_argument("--threads", type=int, help="CPU intra-op threads (default: $OMP_NUM_THREADS, else every core)")
     b.add_argument("--device", default=None, help="torch: auto|cpu|cuda; onnxruntime: cpu|cuda|tensorrt|auto")
     b.add_argument("--cuda-graph", action="store_true", help="replay CUDA graphs (torch on GPU, tensorrt)")
     b.add_argument("--data", type=Path, help="use this dataset's preprocessed test images instead of random inputs")

@@ -1,6 +1,12 @@
-"""trtexec-style latency benchmarks of any runner: warm-up by duration, then iterations until a minimum duration
-AND a minimum count; per-iteration latency percentiles, throughput, and (GPU runners) GPU compute time and
-host latency (H2D + compute + D2H) from CUDA events, apart from the wall-clock latency a caller sees.
+"""trtexec-style latency benchmarks of any runner: warm-up by duration, then queries until a minimum duration
+AND a minimum count; per-query statistics with trtexec's nearest-rank percentiles, and throughput over the
+total host walltime (first timed query's start to the last one's end).
+
+"Latency" means what it means in trtexec's performance summary. For GPU runners that time each query with
+CUDA events (``Runner.last_timing``) it is H2D + GPU compute + D2H, reported beside Enqueue Time, H2D
+Latency, GPU Compute Time and D2H Latency (and the host wall time of one ``predict`` call, which adds Python
+and synchronisation overhead). For CPU runners there is no H2D or D2H: Latency is the host wall time of one
+``predict`` call.
 
 ``RUNS/<pair>/latency/<runtime>[-<precision>].json`` (the suffix when the precision is not the runtime's
 default) holds one benchmark; a T4 projection, when asked for on another device, sits under ``estimate``,
@@ -8,14 +14,14 @@ labelled ESTIMATE.
 """
 from __future__ import annotations
 
+import math
 import os
-import platform
 import re
 import time
-from datetime import datetime, timezone
-from importlib import metadata
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,44 +29,81 @@ import torch
 from engines.projection import TARGETS, format_estimate, model_cost, project
 from engines.runners import Runner, TorchRunner, open_runner
 from train.data.io import write_json
+from train.device import library_versions
 from train.run import load_run
 
 DEFAULT_PRECISION = {"torch": "fp32", "onnxruntime": "fp32", "tensorrt": "fp16"}
 PERCENTILES = {"p90": 90, "p95": 95, "p99": 99}
 LATENCY = "latency"
-PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cuda-bindings",
-            "pycuda", "timm", "open_clip_torch")
+# per-query GPU figures (ms) from Runner.last_timing, in trtexec's order and words
+GPU_FIGURES = {"enqueue_ms": "Enqueue Time", "h2d_ms": "H2D Latency", "gpu_compute_ms": "GPU Compute Time",
+               "d2h_ms": "D2H Latency"}
+EVENT_LATENCY = "H2D + GPU compute + D2H per query (CUDA events)"
+WALL_LATENCY = "host wall time of one predict call (CPU: no H2D or D2H)"
 
 
-def latency_stats(samples_ms: list[float] | np.ndarray) -> dict:
-    """min / mean / median / p90 / p95 / p99 / max of per-iteration latencies (ms; linear-interpolated percentiles)."""
-    a = np.asarray(samples_ms, dtype=np.float64)
-    if a.size == 0:
+def percentile(ascending: Sequence[float], p: float) -> float:
+    """trtexec's nearest rank: ``ascending[max(n - 1 - floor((1 - p/100) * n), 0)]``.
+
+    Evaluated exactly: trtexec's float32 can land one rank off at boundaries (n=100, p=99 gives it the maximum).
+    """
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile {p} is not in [0, 100]")
+    n = len(ascending)
+    exclude = math.floor((1 - Fraction(str(p)) / 100) * n)  # str: 99.9 as the decimal it reads as
+    return ascending[max(n - 1 - exclude, 0)]
+
+
+def median(ascending: Sequence[float]) -> float:
+    """The middle value; the mean of the two middle values when there is an even number."""
+    m = len(ascending) // 2
+    return ascending[m] if len(ascending) % 2 else (ascending[m - 1] + ascending[m]) / 2
+
+
+def latency_stats(samples_ms: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """min / mean / median / p90 / p95 / p99 / max of per-query times (ms), as trtexec computes them."""
+    a = sorted(float(x) for x in samples_ms)
+    if not a:
         raise ValueError("no latency samples")
-    stats = {"min": a.min(), "mean": a.mean(), "median": np.median(a),
-             **{k: np.percentile(a, q) for k, q in PERCENTILES.items()}, "max": a.max()}
-    return {k: round(float(v), 4) for k, v in stats.items()}
+    stats = {"min": a[0], "mean": math.fsum(a) / len(a), "median": median(a),
+             **{k: percentile(a, q) for k, q in PERCENTILES.items()}, "max": a[-1]}
+    return {k: round(v, 4) for k, v in stats.items()}
 
 
 def measure(fn: Callable[[], object], warmup_s: float, min_duration_s: float, min_iters: int,
-            sync: Callable[[], object] | None = None, clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Call ``fn`` for ``warmup_s`` seconds (discarded), then until both ``min_duration_s`` seconds and
-    ``min_iters`` calls have passed; returns each timed call's latency in ms (``sync`` runs inside the timing)."""
-    def once() -> float:
-        t0 = clock()
-        fn()
-        if sync is not None:
-            sync()
-        return (clock() - t0) * 1e3
+            clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, float]]:
+    """Call ``fn`` for ``warmup_s`` seconds (discarded), then until both ``min_duration_s`` seconds (first timed
+    call's start to the last one's end) and ``min_iters`` calls (at least one) have passed.
 
+    Returns each timed call's ``(start, end)`` on ``clock``, in seconds.
+    """
     start = clock()
     while clock() - start < warmup_s:
-        once()
-    samples: list[float] = []
-    start = clock()
-    while len(samples) < min_iters or clock() - start < min_duration_s:
-        samples.append(once())
-    return samples
+        fn()
+    spans: list[tuple[float, float]] = []
+    while len(spans) < max(min_iters, 1) or spans[-1][1] - spans[0][0] < min_duration_s:
+        t0 = clock()
+        fn()
+        spans.append((t0, clock()))
+    return spans
+
+
+def summarize(batch: int, spans: list[tuple[float, float]], timings: list[dict[str, float]] | None) -> dict:
+    """One batch size's record from its timed queries' ``(start, end)`` (s) and, for GPU runners, their
+    ``last_timing``; every time is in ms except the totals (s)."""
+    n = len(spans)
+    walltime_s = spans[-1][1] - spans[0][0]
+    wall_ms = [(end - start) * 1e3 for start, end in spans]
+    row = {"batch": batch, "iterations": n, "total_host_walltime_s": round(walltime_s, 4),
+           "throughput_qps": round(n / walltime_s, 2), "throughput_ips": round(batch * n / walltime_s, 2)}
+    if not timings:
+        return row | {"latency_ms": latency_stats(wall_ms), **dict.fromkeys(GPU_FIGURES),
+                      "total_gpu_compute_s": None, "wall_ms": None}
+    gpu = {k: latency_stats([t[k] for t in timings]) for k in GPU_FIGURES}
+    latency_ms = [t["h2d_ms"] + t["gpu_compute_ms"] + t["d2h_ms"] for t in timings]  # trtexec's Latency
+    return row | {"latency_ms": latency_stats(latency_ms), **gpu,
+                  "total_gpu_compute_s": round(math.fsum(t["gpu_compute_ms"] for t in timings) / 1e3, 4),
+                  "wall_ms": latency_stats(wall_ms)}
 
 
 def random_batch(batch: int, img_size: int, seed: int = 0) -> torch.Tensor:
@@ -73,49 +116,42 @@ def _tile(images: torch.Tensor, batch: int) -> torch.Tensor:
     return images.repeat(reps, 1, 1, 1)[:batch]
 
 
+def _queries(runner: Runner, x: np.ndarray | torch.Tensor, warmup_s: float, duration_s: float, min_iters: int,
+             clock: Callable[[], float]) -> tuple[list[tuple[float, float]], list[dict | None]]:
+    """``measure`` over ``runner.predict(x)``: the timed queries' spans and their ``last_timing``."""
+    timings: list[dict | None] = []
+
+    def step() -> None:
+        runner.predict(x)
+        timings.append(runner.last_timing)
+
+    spans = measure(step, warmup_s, duration_s, min_iters, clock=clock)
+    return spans, timings[-len(spans):]  # the warm-up's come first
+
+
 def bench_runner(runner: Runner, batches: list[int], warmup_s: float = 2.0, duration_s: float = 10.0,
                  min_iters: int = 10, inputs: torch.Tensor | None = None, seed: int = 0,
                  clock: Callable[[], float] = time.perf_counter) -> dict:
     """Benchmark ``runner`` at each batch size on random inputs (or on ``inputs``, tiled to the batch)."""
     img_size = runner.config["preprocess"]["img_size"]
+    too_big = [b for b in batches if runner.max_batch is not None and b > runner.max_batch]
+    if too_big:  # trtexec refuses shapes outside the profile too: a chunked query would not be one query
+        raise ValueError(f"batch {too_big[0]} is above {runner.name}'s max batch {runner.max_batch} "
+                         f"(its optimization profile); rebuild it with a larger --max-batch")
     rows = []
     for b in batches:
         x = runner.prepare(_tile(inputs, b) if inputs is not None else random_batch(b, img_size, seed))
-        gpu: list[float] = []
-        host: list[float] = []
-
-        def step() -> None:
-            runner.predict(x)
-            if runner.last_timing:
-                gpu.append(runner.last_timing["gpu_compute_ms"])
-                host.append(runner.last_timing["host_latency_ms"])
-
-        samples = measure(step, warmup_s, duration_s, min_iters, clock=clock)
-        n = len(samples)
-        wall_s = sum(samples) / 1e3
-        rows.append({"batch": b, "iterations": n, "duration_s": round(wall_s, 4),
-                     "latency_ms": latency_stats(samples),
-                     "throughput_ips": round(b * n / wall_s, 2),
-                     "gpu_compute_ms": latency_stats(gpu[-n:]) if gpu else None,
-                     "host_latency_ms": latency_stats(host[-n:]) if host else None})
+        spans, timings = _queries(runner, x, warmup_s, duration_s, min_iters, clock)
+        rows.append(summarize(b, spans, timings if timings[0] else None))
     return {"runtime": runner.name, "precision": runner.precision, "device": runner.device,
             "is_t4": is_t4(runner.device), "threads": runner.threads, "runner": runner.describe(),
+            "latency_definition": EVENT_LATENCY if runner.last_timing else WALL_LATENCY,
             "img_size": img_size, "warmup_s": warmup_s, "min_duration_s": duration_s, "min_iters": min_iters,
             "batches": rows}
 
 
 def is_t4(device: str) -> bool:
     return re.search(r"\bT4\b", device, re.IGNORECASE) is not None
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def _stats_line(title: str, s: dict) -> str:
@@ -125,19 +161,22 @@ def _stats_line(title: str, s: dict) -> str:
 
 
 def format_trtexec(result: dict) -> str:
-    """The benchmark in trtexec's layout, one summary per batch size (+ the labelled ESTIMATE, if any)."""
+    """The benchmark in trtexec's performance-summary layout, one per batch size (+ the labelled ESTIMATE)."""
     head = f"{result.get('pair', '')} {result['runtime']} {result['precision']} on {result['device']}".strip()
-    lines = [f"=== Performance summary === {head}"]
+    lines = [f"=== Performance summary === {head}", f"Latency = {result['latency_definition']}"]
+    if result["threads"]:
+        lines.append(f"CPU threads: {result['threads']} (intra-op, pinned)")
     for r in result["batches"]:
         lines += [f"--- batch {r['batch']} ---",
-                  f"Throughput: {r['iterations'] / r['duration_s']:.4g} qps ({r['throughput_ips']:.4g} images/s)",
+                  f"Throughput: {r['throughput_qps']:.6g} qps ({r['throughput_ips']:.6g} images/s)",
                   _stats_line("Latency", r["latency_ms"])]
-        if r["host_latency_ms"]:
-            lines.append(_stats_line("Host Latency (H2D + GPU compute + D2H)", r["host_latency_ms"]))
-        if r["gpu_compute_ms"]:
-            lines.append(_stats_line("GPU Compute Time", r["gpu_compute_ms"]))
-        lines.append(f"Total Host Walltime: {r['duration_s']:.4g} s ({r['iterations']} iterations, "
-                     f"warm-up {result['warmup_s']:g} s)")
+        lines += [_stats_line(title, r[key]) for key, title in GPU_FIGURES.items() if r[key]]
+        lines.append(f"Total Host Walltime: {r['total_host_walltime_s']:.6g} s ({r['iterations']} queries after a "
+                     f"{result['warmup_s']:g} s warm-up)")
+        if r["total_gpu_compute_s"] is not None:
+            lines.append(f"Total GPU Compute Time: {r['total_gpu_compute_s']:.6g} s")
+        if r["wall_ms"]:
+            lines.append(_stats_line("Host wall time of one predict call", r["wall_ms"]))
     load = result.get("load_average_1m")
     if load and max(load["before"], load["after"]) > load["cpus"]:
         lines.append(f"WARNING: load average {max(load['before'], load['after']):g} on {load['cpus']} CPUs during the "
@@ -183,8 +222,8 @@ def bench_pair(run_dir: str | Path, runtime: str, batches: list[int], precision:
               "model": {"name": runner.config["backbone"]["name"], "params": cost["params"],
                         "flops_per_image": cost["flops_per_image"], "weight_bytes_fp16": cost["weight_bytes"],
                         "activation_bytes_per_image_fp16": cost["activation_bytes_per_image"]},
-              "load_average_1m": load, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": versions(), "estimate": None}
+              "load_average_1m": load, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "versions": library_versions(), "estimate": None}
     if project_to and not result["is_t4"]:
         result["estimate"] = project(cost, batches, TARGETS[project_to])
     if write:

@@ -101,11 +101,17 @@ def model_cost(model: nn.Module, img_size: int) -> dict:
     """Parameters, FLOPs per image and FP16 bytes (weights; activations per image) of ``model`` at batch 1."""
     p = next(model.parameters())
     x = torch.zeros(1, 3, img_size, img_size, device=p.device, dtype=p.dtype)
-    was_training = model.training
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as flops, _ActivationElements() as acts:
-        model(x)
-    model.train(was_training)
+    # nn.MultiheadAttention's inference fast path is one fused op FlopCounterMode counts as 0 (open_clip's ViTs
+    # use it): count the decomposed projections and attention instead.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as flops, _ActivationElements() as acts:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
     params = sum(q.numel() for q in model.parameters())
     return {"params": params, "flops_per_image": flops.get_total_flops(), "weight_bytes": params * FP16_BYTES,
             # written once, read once; plus the input image read once

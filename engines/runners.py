@@ -6,13 +6,15 @@ logits come back as float32 numpy N x T. Runtimes: ``torch`` (here), ``onnxrunti
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from train.device import device_name, pick_device
+from train.device import cpu_threads, device_name, pick_device
 from train.run import load_run
 
 EXPORT = "export"  # RUNS/<pair>/export/: model.onnx, model.fp16.onnx, model.<gpu>.fp16.engine(.json)
@@ -29,14 +31,16 @@ def export_hint(run_dir: Path, fp16: bool = False) -> str:
 class Runner:
     """Base class: ``name`` (runtime), ``device`` (in words), ``precision``; ``predict`` returns logits.
 
-    GPU runners set ``last_timing`` after each ``predict``: ``{"gpu_compute_ms", "host_latency_ms"}`` from CUDA
-    events (compute alone; H2D + compute + D2H), which benchmarks report beside the wall-clock latency.
+    GPU runners set ``last_timing`` after each ``predict``, in ms: ``h2d_ms``, ``gpu_compute_ms`` and ``d2h_ms``
+    from CUDA events, and ``enqueue_ms`` (host time to enqueue the compute); benchmarks report them as trtexec
+    does, with Latency = H2D + GPU compute + D2H.
     """
 
     name: str = ""
     device: str = ""
     precision: str = ""
-    threads: int | None = None  # intra-op CPU threads (None on GPU)
+    threads: int | None = None  # intra-op CPU threads actually used (None on GPU)
+    max_batch: int | None = None  # the largest batch one query may hold (an engine's profile); None: no limit
     last_timing: dict | None = None
 
     def prepare(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -57,8 +61,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 class TorchRunner(Runner):
     """Eager PyTorch from a run directory; fp32, or fp16/bf16 autocast (bf16 is the CPU choice).
 
-    ``threads`` pins torch's intra-op threads (process-wide); ``cuda_graph`` replays one captured CUDA graph per
-    input shape (GPU only: removes the per-kernel launch cost that dominates small batches).
+    On CPU it pins torch's intra-op threads (process-wide) to ``threads``, else ``$OMP_NUM_THREADS``, else every
+    core; ``cuda_graph`` replays one captured CUDA graph per input shape (GPU only: removes the per-kernel launch
+    cost that dominates small batches).
     """
 
     name = "torch"
@@ -71,8 +76,8 @@ class TorchRunner(Runner):
         self.cuda = self.torch_device.type == "cuda"
         if cuda_graph and not self.cuda:
             raise ValueError(f"cuda_graph needs a CUDA device, not {self.torch_device}")
-        if threads:
-            torch.set_num_threads(threads)
+        if not self.cuda:
+            torch.set_num_threads(cpu_threads(threads))
         self.threads = None if self.cuda else torch.get_num_threads()
         self.model, self.config, self.thresholds = load_run(run_dir, device=self.torch_device)
         self.precision = precision
@@ -126,13 +131,15 @@ class TorchRunner(Runner):
         marks[0].record()
         x = x.to(self.torch_device, non_blocking=True)
         marks[1].record()
+        t0 = time.perf_counter()
         y = self._replay(x) if self.cuda_graph else self._forward(x)
+        enqueue_ms = (time.perf_counter() - t0) * 1e3
         marks[2].record()
         out = y.cpu()
         marks[3].record()
         marks[3].synchronize()
-        self.last_timing = {"gpu_compute_ms": marks[1].elapsed_time(marks[2]),
-                            "host_latency_ms": marks[0].elapsed_time(marks[3])}
+        h2d, compute, d2h = (a.elapsed_time(b) for a, b in pairwise(marks))
+        self.last_timing = {"h2d_ms": h2d, "gpu_compute_ms": compute, "d2h_ms": d2h, "enqueue_ms": enqueue_ms}
         return out.numpy()
 
 

@@ -1,9 +1,12 @@
 """TensorRT over a run's serialized engine (``export/model.<gpu>.fp16.engine``, checked against its sidecar .json).
 
 Needs ``tensorrt`` and cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), with pycuda as a
-fallback. Pinned host buffers and device buffers are sized once for the largest batch of the engine's
-optimisation profile; ``predict`` copies H2D, enqueues and copies D2H on one stream, timing each leg with CUDA
-events (``last_timing``), optionally replaying one captured CUDA graph per batch size.
+fallback. The engine is this GPU's (engines are named per GPU, so several coexist in one export folder) and
+must pass export.tensorrt's sidecar check. Pinned host buffers and device buffers are sized once for the largest
+batch of the engine's optimisation profile; ``predict`` runs a batch in chunks of at most that size (the last
+zero-padded up to the profile's smallest batch), each copied H2D, enqueued and copied D2H on one stream with
+every leg timed by CUDA events (``last_timing``: the chunks' sums), optionally replaying one captured CUDA graph
+per chunk size.
 
 Two TensorRT APIs: the tensor-name API (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``,
 TensorRT >= 8.5, the only one left in 10) and the older bindings API (``set_binding_shape`` /
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import itertools
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint
-from train.device import device_name
+from export import tensorrt as trt_export
 from train.run import read_run
 
 V3_SINCE = (8, 5)
@@ -58,6 +63,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
     profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def min_batch(self) -> int:
+        return self.profile[0][0] if self.profile else self.shape[0]
 
     @property
     def max_batch(self) -> int:
@@ -236,24 +245,23 @@ def load_cuda() -> CudaPython | PyCuda:
         raise EngineError("the tensorrt runtime needs cuda-python or pycuda: pip install -e .[trt]") from None
 
 
-def find_engine(run_dir: Path, precision: str) -> Path:
-    """The one ``export/model.<gpu>.<precision>.engine`` of ``run_dir``."""
-    found = sorted((run_dir / EXPORT).glob(f"model.*.{precision}.engine"))
-    if not found:
-        raise MissingExport(f"{run_dir / EXPORT}: no model.<gpu>.{precision}.engine; build one on the target GPU "
-                            f"({export_hint(run_dir, precision == 'fp16')})")
-    if len(found) > 1:
-        raise EngineError(f"{run_dir / EXPORT}: several engines {[p.name for p in found]}; pass engine=PATH")
-    return found[0]
+def find_engine(run_dir: Path, precision: str, gpu: str | None) -> Path:
+    """``export/model.<gpu slug>.<precision>.engine`` of ``run_dir`` for the GPU named ``gpu``."""
+    if gpu is None:
+        raise EngineError("no CUDA GPU is visible to torch; the tensorrt runtime needs one")
+    export = run_dir / EXPORT
+    path = export / f"model.{trt_export.gpu_slug(gpu)}.{precision}.engine"
+    if path.exists():
+        return path
+    others = sorted(p.name for p in export.glob(f"model.*.{precision}.engine"))
+    there = f"; the engines there ({', '.join(others)}) are for other GPUs" if others else ""
+    raise MissingExport(f"{export}: no {path.name} for this GPU ({gpu}){there}; build one on it "
+                        f"({export_hint(run_dir, precision == 'fp16')})")
 
 
-def check_sidecar(engine: Path) -> dict:
-    """export.tensorrt's verdict on ``engine`` (GPU, TensorRT version, source ONNX); raises EngineMismatch."""
-    try:
-        from export.tensorrt import check_engine_sidecar
-    except ImportError as e:
-        raise EngineError(f"{engine}: cannot verify the engine against its engine.json ({e})") from e
-    return check_engine_sidecar(engine)
+def chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``n`` rows."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 class TrtRunner(Runner):
@@ -262,19 +270,22 @@ class TrtRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, run_dir: str | Path, precision: str = "fp16", engine: str | Path | None = None,
-                 cuda_graph: bool = False, device: str = "cuda", trt_module: Any = None, cuda: Any = None):
+                 cuda_graph: bool = False, device: str = "cuda", trt_module: Any = None, cuda: Any = None,
+                 gpu: str | None = None):
+        """``engine`` defaults to the run's engine for ``gpu`` (default: the name of torch's current CUDA device)."""
         if device not in ("cuda", "auto"):
             raise ValueError(f"the tensorrt runtime runs on a CUDA GPU, not {device!r}")
-        run_dir = Path(run_dir)
-        self.config, self.thresholds = read_run(run_dir)
-        self.precision = precision
-        self.path = Path(engine) if engine else find_engine(run_dir, precision)
-        self.sidecar = check_sidecar(self.path)
         if trt_module is None:
             try:
                 trt_module = importlib.import_module("tensorrt")
             except ImportError:
                 raise EngineError("tensorrt is not installed: pip install -e .[trt] (on a machine with a GPU)") from None
+        run_dir = Path(run_dir)
+        self.config, self.thresholds = read_run(run_dir)
+        self.precision = precision
+        gpu = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        self.path = Path(engine) if engine else find_engine(run_dir, precision, gpu)
+        self.sidecar = trt_export.check_engine_sidecar(self.path, run_dir)
         self.trt_version = trt_module.__version__
         self.api = api_for(self.trt_version)
         if cuda_graph and self.api != "v3":
@@ -306,7 +317,7 @@ class TrtRunner(Runner):
         self._events = [self.cu.event() for _ in range(4)]
         self._shape: tuple[int, ...] | None = None
         self._graphs: dict[tuple[int, ...], Any] = {}
-        self.device = device_name(torch.device("cuda")) if torch.cuda.is_available() else "CUDA GPU"
+        self.device = gpu or "CUDA GPU"
 
     def describe(self) -> dict:
         return super().describe() | {"engine": str(self.path), "tensorrt": self.trt_version, "api": self.api,
@@ -317,48 +328,70 @@ class TrtRunner(Runner):
             batch = batch.detach().cpu().numpy()
         return np.ascontiguousarray(batch, dtype=self.input.dtype)
 
+    def _set_shape(self, shape: tuple[int, ...]) -> None:
+        """Set the input shape when it changed; ``EngineError`` when TensorRT refuses it."""
+        if shape == self._shape:
+            return
+        if self.api == "v2":
+            ok = self.context.set_binding_shape(self.input.index, shape)
+        else:
+            ok = self.context.set_input_shape(self.input.name, shape)
+        if not ok:
+            raise EngineError(f"{self.path}: TensorRT refused input shape {shape} (see its log above)")
+        self._shape = shape
+
     def _enqueue(self, shape: tuple[int, ...]) -> None:
         handle = self.cu.handle(self.stream)
+        self._set_shape(shape)
         if self.api == "v2":
-            if shape != self._shape:
-                self.context.set_binding_shape(self.input.index, shape)
             bindings = [0] * (max(self.input.index, self.output.index) + 1)
             for spec in (self.input, self.output):
                 bindings[spec.index] = self._buffers[spec.name][0]
             self.context.execute_async_v2(bindings, handle)
+        elif not self.cuda_graph:
+            self.context.execute_async_v3(handle)
         else:
-            if shape != self._shape:
-                self.context.set_input_shape(self.input.name, shape)
-            if not self.cuda_graph:
+            if shape not in self._graphs:  # TensorRT wants one plain enqueue after a shape change before capture
                 self.context.execute_async_v3(handle)
-            else:
-                if shape not in self._graphs:  # TensorRT wants one plain enqueue after a shape change before capture
-                    self.context.execute_async_v3(handle)
-                    self.cu.begin_capture(self.stream)
-                    self.context.execute_async_v3(handle)
-                    self._graphs[shape] = self.cu.end_capture(self.stream)
-                self.cu.launch(self._graphs[shape], self.stream)
-        self._shape = shape
+                self.cu.begin_capture(self.stream)
+                self.context.execute_async_v3(handle)
+                self._graphs[shape] = self.cu.end_capture(self.stream)
+            self.cu.launch(self._graphs[shape], self.stream)
 
-    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = self.prepare(batch)
-        in_shape, out_shape = resolve_shape(self.input, len(x)), resolve_shape(self.output, len(x))
-        if x.shape != in_shape:
-            raise EngineError(f"{self.path}: input of shape {x.shape}, the engine takes {in_shape}")
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """Logits and timings (ms) of at most ``max_batch`` rows, zero-padded up to the profile's min batch."""
+        n = len(x)
+        rows = max(n, self.input.min_batch)
+        in_shape, out_shape = resolve_shape(self.input, rows), resolve_shape(self.output, rows)
+        if x.shape[1:] != in_shape[1:]:
+            raise EngineError(f"{self.path}: input of shape {x.shape}, the engine takes (N, "
+                              f"{', '.join(map(str, in_shape[1:]))})")
         (d_in, h_in), (d_out, h_out) = self._buffers[self.input.name], self._buffers[self.output.name]
-        h_in, h_out = h_in[:x.size].reshape(in_shape), h_out[:math.prod(out_shape)].reshape(out_shape)
-        h_in[...] = x
+        h_in, h_out = h_in[:math.prod(in_shape)].reshape(in_shape), h_out[:math.prod(out_shape)].reshape(out_shape)
+        h_in[:n], h_in[n:] = x, 0
         cu, s, ev = self.cu, self.stream, self._events
         cu.record(ev[0], s)
         cu.h2d(d_in, h_in, s)
         cu.record(ev[1], s)
+        start = time.perf_counter()
         self._enqueue(in_shape)
+        enqueue_ms = (time.perf_counter() - start) * 1e3
         cu.record(ev[2], s)
         cu.d2h(h_out, d_out, s)
         cu.record(ev[3], s)
         cu.sync(s)
-        self.last_timing = {"gpu_compute_ms": cu.elapsed_ms(ev[1], ev[2]), "host_latency_ms": cu.elapsed_ms(ev[0], ev[3])}
-        return h_out.astype(np.float32)
+        h2d, compute, d2h = (cu.elapsed_ms(a, b) for a, b in itertools.pairwise(ev))
+        return h_out[:n].astype(np.float32), {"h2d_ms": h2d, "gpu_compute_ms": compute, "d2h_ms": d2h,
+                                              "enqueue_ms": enqueue_ms}
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Logits (float32 N x T) of ``batch``, run in chunks of at most the engine's max batch."""
+        x = self.prepare(batch)
+        if not len(x):
+            raise EngineError(f"{self.path}: an empty batch")
+        runs = [self._run(x[part]) for part in chunks(len(x), self.max_batch)]
+        self.last_timing = {k: math.fsum(t[k] for _, t in runs) for k in runs[0][1]}
+        return np.concatenate([logits for logits, _ in runs])
 
     def close(self) -> None:
         """Free the device and pinned buffers."""

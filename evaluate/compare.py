@@ -17,8 +17,19 @@ from typing import Sequence
 
 from evaluate.bootstrap import bootstrap_indices, paired_bootstrap
 from evaluate.metrics import binarize
-from evaluate.score import (BOOTSTRAP_SEED, EVAL, LEVEL, METRICS, N_RESAMPLES, fmt, prediction_deltas, read_eval,
-                            read_thresholds, run_dirs, test_split)
+from evaluate.score import (
+    BOOTSTRAP_SEED,
+    EVAL,
+    LEVEL,
+    METRICS,
+    N_RESAMPLES,
+    fmt,
+    prediction_deltas,
+    read_eval,
+    read_thresholds,
+    run_dirs,
+    test_split,
+)
 from train.data.dataset import load_dataset
 from train.data.io import read_json, write_json
 from train.run import CONFIG, RunError
@@ -153,7 +164,8 @@ def compare_across(runs_dir: Path, evals: Sequence[str]) -> tuple[list[dict], st
             if ref and f and ref[1] is not None and f[1] is not None:
                 thresholds = read_thresholds(run_dir, read_json(run_dir / CONFIG)["taxonomy"])
                 d = row["vs_" + ref_name][e] = prediction_deltas(ref[0], ref[1], f[0], f[1], thresholds)
-                cells.append(f"{fmt(f[0]['macro_f1'])} ({d['macro_f1']:+.4f}; max|dp| {d['max_abs_prob']:.1e}; "
+                # round, then + 0.0: a -1e-9 difference prints +0.0000, not -0.0000
+                cells.append(f"{fmt(f[0]['macro_f1'])} ({round(d['macro_f1'], 4) + 0.0:+.4f}; max|dp| {d['max_abs_prob']:.1e}; "
                              f"flipped {d['decisions_flipped']:.2%})")
             else:
                 cells.append(fmt(f[0].get("macro_f1")) if f and f[0]["status"] == "scored" else row["status"][e])

@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import inspect
-import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +35,7 @@ from evaluate.metrics import BUCKETS, PER_TAG_COLUMNS, NonFiniteScores, binarize
 from train.data.cache import load_cache
 from train.data.dataset import Dataset, DatasetError, load_dataset
 from train.data.io import atomic_path, read_json, sha256_file, write_json
-from train.device import pick_device
+from train.device import library_versions, pick_device
 from train.preprocess import Preprocess
 from train.run import CONFIG, MODEL, THRESHOLDS, TIMING, RunError, is_complete
 from train.weights import RANDOM_FLAG
@@ -180,13 +178,6 @@ def read_thresholds(run_dir: Path, taxonomy: Sequence[str]) -> np.ndarray:
     return np.asarray(doc["thresholds"], dtype=np.float64)
 
 
-def versions() -> dict:
-    """Python and the numeric / runtime libraries loaded in this process."""
-    libs = ("numpy", "torch", "timm", "open_clip", "onnxruntime", "tensorrt")
-    return {"python": platform.python_version(),
-            **{m: sys.modules[m].__version__ for m in libs if m in sys.modules}}
-
-
 def provenance(run_dir: Path, config: dict, ds: Dataset, runner: Runner, name: str) -> dict:
     """What a later reader needs to trust (or refuse) an evaluation: run, weights, data, runner, versions."""
     weights = config["weights"]
@@ -201,7 +192,7 @@ def provenance(run_dir: Path, config: dict, ds: Dataset, runner: Runner, name: s
                 "model": config["backbone"]["name"], "img_size": config["preprocess"]["img_size"]},
         "dataset": {"path": str(ds.root.resolve()), "hash": ds.content_hash()},
         "training": {"seconds": timing.get("seconds", {}).get("total"), "device": timing.get("device")},
-        "versions": versions(),
+        "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

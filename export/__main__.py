@@ -1,7 +1,10 @@
 """python -m export --fp16 --runs RUNS [--data DATASET] [--pairs cnn-probe ...] [--target t4]
 
 Exports every complete run (ONNX fp32; with --fp16 also the FP16 ONNX and, where TensorRT and a CUDA GPU
-exist, an FP16 engine), checks parity against PyTorch on test images, and exits non-zero when any run fails.
+exist, an FP16 engine for this GPU), checks parity against PyTorch on test images, and exits non-zero when any
+run fails. A current export is skipped; with --fp16, this GPU's engine is (re)built when it is absent or its
+sidecar check refuses it (another TensorRT version, changed sources, no passed parity check), reusing a current
+ONNX export.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in runs:
         try:
             export_run(run_dir, opts)
-        except Exception as e:  # one broken run must not stop the others; the exit code reports it
+        except Exception as e:  # noqa: BLE001  one broken run must not stop the others; the exit code reports it
             print(f"FAILED {run_dir.name}: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(run_dir.name)
     if not runs:

@@ -3,20 +3,36 @@
 Writes ``RUNS/<pair>/export/``: ``model.onnx``, ``model.fp16.onnx``, ``parity.json``, and where TensorRT and a
 GPU exist ``model.<gpu>.fp16.engine`` + ``model.<gpu>.fp16.engine.json``. A parity failure writes parity.json
 with status "failed" and raises ``ParityFailed``; no engine is built from a model that failed parity, and an
-engine that fails its own parity check keeps the verdict in its sidecar, which then refuses it.
+engine keeps its own parity verdict in its sidecar, which refuses it unless that verdict is "passed".
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import onnxruntime
 
 from export import tensorrt as trt_export
 from export.fp16 import convert_fp16
-from export.onnx_export import EXPORT_DIR, ONNX_FP16, ONNX_FP32, PARITY, check_onnx, export_onnx
-from export.parity import DEFAULT_TOLERANCES, ParityFailed, Tolerance, ort_logits, parity_inputs, parity_report, torch_logits, write_parity
+from export.onnx_export import (
+    EXPORT_DIR,
+    ONNX_FP16,
+    ONNX_FP32,
+    PARITY,
+    check_onnx,
+    export_onnx,
+)
+from export.parity import (
+    DEFAULT_TOLERANCES,
+    ParityFailed,
+    Tolerance,
+    ort_logits,
+    parity_inputs,
+    parity_report,
+    torch_logits,
+    write_parity,
+)
 from train.data.dataset import load_dataset
 from train.data.io import read_json, sha256_file
 from train.run import CONFIG, MODEL, is_complete, load_run
@@ -33,20 +49,34 @@ class ExportOptions:
     force: bool = False  # re-export even when the existing export is current
 
 
-def current_export(run_dir: Path, opts: ExportOptions) -> dict | None:
-    """The existing parity report when the export is current: same checkpoint, same files, nothing missing."""
+def wanted_graphs(opts: ExportOptions) -> set[str]:
+    return {"onnx_fp32"} | ({"onnx_fp16"} if opts.fp16 else set())
+
+
+def current_onnx(run_dir: Path, opts: ExportOptions) -> dict | None:
+    """The existing parity report when the ONNX export is current: same checkpoint, same files, nothing missing."""
     out = run_dir / EXPORT_DIR
     if opts.force or not (out / PARITY).exists():
         return None
     rep = read_json(out / PARITY)
-    wanted = {"onnx_fp32"} | ({"onnx_fp16"} if opts.fp16 else set())
+    wanted = wanted_graphs(opts)
     if rep.get("source_sha256") != sha256_file(run_dir / MODEL) or not wanted <= set(rep.get("results", {})):
         return None
     if not all((out / rep["results"][k]["file"]).exists() for k in wanted):
         return None
-    if opts.fp16 and trt_export.current_trt_environment() is not None and "tensorrt_fp16" not in rep["results"]:
-        return None
     return rep
+
+
+def stale_engine(run_dir: Path, env: dict) -> str | None:
+    """Why this GPU's engine must be (re)built (absent, or refused by its sidecar check); None when it is current."""
+    engine = run_dir / EXPORT_DIR / trt_export.engine_name(env)
+    if not engine.exists():
+        return f"no {engine.name} yet"
+    try:
+        trt_export.check_engine_sidecar(engine, run_dir, env)
+    except trt_export.EngineMismatch as e:
+        return str(e)
+    return None
 
 
 PARITY_SUMMARY = ("status", "flip_rate", "max_abs_prob", "failures")
@@ -57,25 +87,48 @@ def _fmt(name: str, r: dict) -> str:
             f"({r['flip_rate']:.2%}) {r['status']}")
 
 
+def _log_engine_notes(pair: str, opts: ExportOptions, env: dict | None, log: Callable[[str], None]) -> None:
+    """With --fp16: why no engine is built here, or the --target warning for this GPU's engine."""
+    if env is None:
+        log(f"{pair}: no TensorRT engine built: {trt_export.trt_unavailable_reason()}")
+        return
+    warning = trt_export.target_warning(opts.engine.target, env)
+    if warning:
+        log(f"WARNING {pair}: {warning}")
+
+
 def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], None] = print) -> dict:
-    """Export complete run ``run_dir``; returns parity.json's content. Raises ``ParityFailed`` on a failure."""
+    """Export complete run ``run_dir``; returns parity.json's content. Raises ``ParityFailed`` on a failure.
+
+    Skipped when current: the ONNX export matches the checkpoint and, with --fp16 where TensorRT and a GPU
+    exist, this GPU's engine passes its sidecar check. A current ONNX export that passed parity is reused
+    when only the engine is stale (another GPU or TensorRT version, a failed or missing parity check).
+    """
     run_dir = Path(run_dir)
     out = run_dir / EXPORT_DIR
-    done = current_export(run_dir, opts)
-    if done is not None:
+    done = current_onnx(run_dir, opts)
+    env = trt_export.current_trt_environment() if opts.fp16 else None
+    stale = stale_engine(run_dir, env) if done is not None and env is not None else None
+    onnx_passed = done is not None and all(done["results"][k]["status"] == "passed" for k in wanted_graphs(opts))
+    if done is not None and (stale is None or not onnx_passed):
         log(f"{run_dir.name}: export is current (same checkpoint), parity {done['status']}; skipped (--force redoes it)")
+        if opts.fp16:
+            _log_engine_notes(run_dir.name, opts, env, log)
         if done["status"] != "passed":
             raise ParityFailed(f"{out / PARITY}: parity {done['status']} (recorded earlier)")
         return done
     ds = load_dataset(opts.data or read_json(run_dir / CONFIG)["dataset"]["path"])
     model, config, thresholds = load_run(run_dir, ds)
     n_tags = len(config["taxonomy"])
-    graphs = {"onnx_fp32": check_onnx(export_onnx(run_dir, ds=ds), n_tags)}
-    files = {"onnx_fp32": (out / ONNX_FP32, "fp32")}
-    if opts.fp16:
-        precision = convert_fp16(out / ONNX_FP32, out / ONNX_FP16)
-        graphs["onnx_fp16"] = check_onnx(out / ONNX_FP16, n_tags) | {"precision": precision}
-        files["onnx_fp16"] = (out / ONNX_FP16, "fp16")
+    files = {"onnx_fp32": (out / ONNX_FP32, "fp32")} | ({"onnx_fp16": (out / ONNX_FP16, "fp16")} if opts.fp16 else {})
+    if done is not None:
+        log(f"{config['pair']}: ONNX export is current, reused; building the engine: {stale}")
+        graphs = done["graphs"]
+    else:
+        graphs = {"onnx_fp32": check_onnx(export_onnx(run_dir, ds=ds), n_tags)}
+        if opts.fp16:
+            precision = convert_fp16(out / ONNX_FP32, out / ONNX_FP16)
+            graphs["onnx_fp16"] = check_onnx(out / ONNX_FP16, n_tags) | {"precision": precision}
 
     rows, inputs = parity_inputs(ds, config, opts.n_images)
     reference = torch_logits(model, inputs, opts.batch_size)
@@ -96,16 +149,13 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
     result = finish(parity_report(reference, candidates, thresholds, opts.tolerances, **info))
     if not opts.fp16:
         return result
-    env = trt_export.current_trt_environment()
+    _log_engine_notes(config["pair"], opts, env, log)
     if env is None:
-        log(f"{config['pair']}: no TensorRT engine built: {trt_export.trt_unavailable_reason()}")
         return result
-    warning = trt_export.target_warning(opts.engine.target, env)
-    if warning:
-        log(f"WARNING {config['pair']}: {warning}")
     engine = out / trt_export.engine_name(env)
     side = trt_export.build_engine(out / ONNX_FP32, out / ONNX_FP16, engine, config["preprocess"]["img_size"],
-                                   opts.engine, trt_export.timing_cache_path(run_dir.parent, env), env)
+                                   opts.engine, trt_export.timing_cache_path(run_dir.parent, env), env,
+                                   info["source_sha256"])
     log(f"{config['pair']}: built {engine.name} (TensorRT {side['tensorrt']}, {side['build_path']}, "
         f"{side['build_seconds']} s)")
     logits = trt_export.engine_logits(engine, inputs, min(opts.batch_size, opts.engine.max_batch))

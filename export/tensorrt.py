@@ -3,8 +3,9 @@
 An engine only runs on the TensorRT version and GPU compute capability it was built with (TensorRT #70, #756,
 #4259), so each one is named for its GPU (``export/model.<gpu-slug>.fp16.engine``) and carries a sidecar
 (``model.<gpu-slug>.fp16.engine.json``): TensorRT version, GPU name, compute capability, optimisation profile,
-precision, sha256 of the engine and of the ONNX it came from, build time. ``check_engine_sidecar`` refuses an
-engine whose sidecar does not match the machine or the ONNX beside it.
+precision, sha256 of the engine, of the ONNX it came from and of the run's checkpoint, build time, and (written
+once the export has compared its outputs with PyTorch's) its parity verdict. ``check_engine_sidecar`` refuses an
+engine that did not pass parity, or whose sidecar does not match the machine, the ONNX or the checkpoint.
 
 Two build paths, chosen by TensorRT's major version (``build_path``):
 - TensorRT 10 (``weak-fp16``): the FP32 ONNX, ``BuilderFlag.FP16`` + ``OBEY_PRECISION_CONSTRAINTS``, and the
@@ -21,13 +22,17 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from export.onnx_export import EXPORT_DIR
 from train.data.io import atomic_path, read_json, sha256_file, write_json
+from train.run import MODEL
 
 WEAK_FP16, STRONGLY_TYPED = "weak-fp16", "strongly-typed"
 # Layers kept in FP32 on the TensorRT 10 path: TensorRT LayerType name -> ops (None: every op of that type).
@@ -41,11 +46,12 @@ PIN_FP32: dict[str, frozenset[str] | None] = {
 # --target NAME -> the GPU an engine must be built on to be tuned for it.
 TARGETS = {"t4": {"gpu": "Tesla T4", "compute_capability": "7.5"}}
 SIDECAR_KEYS = ("tensorrt", "gpu", "compute_capability", "profile", "precision", "onnx", "onnx_sha256",
-                "engine_sha256", "built")
+                "checkpoint_sha256", "engine_sha256", "built")
 
 
 class EngineMismatch(RuntimeError):
-    """An engine that cannot be used here: other TensorRT or GPU, a changed ONNX or engine, no sidecar."""
+    """An engine that cannot be used (here, or as asked): other TensorRT or GPU, changed sources, no parity pass,
+    a missing or malformed sidecar, a shape outside its profile."""
 
 
 class EngineBuildError(RuntimeError):
@@ -143,7 +149,7 @@ def target_warning(target: str | None, env: dict) -> str | None:
 def _import_tensorrt() -> tuple[Any, str | None]:
     try:
         import tensorrt
-    except Exception as e:  # ImportError, or a broken install raising OSError on its libraries
+    except Exception as e:  # noqa: BLE001  ImportError, or a broken install raising OSError on its libraries
         return None, f"tensorrt is not importable ({type(e).__name__}: {e}); install the [trt] extra on a GPU machine"
     return tensorrt, None
 
@@ -193,27 +199,66 @@ def write_engine_sidecar(engine_path: str | Path, info: dict) -> Path:
 
 
 def read_engine_sidecar(engine_path: str | Path) -> dict:
+    """The sidecar of ``engine_path``; ``EngineMismatch`` naming the file and the problem when absent or malformed."""
     path = sidecar_path(engine_path)
     if not path.exists():
-        raise EngineMismatch(f"{engine_path}: no sidecar {path.name}, so its GPU, TensorRT version and source ONNX "
-                             f"are unknown; rebuild it on this GPU with python -m export --fp16")
-    return read_json(path)
+        raise EngineMismatch(f"{engine_path}: no sidecar {path.name}, so its GPU, TensorRT version and sources "
+                             f"are unknown")
+    try:
+        info = read_json(path)
+    except ValueError as e:  # bad JSON, or not UTF-8
+        raise EngineMismatch(f"{path}: not a valid sidecar ({type(e).__name__}: {e})") from None
+    if not isinstance(info, dict):
+        raise EngineMismatch(f"{path}: not a valid sidecar (a JSON {type(info).__name__}, not an object)")
+    missing = [k for k in SIDECAR_KEYS if k not in info]
+    if missing:
+        raise EngineMismatch(f"{path}: not a valid sidecar (it lacks {', '.join(missing)})")
+    return info
 
 
-def check_engine_sidecar(engine_path: str | Path, onnx_path: str | Path | None = None,
+def rebuild_command(run_dir: Path) -> str:
+    return f"python -m export --fp16 --runs {run_dir.parent} --pairs {run_dir.name}"
+
+
+def source_problems(info: dict, engine_path: Path, run_dir: Path) -> list[str]:
+    """What changed since ``info`` was written: the engine file, the ONNX it was built from, the run's checkpoint."""
+    problems = []
+    files = [(engine_path, info["engine_sha256"], "the engine file", "changed since its sidecar was written"),
+             (run_dir / EXPORT_DIR / info["onnx"], info["onnx_sha256"], f"{info['onnx']}, which it was built from,",
+              "was re-exported after the engine was built"),
+             (run_dir / MODEL, info["checkpoint_sha256"], f"the run's checkpoint {MODEL}",
+              "changed (retrained) after the engine was built")]
+    for path, sha, what, changed in files:
+        if not path.exists():
+            problems.append(f"{what} is missing")
+        elif sha256_file(path) != sha:
+            problems.append(f"{what} {changed}")
+    return problems
+
+
+def check_engine_sidecar(engine_path: str | Path, run_dir: str | Path | None = None,
                          env: dict | None = None) -> dict:
-    """The sidecar of an engine usable here; else ``EngineMismatch`` saying what differs.
+    """The sidecar of an engine usable here; else ``EngineMismatch`` saying what is wrong and how to rebuild.
 
-    Refuses an engine that failed its parity check at build time; checks TensorRT version, GPU name and
-    compute capability against ``env`` (default: this machine), the engine's own sha256, and the sha256 of
-    ``onnx_path`` (default: the ONNX named in the sidecar, when it is still beside the engine).
+    Usable: its sidecar is well formed and records a parity check against PyTorch that passed; TensorRT version,
+    GPU name and compute capability match ``env`` (default: this machine); the engine, the ONNX it was built
+    from (``run_dir``/export/) and the run's checkpoint are unchanged. ``run_dir`` defaults to the run holding
+    the engine (RUNS/<pair>/export/<engine>).
     """
     engine_path = Path(engine_path)
-    info = read_engine_sidecar(engine_path)
-    parity = info.get("parity", {})
+    run_dir = Path(run_dir) if run_dir is not None else engine_path.parent.parent
+    rebuild = f"Rebuild it on this GPU: {rebuild_command(run_dir)}"
+    try:
+        info = read_engine_sidecar(engine_path)
+    except EngineMismatch as e:
+        raise EngineMismatch(f"{e}. {rebuild}") from None
+    parity = info.get("parity") if isinstance(info.get("parity"), dict) else {}
     if parity.get("status") == "failed":
         raise EngineMismatch(f"{engine_path}: its outputs failed the parity check against PyTorch when it was built "
-                             f"({'; '.join(parity['failures'])}; see parity.json); it is not used")
+                             f"({'; '.join(parity.get('failures', []))}; see parity.json); it is not used")
+    if parity.get("status") != "passed":
+        raise EngineMismatch(f"{engine_path}: built, but its outputs were never checked against PyTorch (the export "
+                             f"stopped before its parity check); it is not used. {rebuild}")
     env = env if env is not None else current_trt_environment()
     built = f"TensorRT {info['tensorrt']} on {info['gpu']} ({_sm(info['compute_capability'])})"
     if env is None:
@@ -225,16 +270,9 @@ def check_engine_sidecar(engine_path: str | Path, onnx_path: str | Path | None =
         problems.append(f"built for {_sm(info['compute_capability'])}, this GPU is {_sm(env['compute_capability'])}")
     if env["gpu"] != info["gpu"]:
         problems.append(f"built on {info['gpu']}, this is {env['gpu']}")
-    if not engine_path.exists():
-        problems.append("the engine file is missing")
-    elif sha256_file(engine_path) != info["engine_sha256"]:
-        problems.append("the engine file changed since its sidecar was written")
-    onnx_path = Path(onnx_path) if onnx_path else engine_path.with_name(info["onnx"])
-    if onnx_path.exists() and sha256_file(onnx_path) != info["onnx_sha256"]:
-        problems.append(f"{onnx_path.name} was re-exported after the engine was built")
+    problems += source_problems(info, engine_path, run_dir)
     if problems:
-        raise EngineMismatch(f"{engine_path}: {'; '.join(problems)}. Rebuild it on this GPU: "
-                             f"python -m export --fp16 --runs RUNS --pairs {engine_path.parent.parent.name}")
+        raise EngineMismatch(f"{engine_path}: {'; '.join(problems)}. {rebuild}")
     return info
 
 
@@ -266,11 +304,25 @@ def pin_fp32_layers(network: Any, trt: Any) -> list[str]:
     return sorted(names)
 
 
+def attach_timing_cache(config: Any, path: Path) -> None:
+    """Give the builder ``config`` the timing cache saved at ``path``, or a fresh one when there is none or
+    TensorRT refuses it (corrupt, or from another TensorRT or GPU: a warning says so)."""
+    for data in ([path.read_bytes()] if path.exists() else []) + [b""]:
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, False):
+            return
+        if data:
+            warnings.warn(f"{path}: TensorRT refused this timing cache (corrupt, or from another TensorRT version or "
+                          f"GPU); building with a fresh one, which replaces it", stacklevel=2)
+    raise EngineBuildError("TensorRT refused an empty timing cache; the builder config is unusable")
+
+
 def build_engine(onnx_fp32: Path, onnx_fp16: Path, engine_path: Path, img_size: int, opts: EngineOptions,
-                 timing_cache: Path, env: dict, trt: Any = None) -> dict:
-    """Build the FP16 engine at ``engine_path`` + its sidecar; returns the sidecar info.
+                 timing_cache: Path, env: dict, checkpoint_sha256: str, trt: Any = None) -> dict:
+    """Build the FP16 engine at ``engine_path`` + its sidecar (no parity verdict yet); returns the sidecar info.
 
     TensorRT 10 builds from ``onnx_fp32`` with FP32 pins, TensorRT 11 from ``onnx_fp16`` (strongly typed).
+    ``checkpoint_sha256`` is the run checkpoint's, which the ONNX was exported from.
     """
     if trt is None:
         trt, why = _import_tensorrt()
@@ -298,8 +350,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path, engine_path: Path, img_size: 
     input_name = network.get_input(0).name
     shape_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(shape_profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, False)
+    attach_timing_cache(config, timing_cache)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -315,13 +366,22 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path, engine_path: Path, img_size: 
         "precision": "fp16" + (f", {len(pinned)} layers pinned to fp32" if path == WEAK_FP16
                                else ", strongly typed from the fp16 ONNX (LayerNorm/Softmax fp32)"),
         "build_path": path, "pinned_fp32_layers": pinned,
-        "onnx": source.name, "onnx_sha256": sha256_file(source), "engine_sha256": sha256_file(engine_path),
+        "onnx": source.name, "onnx_sha256": sha256_file(source), "checkpoint_sha256": checkpoint_sha256,
+        "engine_sha256": sha256_file(engine_path),
         "options": asdict(opts), "timing_cache": str(timing_cache), "build_seconds": round(seconds, 1),
         "target_warning": target_warning(opts.target, env),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_engine_sidecar(engine_path, info)
     return info
+
+
+def set_input_shape(engine: Any, context: Any, name: str, shape: tuple[int, ...], engine_path: Path) -> None:
+    """``context.set_input_shape``, raising ``EngineMismatch`` with the profile's batch range when TensorRT refuses."""
+    if not context.set_input_shape(name, shape):
+        low, _, high = engine.get_tensor_profile_shape(name, 0)
+        raise EngineMismatch(f"{engine_path}: TensorRT refused input shape {shape} for {name!r}; the engine's "
+                             f"profile takes batches {low[0]} to {high[0]}")
 
 
 def engine_logits(engine_path: Path, inputs: np.ndarray, batch_size: int, trt: Any = None) -> np.ndarray:
@@ -343,7 +403,7 @@ def engine_logits(engine_path: Path, inputs: np.ndarray, batch_size: int, trt: A
     for start in range(0, len(inputs), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])).cuda()
         x = x.to(dtypes[engine.get_tensor_dtype(inp)])
-        context.set_input_shape(inp, tuple(x.shape))
+        set_input_shape(engine, context, inp, tuple(x.shape), engine_path)
         y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=dtypes[engine.get_tensor_dtype(out)], device="cuda")
         context.set_tensor_address(inp, x.data_ptr())
         context.set_tensor_address(out, y.data_ptr())

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
     p.add_argument("--out", required=True, help="report directory to write")
     p.add_argument("--latency-budget-ms", type=float, help="p99 latency at batch 1 a pair must meet")
-    p.add_argument("--target-runtime", help="torch | onnxruntime | tensorrt, or <runtime>-<precision>")
+    p.add_argument("--target-runtime", help="judge every pair on this runtime's own latency and evaluation: torch | "
+                   "onnxruntime | tensorrt (at its default precision: fp32, fp32, fp16), or <runtime>-<precision>")
     p.add_argument("--min-tail-f1", type=float, help="minimum long-tail macro-F1")
     p.add_argument("--data", help="dataset directory for the test labels (default: the one the evaluations record)")
     args = p.parse_args(argv)

@@ -22,9 +22,42 @@ EVAL, METRICS, PER_TAG, PREDICTIONS = "eval", "metrics.json", "per_tag.csv", "pr
 LATENCY, EXPORT, PARITY, SIDECAR = "latency", "export", "parity.json", ".engine.json"  # model.<gpu>.fp16.engine.json
 REFERENCE_EVAL = "torch"  # PyTorch fp32: the accuracy every other evaluation is compared with
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+DEFAULT_PRECISION = {"torch": "fp32", "onnxruntime": "fp32", "tensorrt": "fp16"}  # = engines.bench.DEFAULT_PRECISION
+PRECISIONS = ("fp32", "fp16", "bf16")
+TIMING_TOTALS = ("total", "wall")  # timing.json's seconds.* entries that are not phases
 FAMILIES = ("cnn", "dinov2", "clip")
 STRATEGIES = ("probe", "ft")
 BUCKETS_TITLE = {"tail": "long tail", "medium": "medium", "head": "head"}  # evaluate.metrics.BUCKETS
+
+
+def run_name(runtime: str, precision: str | None = None) -> str:
+    """The name evaluate and bench give a (runtime, precision): ``eval/<name>/``, ``latency/<name>.json``."""
+    return runtime if precision in (None, DEFAULT_PRECISION.get(runtime)) else f"{runtime}-{precision}"
+
+
+def parse_run_name(name: str) -> tuple[str, str | None]:
+    """``onnxruntime-fp16`` -> (onnxruntime, fp16); ``tensorrt`` -> (tensorrt, fp16, its default precision)."""
+    runtime, _, precision = name.partition("-")
+    return runtime, precision or DEFAULT_PRECISION.get(runtime)
+
+
+def export_eval_name(file_name: str) -> str | None:
+    """The evaluation that scores an exported model: model.onnx -> onnxruntime, model.fp16.onnx ->
+    onnxruntime-fp16, model.<gpu>.<precision>.engine -> tensorrt[-<precision>]; None for other files."""
+    if file_name.endswith(".engine"):
+        return run_name("tensorrt", file_name.rsplit(".", 2)[-2])
+    if file_name.endswith(".onnx"):
+        return run_name("onnxruntime", "fp16" if file_name.endswith(".fp16.onnx") else "fp32")
+    return None
+
+
+def phase_seconds(timing: dict) -> dict[str, float]:
+    """timing.json's seconds per phase (every ``seconds`` entry but total and wall).
+
+    Training time is the sum of these phases, everywhere in the report: timing files written before
+    ``total`` counted reused caches have a total that leaves out the recorded cost of the reused phases.
+    """
+    return {k: float(v) for k, v in timing.get("seconds", {}).items() if k not in TIMING_TOTALS and v is not None}
 
 
 class ReportError(RuntimeError):
@@ -94,16 +127,31 @@ class Evaluation(Document):
     def predictions(self) -> np.ndarray:
         """Test probabilities (N_test x T, rows in test-split order), checked against metrics.json's shape."""
         path = self.dir / PREDICTIONS
-        probs = np.load(path, mmap_mode="r")
+        try:
+            probs = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{path}: cannot be read ({e}); re-evaluate the run") from e
         expected = (self.doc["test"]["n_images"], self.doc["n_tags"])
         if probs.shape != expected:
             raise ReportError(f"{path}: shape {probs.shape}, but {self.dir / METRICS} describes {expected}; "
                               "re-evaluate the run")
         return probs
 
+    def check_current(self, name: str) -> Path:
+        """The run's ``name`` file (thresholds.json, model.safetensors), refused unless it is the one this
+        evaluation recorded (``run.<stem>_sha256`` in metrics.json)."""
+        path = self.dir.parents[1] / name
+        key = f"run.{Path(name).stem}_sha256"
+        if not path.is_file() or sha256_file(path) != dig(self.doc, key):
+            raise ReportError(f"{path}: {'missing' if not path.is_file() else 'changed'} since "
+                              f"{self.dir / METRICS} was scored (its {key} differs); re-evaluate the run")
+        return path
+
     def decisions(self) -> np.ndarray:
-        """Test predictions as tag decisions: probability >= the run's threshold (thresholds.json)."""
-        path = self.dir.parents[1] / THRESHOLDS
+        """Test predictions as tag decisions: probability >= the run's threshold (thresholds.json); refused when
+        the thresholds or the model changed since the evaluation."""
+        self.check_current(MODEL)
+        path = self.check_current(THRESHOLDS)
         doc = read_json(path)
         thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
         if thresholds.shape != (self.doc["n_tags"],):
@@ -137,8 +185,27 @@ class Latency(Document):
         return "fp16" if self.estimate else self.doc["precision"]
 
     @property
+    def eval_name(self) -> str:
+        """The evaluation of the runtime and precision this latency is for (an estimate: TensorRT fp16's)."""
+        return run_name(self.runtime, self.precision)
+
+    @property
+    def label(self) -> str:
+        return "T4 ESTIMATE (TensorRT fp16)" if self.estimate else runtime_label(self.runtime, self.precision)
+
+    @property
     def device(self) -> str:
         return f"{self.doc['estimate']['target']} (ESTIMATE, not measured)" if self.estimate else self.doc["device"]
+
+    @property
+    def versions(self) -> dict:
+        return self.doc.get("versions") or {}
+
+    @property
+    def definition(self) -> str | None:
+        """What "latency" measured (GPU: H2D + compute + D2H from CUDA events; CPU: one predict call's wall time);
+        None for an estimate or a benchmark that predates recording it."""
+        return None if self.estimate else self.doc.get("latency_definition")
 
     @property
     def on_t4(self) -> bool:
@@ -206,6 +273,32 @@ class Pair:
         return dig(self.config.doc, "weights.kind") == "random"
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Training seconds per phase (timing.json; empty without one)."""
+        return phase_seconds(self.timing.doc) if self.timing is not None else {}
+
+    def training_time(self) -> Sourced | None:
+        """This run's own training time: the sum of its phases (see :func:`phase_seconds`)."""
+        if self.timing is None:
+            return None
+        return Sourced(round(sum(self.phases.values()), 3), self.timing.rel, "sum of seconds.* (all but total, wall)")
+
+    @property
+    def starts_from_probe(self) -> bool:
+        """A fine-tune started from its linear probe's head (LP-then-FT): the probe is part of its cost."""
+        return str(dig(self.config.doc, "summary.init_head") or "").startswith("linear probe")
+
+    @property
+    def reused_caches(self) -> list[str]:
+        """Caches this run found complete: their phases count the compute recorded when they were made."""
+        reused = (self.timing.doc.get("caches_reused") or {}) if self.timing is not None else {}
+        return [name for name, was in reused.items() if was]
+
+    def evaluation_for(self, lat: Latency) -> Evaluation | None:
+        """The evaluation (scored or failed) on the runtime and precision ``lat`` timed, if there is one."""
+        return self.evals.get(lat.eval_name)
+
+    @property
     def engines(self) -> list[dict]:
         """The TensorRT engine sidecars (GPU, TensorRT version, compute capability, ...) of the export."""
         return [s.value for name, s in self.export.items() if name.endswith(SIDECAR)]
@@ -242,6 +335,19 @@ def runtime_label(runtime: str, precision: str | None = None) -> str:
 
 def pair_label(pair: Pair) -> str:
     return f"{FAMILY_LABELS.get(pair.family, pair.family)} {STRATEGY_LABELS.get(pair.strategy, pair.strategy)}"
+
+
+def training_cost(pair: Pair, pairs: list[Pair]) -> Sourced | None:
+    """What it cost to train ``pair``: its own phases, plus its linear probe's when the fine-tune started from
+    the probe's head (LP-then-FT). None without timing.json; value None when the probe's time is unknown."""
+    own = pair.training_time()
+    if own is None or not pair.starts_from_probe:
+        return own
+    probe = next((p for p in pairs if p.family == pair.family and p.strategy == "probe"), None)
+    before = probe.training_time() if probe is not None else None
+    if before is None:
+        return Sourced(None, own.source, f"{own.field}, plus the linear probe's (no {pair.family}-probe timing)")
+    return Sourced(round(own.value + before.value, 3), f"{own.source} + {before.source}", own.field)
 
 
 def _read(path: Path, runs_dir: Path) -> Document:

@@ -6,18 +6,28 @@ Reads artifact files only (reports.artifacts); the one computation beyond readin
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from reports import figures, longtail
-from reports.artifacts import BUCKETS_TITLE, Pair, load_pairs, runtime_label
-from reports.document import Block, Code, Figure, Heading, Para, Table, to_html, to_markdown
+from reports.artifacts import BUCKETS_TITLE, Pair, load_pairs
+from reports.document import (
+    Block,
+    Code,
+    Figure,
+    Heading,
+    Para,
+    Table,
+    to_html,
+    to_markdown,
+)
 from reports.paired import comparer_for
-from reports.provenance import blocks as provenance_blocks, provenance
+from reports.provenance import blocks as provenance_blocks
+from reports.provenance import provenance
 from reports.rule import Constraints, recommend
-from reports.table import main_table, phases
+from reports.table import main_table
 from train.data.io import write_text
 
 FIGURES = "figures"
@@ -39,20 +49,22 @@ def _scored(pairs: list[Pair]) -> list[Pair]:
 
 
 def latency_points(pairs: list[Pair]) -> list[dict]:
-    """Figure 1's points: each benchmark with a batch-1 p99, at the accuracy of the same runtime's evaluation
-    where it was scored, else PyTorch fp32."""
+    """Figure 1's points: each benchmark (or T4 estimate) with a batch-1 p99, at the macro-F1 of the same runtime's
+    evaluation where it was scored (``accuracy`` "own"); of PyTorch fp32 where that runtime was not evaluated
+    ("pytorch"); none where its evaluation failed ("failed": not drawn, not on the front)."""
     points = []
     for p in _scored(pairs):
         for lat in p.latencies:
             p99 = lat.latency_ms("p99")
             if p99.value is None:
                 continue
-            ev = p.evals.get(lat.name)
-            ev = ev if ev is not None and ev.scored and not lat.estimate else p.reference
-            points.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "runtime": lat.runtime,
-                           "label": "T4 ESTIMATE" if lat.estimate else runtime_label(lat.runtime, lat.precision),
-                           "latency_ms": p99.value, "macro_f1": ev.doc["macro_f1"], "estimate": lat.estimate,
-                           "sources": [p99.source, ev.rel]})
+            ev = p.evaluation_for(lat)
+            accuracy = "pytorch" if ev is None else "own" if ev.scored else "failed"
+            source = p.reference if ev is None else ev
+            points.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "random_init": p.random_init,
+                           "runtime": lat.runtime, "label": lat.label,
+                           "latency_ms": p99.value, "macro_f1": source.doc.get("macro_f1"), "accuracy": accuracy,
+                           "estimate": lat.estimate, "sources": [p99.source, source.rel]})
     return points
 
 
@@ -63,7 +75,8 @@ def bucket_rows(pairs: list[Pair]) -> tuple[list[dict], list[tuple[str, str]]]:
         for b in BUCKETS_TITLE:
             v, ci = p.reference.get(f"buckets.{b}.macro_f1").value, p.reference.get(f"ci.{b}_macro_f1").value
             values[b] = (v, *(ci if ci and ci[0] is not None else (None, None)))
-        rows.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "values": values})
+        rows.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "random_init": p.random_init,
+                     "values": values})
     ref = _scored(pairs)[0].reference
     titles = []
     for b, title in BUCKETS_TITLE.items():
@@ -80,9 +93,14 @@ def per_tag_series(pairs: list[Pair]) -> tuple[list[dict], int]:
         rows = [r for r in p.reference.per_tag if r["f1"] is not None]
         keep = [r for r in rows if r["train_count"] >= 1]
         dropped = max(dropped, len(rows) - len(keep))
-        series.append({"pair": p.name, "family": p.family, "strategy": p.strategy,
+        series.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "random_init": p.random_init,
                        "train_count": [r["train_count"] for r in keep], "f1": [r["f1"] for r in keep]})
     return series, dropped
+
+
+def training_rows(pairs: list[Pair]) -> list[dict]:
+    """Figure 4's bars: each timed pair's phases (their sum is the training time the table shows)."""
+    return [{"pair": p.name, "random_init": p.random_init, "phases": p.phases} for p in pairs if p.timing is not None]
 
 
 def deployed_rows(pairs: list[Pair]) -> list[dict]:
@@ -91,7 +109,7 @@ def deployed_rows(pairs: list[Pair]) -> list[dict]:
         deltas = {ev.label: ev.doc["macro_f1"] - p.reference.doc["macro_f1"] if ev.scored else None
                   for name, ev in p.evals.items() if name != p.reference.name}
         if deltas:
-            rows.append({"pair": p.name, "deltas": deltas})
+            rows.append({"pair": p.name, "random_init": p.random_init, "deltas": deltas})
     return rows
 
 
@@ -107,18 +125,22 @@ def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str]
     if not _scored(pairs):
         return made, ["No figure: no pair has a scored PyTorch evaluation (python -m evaluate)."], []
     points = latency_points(pairs)
-    if points:
-        flagged = sorted({p["label"] for p in points if p["estimate"]})
+    if figures.plotted(points):
+        failed = [f"{p['pair']} on {p['label']}" for p in points if p["accuracy"] == "failed"]
         add(LATENCY_FIG,
             "Figure 1. Test macro-F1 against p99 latency at batch 1, one point per (pair, runtime); colour = "
-            "backbone, marker = runtime, hollow = linear probe. Accuracy is the runtime's own evaluation where it "
-            "was scored, else PyTorch fp32. The dashed line is the Pareto front of measured points"
-            + (" (stars are T4 ESTIMATES, not measurements, and are not on the front)" if flagged else "")
+            "backbone, marker = runtime, hollow = linear probe. Accuracy is the runtime's own evaluation; faded "
+            "points use PyTorch fp32 accuracy because that runtime was not evaluated. The dashed line is the Pareto "
+            "front of measured points"
+            + (" (stars are T4 ESTIMATES, not measurements, and are not on the front)"
+               if any(p["estimate"] for p in points) else "")
+            + (f". Not drawn, because their runtime's evaluation failed: {', '.join(failed)}" if failed else "")
             + ". Devices differ between points: see the table's footnotes.",
             figures.latency_accuracy, points)
     else:
-        skipped.append("Figure 1 (accuracy vs latency) not drawn: no latency benchmark (latency/*.json) yet "
-                       "(python -m engines bench).")
+        skipped.append("Figure 1 (accuracy vs latency) not drawn: " + (
+            "every benchmarked runtime's evaluation failed." if points else
+            "no latency benchmark (latency/*.json) yet (python -m engines bench)."))
     rows, titles = bucket_rows(pairs)
     add(BUCKET_FIG,
         "Figure 2. Test macro-F1 by training-frequency bucket for each pair, with 95% bootstrap CI whiskers "
@@ -131,11 +153,13 @@ def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str]
         "a test positive have no F1 and are not shown" + (f"; {dropped} tags with no training image are left off "
                                                           "the log axis" if dropped else "") + ".",
         figures.per_tag_f1, series, threshold)
-    timed = [{"pair": p.name, "phases": phases(p.timing.doc)} for p in pairs if p.timing is not None]
+    timed = training_rows(pairs)
     if timed:
         add(TIME_FIG,
-            "Figure 4. Training time by phase (timing.json); feature extraction / trunk caching run the frozen "
-            "backbone once over the training and validation images.", figures.training_time, timed)
+            "Figure 4. Training time by phase (timing.json; a bar is the pair's training time, as in the table); "
+            "feature extraction / trunk caching run the frozen backbone once over the training and validation "
+            "images. A fine-tune's bar leaves out the linear probe it starts from, which the rule's training cost "
+            "adds.", figures.training_time, timed)
     deployed = deployed_rows(pairs)
     if deployed:
         add(DEPLOYED_FIG,
@@ -198,7 +222,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, latency_budget_ms
     out_dir.mkdir(parents=True, exist_ok=True)
     figs, skipped, points = draw(pairs, out_dir)
     prov = provenance(pairs)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     blocks = compose(pairs, table, rec, tail, figs, skipped, prov, created)
     summary = {"report": {"runs_dir": str(runs_dir.resolve()), "created": created,
                           "sources_relative_to": str(runs_dir.resolve()), "constraints": rec["constraints"]},

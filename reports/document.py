@@ -10,9 +10,8 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
-Cell = Union[str, list[str]]
+Cell = str | list[str]
 NOWRAP = 32
 
 
@@ -51,7 +50,7 @@ class Figure:
     caption: str
 
 
-Block = Union[Heading, Para, Bullets, Code, Table, Figure]
+Block = Heading | Para | Bullets | Code | Table | Figure
 
 
 def _lines(cell: Cell) -> list[str]:
@@ -76,8 +75,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif isinstance(b, Table):
             rows = [b.header, ["---"] * len(b.header), *b.rows]
             out.append("\n".join("| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows))
-            if b.notes:
-                out.append("\n".join(b.notes))
+            out += b.notes  # each its own paragraph (lines joined by one newline would run together)
         elif isinstance(b, Figure):
             out.append(f"![{b.caption}]({b.rel})\n\n*{b.caption}*")
     return "\n\n".join(out) + "\n"
@@ -111,8 +109,8 @@ figcaption { font-size: 13.5px; color: #333; margin-top: .3em; }
 
 def to_html(blocks: list[Block], title: str) -> str:
     """One HTML page with every figure embedded as a base64 PNG (no external file is referenced)."""
-    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-           f"<style>{STYLE}</style></head><body>"]
+    out = [(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>")]
     for b in blocks:
         if isinstance(b, Heading):
             out.append(f"<h{b.level}>{inline_html(b.text)}</h{b.level}>")

@@ -1,12 +1,13 @@
 """The report's five figures (matplotlib, Agg canvas, Okabe-Ito colour-blind-safe palette), from plain data.
 
 Colour is the backbone family throughout; in scatter plots the marker is the runtime and a hollow marker is
-the linear probe (filled: fine-tune). Each function writes one PNG.
+the linear probe (filled: fine-tune). Rows carry ``random_init``: random-init pairs and backbones are labelled
+so in every legend and axis. Each function writes one PNG.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -29,6 +30,27 @@ STRATEGY_TITLES = {"probe": "linear probe", "ft": "fine-tune (last 4 blocks)"}
 
 def family_colour(family: str) -> str:
     return FAMILY_COLOURS.get(family, SPARE_COLOURS[sum(map(ord, family)) % len(SPARE_COLOURS)])
+
+
+RANDOM_INIT = " (random init)"
+
+
+def pair_tick(row: dict) -> str:
+    """A pair's axis label: its name, marked when its weights are random."""
+    return row["pair"] + (RANDOM_INIT if row["random_init"] else "")
+
+
+def family_labels(rows: list[dict]) -> dict[str, str]:
+    """Legend label per backbone family: ``CLIP (random init)`` when all its pairs are random-init,
+    ``CNN (cnn-probe random init)`` when some are."""
+    out = {}
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = list(dict.fromkeys((r["pair"], r["random_init"]) for r in rows if r["family"] == family))
+        random = [pair for pair, rnd in mine if rnd]
+        label = FAMILY_LABELS.get(family, family)
+        out[family] = (label + RANDOM_INIT if len(random) == len(mine)
+                       else f"{label} ({', '.join(random)} random init)" if random else label)
+    return out
 
 
 def _figure(width: float, height: float, ncols: int = 1, **kw) -> tuple[Figure, list]:
@@ -63,24 +85,39 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def plotted(points: list[dict]) -> list[dict]:
+    """Figure 1's drawn points: all but those whose runtime's evaluation failed (they have no accuracy)."""
+    return [p for p in points if p["accuracy"] != "failed"]
+
+
+def pareto_points(points: list[dict]) -> list[dict]:
+    """Figure 1's Pareto front, in increasing latency: among the drawn points that were measured (not T4
+    ESTIMATES), those no other beats on both p99 latency and macro-F1."""
+    measured = [p for p in plotted(points) if not p["estimate"]]
+    return [measured[i] for i in pareto_front([(p["latency_ms"], p["macro_f1"]) for p in measured])]
+
+
 def latency_accuracy(points: list[dict], path: Path) -> Path:
     """Figure 1: macro-F1 against p99 latency at batch 1, one point per (pair, runtime); the Pareto front of the
-    measured points. ``points``: pair, family, strategy, runtime, label, latency_ms, macro_f1, estimate."""
+    measured points. ``points``: pair, family, strategy, random_init, runtime, label, latency_ms, macro_f1,
+    estimate, accuracy ("own": the runtime's evaluation, "pytorch": not evaluated there, drawn faded;
+    "failed": not drawn)."""
     fig, (ax,) = _figure(10.5, 5.8)
-    for p in points:
+    drawn = plotted(points)
+    for p in drawn:
         marker = ESTIMATE_MARKER if p["estimate"] else RUNTIME_MARKERS.get(p["runtime"], "D")
         ax.plot(p["latency_ms"], p["macro_f1"], linestyle="none", marker=marker, markersize=13 if p["estimate"] else 9,
-                markeredgewidth=1.6, alpha=0.9, **_marker_style(p["family"], p["strategy"]))
-    measured = [p for p in points if not p["estimate"]]
-    front = [measured[i] for i in pareto_front([(p["latency_ms"], p["macro_f1"]) for p in measured])]
+                markeredgewidth=1.6, alpha=0.9 if p["accuracy"] == "own" else 0.35,
+                **_marker_style(p["family"], p["strategy"]))
+    front = pareto_points(points)
     if front:
         xs = [p["latency_ms"] for p in front]
         ys = [p["macro_f1"] for p in front]
         ax.plot(xs, ys, drawstyle="steps-post", color="black", linestyle="--", linewidth=1.2, zorder=0)
         for p in front:
-            ax.annotate(f"{p['pair']} · {p['label']}", (p["latency_ms"], p["macro_f1"]), xytext=(7, 6),
+            ax.annotate(f"{pair_tick(p)} · {p['label']}", (p["latency_ms"], p["macro_f1"]), xytext=(7, 6),
                         textcoords="offset points", fontsize=8.5)
-    lat = [p["latency_ms"] for p in points]
+    lat = [p["latency_ms"] for p in drawn]
     if lat and max(lat) / min(lat) > 20:
         ax.set_xscale("log")
         ax.set_xlabel("p99 latency at batch 1 (ms, log scale)")
@@ -88,16 +125,19 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
         ax.set_xlabel("p99 latency at batch 1 (ms)")
     ax.set_ylabel("test macro-F1")
     ax.set_title("Accuracy vs latency (dashed: Pareto front of measured points)")
-    families = sorted({p["family"] for p in points}, key=lambda f: list(FAMILY_COLOURS).index(f)
-                      if f in FAMILY_COLOURS else 99)
-    runtimes = sorted({p["runtime"] for p in points if not p["estimate"]})
-    handles = [Patch(color=family_colour(f), label=FAMILY_LABELS.get(f, f)) for f in families]
+    labels = family_labels(drawn)
+    families = sorted(labels, key=lambda f: list(FAMILY_COLOURS).index(f) if f in FAMILY_COLOURS else 99)
+    runtimes = sorted({p["runtime"] for p in drawn if not p["estimate"]})
+    handles = [Patch(color=family_colour(f), label=labels[f]) for f in families]
     handles += [Line2D([], [], linestyle="none", marker=RUNTIME_MARKERS.get(r, "D"), color="grey",
                        label=runtime_label(r))
                 for r in runtimes]
-    if any(p["estimate"] for p in points):
+    if any(p["estimate"] for p in drawn):
         handles.append(Line2D([], [], linestyle="none", marker=ESTIMATE_MARKER, markersize=11, color="grey",
                               label="T4 ESTIMATE (not measured)"))
+    if any(p["accuracy"] == "pytorch" for p in drawn):
+        handles.append(Line2D([], [], linestyle="none", marker="o", color="grey", alpha=0.35,
+                              label="faded: accuracy not measured\non this runtime (PyTorch fp32)"))
     handles += [Line2D([], [], linestyle="none", marker="o", color="grey", markerfacecolor="white",
                        label="linear probe"),
                 Line2D([], [], linestyle="none", marker="o", color="grey", label="fine-tune")]
@@ -106,8 +146,9 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
 
 
 def bucket_bars(rows: list[dict], buckets: list[tuple[str, str]], path: Path) -> Path:
-    """Figure 2: macro-F1 per frequency bucket, one bar per pair with its 95% CI whisker.
-    ``rows``: pair, family, strategy, values {bucket: (value, lo, hi) or None}; ``buckets``: (key, title)."""
+    """Figure 2: macro-F1 per frequency bucket, one bar per pair with its 95% CI whisker (clipped at the bar
+    when a percentile interval excludes its point). ``rows``: pair, family, strategy, random_init,
+    values {bucket: (value, lo, hi) or None}; ``buckets``: (key, title)."""
     fig, axes = _figure(12, 4.6, ncols=len(buckets), sharey=True)
     x = np.arange(len(rows))
     for ax, (bucket, title) in zip(axes, buckets):
@@ -120,15 +161,15 @@ def bucket_bars(rows: list[dict], buckets: list[tuple[str, str]], path: Path) ->
             ax.bar(i, v[0], color="white" if probe else colour, edgecolor=colour, hatch="///" if probe else None,
                    linewidth=1.4)
             if v[1] is not None:
-                ax.errorbar(i, v[0], yerr=[[v[0] - v[1]], [v[2] - v[0]]], color="black", capsize=4, linewidth=1.2)
+                ax.errorbar(i, v[0], yerr=[[max(v[0] - v[1], 0.0)], [max(v[2] - v[0], 0.0)]], color="black",
+                            capsize=4, linewidth=1.2)
         if not any(r["values"].get(bucket) and r["values"][bucket][0] is not None for r in rows):
             ax.text(0.5, 0.5, "no tag in this bucket", transform=ax.transAxes, ha="center", color="grey")
         ax.set_title(title, fontsize=11)
-        ax.set_xticks(x, [r["pair"] for r in rows], rotation=35, ha="right", fontsize=9)
+        ax.set_xticks(x, [pair_tick(r) for r in rows], rotation=35, ha="right", fontsize=9)
     axes[0].set_ylabel("test macro-F1 (95% CI)")
     axes[0].set_ylim(0, 1.06)
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    handles = [Patch(color=family_colour(f), label=FAMILY_LABELS.get(f, f)) for f in families]
+    handles = [Patch(color=family_colour(f), label=label) for f, label in family_labels(rows).items()]
     handles += [Patch(facecolor="white", edgecolor="grey", hatch="///", label="linear probe"),
                 Patch(color="grey", label="fine-tune")]
     fig.legend(handles=handles, fontsize=9, loc="outside upper center", ncols=len(handles), frameon=False)
@@ -147,8 +188,8 @@ def _binned_mean(x: np.ndarray, y: np.ndarray, n_bins: int = 8, min_tags: int = 
 
 def per_tag_f1(series: list[dict], tail_threshold: float, path: Path) -> Path:
     """Figure 3: per-tag test F1 against training images per tag (log x), one panel per strategy, colour per
-    backbone, binned means as lines. ``series``: pair, family, strategy, train_count, f1 (arrays; tags with a test
-    positive and at least one training image)."""
+    backbone, binned means as lines. ``series``: pair, family, strategy, random_init, train_count, f1 (arrays;
+    tags with a test positive and at least one training image)."""
     strategies = list(dict.fromkeys(s["strategy"] for s in series))
     fig, axes = _figure(6.2 * len(strategies), 5, ncols=len(strategies), sharey=True)
     for ax, strategy in zip(axes, strategies):
@@ -159,7 +200,8 @@ def per_tag_f1(series: list[dict], tail_threshold: float, path: Path) -> Path:
             if len(x) >= 3:
                 bx, by = _binned_mean(x, y)
                 ax.plot(bx, by, color=colour, linewidth=2.2, marker="o", markersize=4,
-                        label=f"{FAMILY_LABELS.get(s['family'], s['family'])} (binned mean)")
+                        label=f"{FAMILY_LABELS.get(s['family'], s['family'])}"
+                              f"{RANDOM_INIT if s['random_init'] else ''} (binned mean)")
         ax.axvline(tail_threshold, color="black", linestyle=":", linewidth=1.3)
         ax.text(tail_threshold * 1.07, 0.98, f"long-tail threshold: {tail_threshold:g} images", fontsize=8.5,
                 rotation=90, va="top", ha="left", transform=ax.get_xaxis_transform())
@@ -174,13 +216,14 @@ def per_tag_f1(series: list[dict], tail_threshold: float, path: Path) -> Path:
 
 PHASES = {"weights_load": "load weights", "image_cache": "image cache", "feature_extraction": "feature extraction",
           "trunk_caching": "trunk caching", "head_training": "head training", "block_training": "block fine-tuning",
-          "thresholds": "threshold fitting", "other": "other"}
+          "thresholds": "threshold fitting"}
 PHASE_COLOURS = dict(zip(PHASES, [OKABE_ITO[k] for k in
-                                  ("black", "yellow", "sky", "blue", "orange", "vermillion", "purple", "green")]))
+                                  ("black", "yellow", "sky", "blue", "orange", "vermillion", "purple")]))
 
 
 def training_time(rows: list[dict], path: Path) -> Path:
-    """Figure 4: training time by phase, stacked horizontal bars. ``rows``: pair, phases {phase key: seconds}."""
+    """Figure 4: training time by phase, stacked horizontal bars (a bar's length is the pair's training time).
+    ``rows``: pair, random_init, phases {phase key: seconds}."""
     fig, (ax,) = _figure(9.5, 0.5 * len(rows) + 1.8)
     unit, scale = seconds_unit(max((sum(r["phases"].values()) for r in rows), default=0.0))
     order = list(PHASES) + sorted({k for r in rows for k in r["phases"]} - set(PHASES))
@@ -190,7 +233,7 @@ def training_time(rows: list[dict], path: Path) -> Path:
         left = np.array([sum(r["phases"].get(j, 0.0) for j in present[:present.index(k)]) for r in rows]) / scale
         ax.barh(range(len(rows)), seconds, left=left, color=PHASE_COLOURS.get(k, "grey"), edgecolor="white",
                 label=PHASES.get(k, k))
-    ax.set_yticks(range(len(rows)), [r["pair"] for r in rows])
+    ax.set_yticks(range(len(rows)), [pair_tick(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel(f"training time ({unit})")
     ax.set_title("Training time by phase")
@@ -201,7 +244,7 @@ def training_time(rows: list[dict], path: Path) -> Path:
 def deployed_delta(rows: list[dict], path: Path) -> Path:
     """Figure 5: macro-F1 of each deployed evaluation minus PyTorch fp32, per pair, as dots on stems from 0;
     a failed evaluation (NaN/Inf outputs) is a cross at 0 labelled FAILED.
-    ``rows``: pair, deltas {evaluation label: difference, or None when it failed}."""
+    ``rows``: pair, random_init, deltas {evaluation label: difference, or None when it failed}."""
     labels = list(dict.fromkeys(k for r in rows for k in r["deltas"]))
     colours = dict(zip(labels, [OKABE_ITO[k] for k in ("blue", "vermillion", "green", "purple", "orange", "sky")] * 3))
     fig, (ax,) = _figure(9.5, 4.6)
@@ -221,7 +264,7 @@ def deployed_delta(rows: list[dict], path: Path) -> Path:
     for label in labels:
         ax.plot([], [], marker="o", color=colours[label], linestyle="none", label=label)
     ax.axhline(0, color="black", linewidth=1)
-    ax.set_xticks(range(len(rows)), [r["pair"] for r in rows], rotation=20, ha="right")
+    ax.set_xticks(range(len(rows)), [pair_tick(r) for r in rows], rotation=20, ha="right")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("macro-F1 difference vs PyTorch fp32")
     lim = max((abs(d) for r in rows for d in r["deltas"].values() if d is not None), default=0.0)

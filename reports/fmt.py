@@ -1,17 +1,22 @@
 """How numbers are written in the report: every missing value is a dash, never a guess."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 DASH = "—"
 
 
+def _rounded(x: float, digits: int) -> float:
+    """``x`` rounded to ``digits`` decimals, never negative zero (so a tiny negative prints as 0, not −0)."""
+    return round(x, digits) or 0.0
+
+
 def num(x: float | None, digits: int = 3) -> str:
-    return DASH if x is None else f"{x:.{digits}f}"
+    return DASH if x is None else f"{_rounded(x, digits):.{digits}f}"
 
 
 def signed(x: float | None, digits: int = 3) -> str:
-    return DASH if x is None else f"{x:+.{digits}f}".replace("-", "−")
+    return DASH if x is None else f"{_rounded(x, digits):+.{digits}f}".replace("-", "−")
 
 
 def with_ci(x: float | None, ci: Sequence[float | None] | None, digits: int = 3) -> str:

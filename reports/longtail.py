@@ -2,19 +2,21 @@
 
 All on the PyTorch fp32 evaluations: tail macro-F1 of each pair, paired bootstraps between backbones (per
 strategy) and between strategies (per backbone) on the tail tags, and the rare tags where the pairs disagree
-most (per_tag.csv).
+most (per_tag.csv, matched by tag name). Random-init pairs are marked wherever they appear, and left out of
+the disagreement spread when at least two pretrained backbones can be compared.
 """
 from __future__ import annotations
 
 from itertools import combinations
 
 from reports import fmt
-from reports.artifacts import FAMILY_LABELS, STRATEGY_LABELS, Pair
+from reports.artifacts import FAMILY_LABELS, PER_TAG, STRATEGY_LABELS, Pair, ReportError
 from reports.document import Block, Bullets, Para, Table
 from reports.paired import Comparer
 
 TAIL = "tail"
 N_DISAGREE = 10
+RANDOM_INIT = " (random init)"
 
 
 def _verdict(res: dict, better: str, worse: str) -> str:
@@ -43,29 +45,38 @@ def analyse(pairs: list[Pair], comparer: Comparer) -> dict:
                              "tail_f1": {p.name: p.reference.get("buckets.tail.macro_f1").to_json()
                                          for p in (ft, probe)},
                              "result": comparer.compare(ft.reference, probe.reference, TAIL)})
-    return {"pairs": [p.name for p in scored],
+    pretrained = [p for p in scored if not p.random_init]
+    spread = pretrained if len({p.family for p in pretrained}) >= 2 else scored
+    return {"pairs": [p.name for p in scored], "random_init": [p.name for p in scored if p.random_init],
             "tail_f1": {p.name: {**p.reference.get("buckets.tail.macro_f1").to_json(),
                                  "ci": p.reference.get("ci.tail_macro_f1").value,
                                  "n_tags_scored": p.reference.get("buckets.tail.n_tags_scored").value}
                         for p in scored},
             "threshold": scored[0].reference.get("buckets.tail.train_count_range.1").value if scored else None,
-            "backbones": backbones, "finetune": finetune, "disagreements": disagreements(scored),
+            "backbones": backbones, "finetune": finetune, "disagreements": disagreements(spread),
+            "left_out_of_disagreements": [p.name for p in scored if p not in spread],
             "paired_bootstrap": comparer.available, "unavailable": comparer.unavailable}
 
 
 def disagreements(pairs: list[Pair], n: int = N_DISAGREE) -> list[dict]:
-    """Tail tags with a test positive, ranked by the spread (max - min) of their F1 across ``pairs``."""
+    """Tail tags with a test positive, ranked by the spread (max - min) of their F1 across ``pairs``; tags are
+    matched by name, and every pair's per_tag.csv must list the same tags."""
     if len(pairs) < 2:
         return []
-    tables = {p.name: p.reference.per_tag for p in pairs}
-    first = tables[pairs[0].name]
+    tables = {p.name: {r["name"]: r for r in p.reference.per_tag} for p in pairs}
+    first = pairs[0]
+    for p in pairs[1:]:
+        if tables[p.name].keys() != tables[first.name].keys():
+            odd = sorted(tables[p.name].keys() ^ tables[first.name].keys())
+            raise ReportError(f"{p.reference.dir / PER_TAG}: its tags differ from {first.reference.dir / PER_TAG} "
+                              f"({len(odd)} in one only, e.g. {odd[:3]}); re-evaluate on one dataset version")
     rows = []
-    for j, tag in enumerate(first):
+    for name, tag in tables[first.name].items():
         if tag["bucket"] != TAIL or not tag["support"]:
             continue
-        f1 = {name: t[j]["f1"] for name, t in tables.items()}
+        f1 = {pair: t[name]["f1"] for pair, t in tables.items()}
         values = [v for v in f1.values() if v is not None]
-        rows.append({"tag": tag["name"] or str(j), "train_count": tag["train_count"], "support": tag["support"],
+        rows.append({"tag": name, "train_count": tag["train_count"], "support": tag["support"],
                      "f1": f1, "spread": max(values) - min(values)})
     rows.sort(key=lambda r: (-r["spread"], r["tag"]))
     return rows[:n]
@@ -78,48 +89,61 @@ def _comparison(res: dict | None, a: str, b: str) -> list[str]:
             _verdict(res, a, b)]
 
 
+def _finetune_item(c: dict, shown: dict[str, str], random: list[str]) -> str:
+    """One backbone's "does fine-tuning help the tail" sentence, flagged when a pair of it is random-init."""
+    res = c["result"]
+    name = FAMILY_LABELS.get(c["family"], c["family"])
+    ft, probe = shown[c["ft"]], shown[c["probe"]]
+    if res is None:
+        text = (f"{name}: fine-tune {fmt.num(c['tail_f1'][c['ft']]['value'])} vs probe "
+                f"{fmt.num(c['tail_f1'][c['probe']]['value'])} (no paired test possible).")
+    else:
+        effect = ("**helps** the tail" if res["observed_diff"] > 0 else "**hurts** the tail") if res["separated"] \
+            else "has **no clear effect** on the tail"
+        text = (f"{name}: fine-tuning {effect}: {ft} − {probe} {fmt.signed_ci(res['observed_diff'], res['ci'])}, "
+                f"P(fine-tune better) = {res['p_a_better']:.2f}.")
+    if {c["ft"], c["probe"]} & set(random):
+        text += " Random init: this says nothing about fine-tuning the pretrained backbone."
+    return text
+
+
 def blocks(analysis: dict, sources: str) -> list[Block]:
     """The section's paragraphs and tables; ``sources`` names the files its numbers come from."""
     out: list[Block] = []
     tail = analysis["tail_f1"]
     if not tail:
         return [Para("No pair has a scored PyTorch evaluation yet: nothing to say about the long tail.")]
+    random = analysis["random_init"]
+    shown = {p: p + (RANDOM_INIT if p in random else "") for p in analysis["pairs"]}
     leader = max(tail, key=lambda p: -1 if tail[p]["value"] is None else tail[p]["value"])
     n_tail = tail[leader]["n_tags_scored"]
     out.append(Para(f"Long-tail tags have fewer than {analysis['threshold']} training images ({n_tail} of them "
-                    f"have a test positive). Highest long-tail macro-F1: **{leader}** "
+                    f"have a test positive). Highest long-tail macro-F1: **{shown[leader]}** "
                     f"{fmt.with_ci(tail[leader]['value'], tail[leader]['ci'])}. Differences below are paired "
                     f"bootstraps over the test images on the tail tags only (P = share of resamples where the "
-                    f"first pair is better; sources: {sources})."))
+                    f"first pair is better; sources: {sources})."
+                    + (f" Random-init pairs ({', '.join(random)}) are not a valid comparison with the pretrained "
+                       "ones." if random else "")))
     if not analysis["paired_bootstrap"]:
         out.append(Para(f"No paired comparison could be made: {analysis['unavailable']}."))
     header = ["comparison (tail macro-F1)", "difference [95% CI]", "P(first better)", "verdict"]
     if analysis["backbones"]:
-        rows = [_comparison(c["result"], c["a"], c["b"]) for c in analysis["backbones"]]
+        rows = [_comparison(c["result"], shown[c["a"]], shown[c["b"]]) for c in analysis["backbones"]]
         strategies = [STRATEGY_LABELS.get(c["strategy"], c["strategy"]) for c in analysis["backbones"]]
         out.append(Table(["strategy", *header], [[s, *r] for s, r in zip(strategies, rows)]))
     if analysis["finetune"]:
-        items = []
-        for c in analysis["finetune"]:
-            res = c["result"]
-            name = FAMILY_LABELS.get(c["family"], c["family"])
-            if res is None:
-                items.append(f"{name}: fine-tune {fmt.num(c['tail_f1'][c['ft']]['value'])} vs probe "
-                             f"{fmt.num(c['tail_f1'][c['probe']]['value'])} (no paired test possible).")
-                continue
-            effect = ("**helps** the tail" if res["observed_diff"] > 0 else "**hurts** the tail") if res["separated"] \
-                else "has **no clear effect** on the tail"
-            items.append(f"{name}: fine-tuning {effect}: {c['ft']} − {c['probe']} "
-                         f"{fmt.signed_ci(res['observed_diff'], res['ci'])}, P(fine-tune better) = "
-                         f"{res['p_a_better']:.2f}.")
-        out += [Para("Does fine-tuning help or hurt the tail?"), Bullets(items)]
+        out += [Para("Does fine-tuning help or hurt the tail?"),
+                Bullets([_finetune_item(c, shown, random) for c in analysis["finetune"]])]
     if analysis["disagreements"]:
         names = list(analysis["disagreements"][0]["f1"])
         rows = [[r["tag"], f"{r['train_count']:.0f}", f"{r['support']:.0f}",
                  *[fmt.num(r["f1"][n], 2) for n in names], fmt.num(r["spread"], 2)]
                 for r in analysis["disagreements"]]
+        left_out = analysis["left_out_of_disagreements"]
         out.append(Para(f"The {len(rows)} rare tags where the pairs disagree most (per-tag test F1; with this few "
                         "test positives a single image moves a tag's F1 a lot, so read these as examples, not "
-                        "verdicts):"))
-        out.append(Table(["tag", "train images", "test positives", *names, "spread"], rows))
+                        "verdicts)"
+                        + (f"; random-init pairs ({', '.join(left_out)}) are left out of the spread" if left_out
+                           else "") + ":"))
+        out.append(Table(["tag", "train images", "test positives", *[shown[n] for n in names], "spread"], rows))
     return out

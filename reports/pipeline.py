@@ -6,7 +6,8 @@
 Each stage is its own CLI, run as a subprocess (this module imports no model code); every stage skips or
 resumes work already done, so rerunning after an interrupt continues where it stopped. Weights: ``auto`` takes
 pretrained weights wherever reachable offline (``--weights-dir`` / ``$BAKEOFF_WEIGHTS``, the hub cache) and
-runs the other families with explicit random init, announced at the start and flagged in every artifact.
+runs the other families with explicit random init: the first stage (``python -m train --plan-weights``) prints
+where each family's weights will come from, and every artifact flags random init.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO = {  # the embedded default: small enough for 2 CPU cores in minutes
@@ -29,39 +31,63 @@ DEMO = {  # the embedded default: small enough for 2 CPU cores in minutes
 # be benchmarked): recorded in that run's artifacts and shown in the report, so the chain goes on.
 SOFT = ("export", "evaluate", "bench")
 
+# A stage's name, and what runs it, decided just before it would run (a stage may depend on what earlier
+# stages wrote): its argv, or the reason it is skipped.
+Stage = tuple[str, Callable[[], list[str] | str]]
 
-def stages(a: argparse.Namespace) -> list[tuple[str, list[str], bool]]:
-    """(name, argv, skip) for every stage, in order."""
+
+def engine_pairs(runs: Path) -> list[str]:
+    """Runs with a TensorRT engine (export/*.engine, built by the export stage where TensorRT and a GPU exist)."""
+    return sorted({p.parents[1].name for p in runs.glob("*/export/*.engine")})
+
+
+def stages(a: argparse.Namespace) -> list[Stage]:
+    """Every stage, in order."""
     py = [sys.executable, "-m"]
     data, runs, out = str(a.data), str(a.runs), str(a.out)
     weights = ["--weights", a.weights] + (["--weights-dir", a.weights_dir] if a.weights_dir else [])
     sizes = [x for s in a.image_size for x in ("--image-size", s)]
     models = [x for m in a.model for x in ("--model", m)]
-    have_data = (Path(data) / "manifest.csv").exists()
-    prepared = (Path(data) / "splits.json").exists()
-    runtimes = ["torch", "onnxruntime"]
+    evaluate = py + ["evaluate", "--runs", runs, "--data", data, "--no-progress", "--runtime"]
+    bench = py + ["engines", "bench", "--runs", runs, "--batch", "1,8,32", "--warmup", "0.5", "--duration",
+                  str(a.bench_seconds), "--project", "t4", "--runtime"]
+
+    def unless(marker: Path, argv: list[str]) -> Callable[[], list[str] | str]:
+        return lambda: "done already" if a.skip_data or marker.exists() else argv
+
+    def on_engines(argv: list[str]) -> Callable[[], list[str] | str]:
+        def build() -> list[str] | str:
+            found = engine_pairs(a.runs)
+            return argv + ["--pairs", ",".join(found)] if found else f"no TensorRT engine under {runs}/*/export"
+        return build
+
+    constraints = [x for flag, v in (("--latency-budget-ms", a.latency_budget_ms),
+                                     ("--target-runtime", a.target_runtime), ("--min-tail-f1", a.min_tail_f1))
+                   if v is not None for x in (flag, str(v))]
     return [
-        ("synth", py + ["train.data", "synth", "--out", data, "--images", str(a.images), "--tags", str(a.tags),
-                        "--image-size", str(a.synth_size)], a.skip_data or have_data),
-        ("prepare", py + ["train.data", "prepare", data, "--test-size", a.test_size, "--cache-size", str(a.cache_size)],
-         a.skip_data or prepared),
-        ("train", py + ["train", "--all", "--data", data, "--out", runs, "--cache-size", str(a.cache_size),
-                        "--epochs", str(a.epochs), "--probe-epochs", str(a.probe_epochs), "--no-progress"]
-         + weights + sizes + models, False),
-        ("export", py + ["export", "--fp16", "--runs", runs, "--data", data], False),
-        *[(f"evaluate {rt}", py + ["evaluate", "--runs", runs, "--data", data, "--runtime", rt, "--no-progress"], False)
-          for rt in runtimes],
-        ("evaluate onnxruntime fp16", py + ["evaluate", "--runs", runs, "--data", data, "--runtime", "onnxruntime",
-                                           "--precision", "fp16", "--no-progress"], False),
-        *[(f"bench {rt}", py + ["engines", "bench", "--runs", runs, "--runtime", rt, "--batch", "1,8,32",
-                                "--warmup", "0.5", "--duration", str(a.bench_seconds), "--project", "t4"], False)
-          for rt in runtimes],
-        ("report", py + ["reports", "--runs", runs, "--out", out]
-         + (["--latency-budget-ms", str(a.latency_budget_ms)] if a.latency_budget_ms else []), False),
+        ("weights", lambda: py + ["train", "--all", "--plan-weights"] + weights + models),
+        ("synth", unless(a.data / "manifest.csv",
+                         py + ["train.data", "synth", "--out", data, "--images", str(a.images), "--tags", str(a.tags),
+                               "--image-size", str(a.synth_size)])),
+        ("prepare", unless(a.data / "splits.json",
+                           py + ["train.data", "prepare", data, "--test-size", a.test_size, "--cache-size",
+                                 str(a.cache_size)])),
+        ("train", lambda: py + ["train", "--all", "--data", data, "--out", runs, "--cache-size", str(a.cache_size),
+                                "--epochs", str(a.epochs), "--probe-epochs", str(a.probe_epochs), "--no-progress"]
+         + weights + sizes + models),
+        ("export", lambda: py + ["export", "--fp16", "--runs", runs, "--data", data]),
+        ("evaluate torch", lambda: evaluate + ["torch"]),
+        ("evaluate onnxruntime", lambda: evaluate + ["onnxruntime"]),
+        ("evaluate onnxruntime fp16", lambda: evaluate + ["onnxruntime", "--precision", "fp16"]),
+        ("evaluate tensorrt", on_engines(evaluate + ["tensorrt"])),
+        ("bench torch", lambda: bench + ["torch"]),
+        ("bench onnxruntime", lambda: bench + ["onnxruntime"]),
+        ("bench tensorrt", on_engines(bench + ["tensorrt"])),
+        ("report", lambda: py + ["reports", "--runs", runs, "--out", out] + constraints),
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m reports.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("data/demo"))
@@ -80,19 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=DEMO["epochs"])
     p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"])
     p.add_argument("--bench-seconds", type=float, default=1.0)
-    p.add_argument("--latency-budget-ms", type=float)
+    p.add_argument("--latency-budget-ms", type=float, help="passed to python -m reports")
+    p.add_argument("--target-runtime", help="passed to python -m reports (torch | onnxruntime | tensorrt[-PRECISION])")
+    p.add_argument("--min-tail-f1", type=float, help="passed to python -m reports")
     a = p.parse_args(argv)
     a.image_size = a.image_size or DEMO["image_size"]
     a.model = a.model or DEMO["model"]
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
     t0 = time.perf_counter()
-    if a.weights == "auto":
-        print(f"weights: pretrained where reachable offline ({a.weights_dir or '$BAKEOFF_WEIGHTS unset'}, hub cache); "
-              "other families run with RANDOM INIT — not a valid comparison, flagged in every artifact and the report")
     plan = stages(a)
     soft_failures = []
-    for k, (name, argv_, skip) in enumerate(plan, 1):
-        if skip:
-            print(f"[{k}/{len(plan)}] {name}: done already, skipped")
+    for k, (name, build) in enumerate(plan, 1):
+        argv_ = build()
+        if isinstance(argv_, str):
+            print(f"[{k}/{len(plan)}] {name}: {argv_}, skipped")
             continue
         print(f"[{k}/{len(plan)}] {name}: {shlex.join(argv_[1:])}", flush=True)
         t = time.perf_counter()

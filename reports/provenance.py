@@ -9,23 +9,31 @@ from reports.document import Block, Bullets, Heading, Table
 from train.data.dataset import SPLITS
 from train.data.io import read_json
 
+WHEN = {"training": "training-time", "evaluation": "evaluation-time", "benchmarks": "benchmark-time"}
+
+
+def training_versions(config: dict) -> dict[str, str]:
+    """Library versions config.json recorded at training time: ``versions``; runs trained before that record
+    only ``torch``."""
+    return config.get("versions") or ({"torch": config["torch"]} if config.get("torch") else {})
+
 
 def _collect(pairs: list[Pair]) -> dict:
     versions: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     devices: dict[str, set] = defaultdict(set)
     for p in pairs:
-        if p.config.doc.get("torch"):
-            versions["torch"][p.config.doc["torch"]].add("training")
+        for lib, v in training_versions(p.config.doc).items():
+            versions[lib][v].add(WHEN["training"])
         if p.timing is not None and p.timing.doc.get("device"):
             devices["training"].add(p.timing.doc["device"])
         for ev in p.evals.values():
             devices["evaluation"].add(ev.doc.get("device"))
             for lib, v in (ev.doc.get("versions") or {}).items():
-                versions[lib][v].add("evaluation")
+                versions[lib][v].add(WHEN["evaluation"])
         for lat in p.measured():
             devices["latency"].add(lat.device)
-            for lib, v in (lat.doc.get("versions") or {}).items():
-                versions[lib][v].add("benchmarks")
+            for lib, v in lat.versions.items():
+                versions[lib][v].add(WHEN["benchmarks"])
         for engine in p.engines:
             sm = str(engine.get("compute_capability")).replace(".", "")
             devices["TensorRT engine build"].add(f"{engine.get('gpu')} (sm_{sm}, TensorRT {engine.get('tensorrt')})")
@@ -69,7 +77,7 @@ def blocks(prov: dict) -> list[Block]:
     items = []
     for d in prov["datasets"]:
         sizes = d.get("split_sizes") or {}
-        used = sorted(set(v for v in d["n_train_used"].values() if v is not None))
+        used = sorted({v for v in d["n_train_used"].values() if v is not None})
         items.append(
             f"Dataset {d['path']} — hash {d['hash']}; {d['n_images']} images"
             + (f", {d['n_tags']} tags" if d.get("n_tags") else "")
@@ -77,7 +85,9 @@ def blocks(prov: dict) -> list[Block]:
             + f"; split seed {d['split_seed']}; training images used per run: {', '.join(map(str, used)) or '—'}"
             + f"; validation {d['n_val']}.")
     items += [f"{k.capitalize()} device(s): {'; '.join(v)}." for k, v in prov["devices"].items() if v]
-    items.append("Library versions: " + "; ".join(
+    items.append("Library versions, as each stage recorded them (training-time: config.json, where runs trained "
+                 "before it recorded versions give torch only; evaluation-time: eval/*/metrics.json; benchmark-time: "
+                 "latency/*.json): " + "; ".join(
         f"{lib} " + ", ".join(f"{v} ({'/'.join(used)})" for v, used in vs.items())
         for lib, vs in prov["versions"].items()) + ".")
     out.append(Bullets(items))

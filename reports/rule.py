@@ -10,10 +10,23 @@ import math
 from dataclasses import asdict, dataclass
 
 from reports import fmt
-from reports.artifacts import RUNTIMES, Evaluation, Latency, Pair, Sourced, runtime_label
+from reports.artifacts import (
+    PRECISIONS,
+    RUNTIMES,
+    Evaluation,
+    Latency,
+    Pair,
+    ReportError,
+    Sourced,
+    parse_run_name,
+    run_name,
+    runtime_label,
+    training_cost,
+)
 from reports.paired import Comparer
 
 BUCKET_CI = {None: "macro_f1", "tail": "tail_macro_f1"}
+RANDOM_FLAG = "random init — not a valid comparison"
 
 
 @dataclass(frozen=True)
@@ -23,31 +36,63 @@ class Constraints:
     min_tail_f1: float | None = None
 
     def __post_init__(self):
-        if self.target_runtime is not None and self.target_runtime.split("-")[0] not in RUNTIMES:
-            raise ValueError(f"target runtime {self.target_runtime!r}: choose from {list(RUNTIMES)} "
-                             "or <runtime>-<precision> (e.g. onnxruntime-fp16)")
+        if self.target_runtime is not None:
+            runtime, precision = parse_run_name(self.target_runtime)
+            if runtime not in RUNTIMES or precision not in PRECISIONS:
+                raise ValueError(f"target runtime {self.target_runtime!r}: choose from {list(RUNTIMES)}, optionally "
+                                 f"with -<precision> ({', '.join(PRECISIONS)}), e.g. onnxruntime-fp16")
         if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
             raise ValueError(f"latency budget must be positive, got {self.latency_budget_ms} ms")
+
+    @property
+    def target(self) -> str | None:
+        """The target's evaluation / latency name (``onnxruntime`` means ONNX Runtime at its default fp32)."""
+        return None if self.target_runtime is None else run_name(*parse_run_name(self.target_runtime))
+
+    @property
+    def target_label(self) -> str:
+        return runtime_label(*parse_run_name(self.target)) if self.target else ""
+
+
+def check_target(c: Constraints, pairs: list[Pair]) -> None:
+    """Refuse a target runtime that no run has an evaluation or a latency (or T4 estimate) for."""
+    if c.target is None:
+        return
+    present = sorted({*(n for p in pairs for n in p.evals), *(lat.eval_name for p in pairs for lat in p.latencies)})
+    if c.target not in present:
+        raise ReportError(f"target runtime {c.target_runtime!r} ({c.target_label}): no run has an evaluation "
+                          f"(eval/{c.target}/) or a latency (latency/{c.target}.json) for it; present: "
+                          f"{', '.join(present) or 'none'}")
 
 
 def rule_lines(c: Constraints) -> list[str]:
     """The rule as printed in the report, with the constraints filled in."""
-    where = (f"on {c.target_runtime} (measured before a T4 ESTIMATE)" if c.target_runtime
-             else "on the pair's fastest measured runtime")
-    accuracy = (f"{c.target_runtime}'s own evaluation where it was scored, else PyTorch fp32" if c.target_runtime
-                else "PyTorch fp32")
+    if c.target:
+        judged = (f"Each pair is judged on {c.target_label}: p99 latency at batch 1 from latency/{c.target}.json"
+                  + (" (a T4 ESTIMATE only where no TensorRT latency was measured)" if c.target == run_name("tensorrt", "fp16")
+                     else "")
+                  + f"; accuracy = test macro-F1 of the pair's own {c.target_label} evaluation (eval/{c.target}). "
+                  f"A pair whose {c.target_label} evaluation failed is excluded; one not evaluated on "
+                  f"{c.target_label} cannot be considered.")
+    else:
+        judged = ("Each pair is judged on its fastest runtime (p99 latency at batch 1, measured, not a T4 ESTIMATE) "
+                  "whose own evaluation did not fail; accuracy = test macro-F1 of that runtime's evaluation, or of "
+                  "PyTorch fp32 where the runtime was not evaluated (flagged \"accuracy not measured on this "
+                  "runtime\"). A pair with no such latency is judged on PyTorch fp32 without a latency.")
     return [
-        f"1. Candidates: complete runs with a scored PyTorch fp32 evaluation. Latency = p99 at batch 1 {where}; "
-        f"accuracy = test macro-F1 of {accuracy}.",
-        "2. Constraints: " + "; ".join([*(["the target runtime's own evaluation must not have failed"]
-                                           if c.target_runtime else []),
+        f"1. Candidates: complete runs with a scored PyTorch fp32 evaluation. {judged}",
+        "2. Constraints: " + "; ".join([
             f"p99 latency at batch 1 <= {c.latency_budget_ms:g} ms (a pair without that latency cannot be considered)"
             if c.latency_budget_ms is not None else "no latency budget (--latency-budget-ms)",
             f"long-tail macro-F1 >= {c.min_tail_f1:g}" if c.min_tail_f1 is not None
             else "no long-tail floor (--min-tail-f1)"]) + ".",
-        "3. Maximise macro-F1. Pairs whose paired-bootstrap 95% CI of the macro-F1 difference from the best "
-        "contains 0 tie with it; ties are broken by long-tail macro-F1 (tied again when that difference's CI "
-        "contains 0), then by the lower total training time. The runner-up is the same rule applied to the rest.",
+        ("3. Pairs with random-init weights are eligible only when no pretrained pair is; the recommendation then "
+         "warns that it is not a valid backbone comparison."),
+        ("4. Maximise macro-F1. Pairs whose paired-bootstrap 95% CI of the macro-F1 difference from the best "
+         "contains 0 tie with it; ties are broken by long-tail macro-F1 (tied again when that difference's CI "
+         "contains 0), then by the lower training cost: the sum of timing.json's phases, plus the linear probe's "
+         "for a fine-tune that starts from the probe's head (LP-then-FT). The runner-up is the same rule applied to "
+         "the rest."),
     ]
 
 
@@ -55,24 +100,18 @@ def p99(lat: Latency) -> float | None:
     return lat.latency_ms("p99").value
 
 
-def pick_latency(pair: Pair, target: str | None) -> Latency | None:
-    """The latency the rule uses for ``pair`` (see the module docstring); None when there is none."""
-    if target is None:
-        pool = pair.measured()
-    elif "-" in target:
-        pool = [lat for lat in pair.latencies if target in (lat.name, f"{lat.runtime}-{lat.precision}")]
-    else:
-        pool = [lat for lat in pair.latencies if lat.runtime == target]
-    pool = [lat for lat in pool if p99(lat) is not None]
-    pool = [lat for lat in pool if not lat.estimate] or pool
-    return min(pool, key=p99, default=None)
+def _failed(ev: Evaluation | None) -> bool:
+    return ev is not None and not ev.scored
 
 
 @dataclass
 class Candidate:
+    """A pair as the rule judges it: the evaluation its accuracy comes from, its latency, its training cost."""
+
     pair: Pair
     evaluation: Evaluation
     latency: Latency | None
+    cost: Sourced | None
 
     @property
     def name(self) -> str:
@@ -85,52 +124,73 @@ class Candidate:
         return self.evaluation.get(f"ci.{BUCKET_CI[bucket]}").value
 
     @property
-    def train_seconds(self) -> Sourced | None:
-        return self.pair.timing.get("seconds.total") if self.pair.timing else None
+    def accuracy_measured(self) -> bool:
+        """Whether the accuracy is the judged runtime's own (not PyTorch fp32 standing in for it)."""
+        return self.latency is None or self.latency.eval_name == self.evaluation.name
 
     @property
     def flags(self) -> list[str]:
-        out = ["random init — not a valid comparison"] if self.pair.random_init else []
-        if self.latency is not None and not self.latency.on_t4:
-            out.append("latency is a T4 ESTIMATE (roofline projection, not measured)" if self.latency.estimate
-                       else f"latency not measured on a T4 ({self.latency.device})")
+        out = [RANDOM_FLAG] if self.pair.random_init else []
+        lat = self.latency
+        if lat is not None and not lat.on_t4:
+            out.append("latency is a T4 ESTIMATE (roofline projection, not measured)" if lat.estimate
+                       else f"latency not measured on a T4 ({lat.device})")
+        if not self.accuracy_measured:
+            out.append(f"accuracy not measured on this runtime ({lat.label}: PyTorch fp32 accuracy used)")
         return out
 
     def describe(self) -> str:
-        """``dinov2-ft: macro-F1 0.612 [0.60, 0.62], long-tail F1 ..., p99 ... on ..., trained in ...``"""
+        """``dinov2-ft: macro-F1 0.612 [0.60, 0.62] (...), long-tail F1 ..., p99 ... on ..., trained in ...``"""
         parts = [f"macro-F1 {fmt.with_ci(self.metric().value, self.ci())} ({self.evaluation.label})",
                  f"long-tail F1 {fmt.with_ci(self.metric('tail').value, self.ci('tail'))}"]
         if self.latency is not None:
-            lat = self.latency
-            where = "a T4 (ESTIMATE, TensorRT fp16)" if lat.estimate else runtime_label(lat.runtime, lat.precision)
-            parts.append(f"p99 {fmt.ms(p99(lat))} ms at batch 1 on {where}")
+            parts.append(f"p99 {fmt.ms(p99(self.latency))} ms at batch 1 on {self.latency.label}")
         else:
             parts.append("no latency measured")
-        seconds = self.train_seconds
-        parts.append(f"trained in {fmt.duration(seconds.value if seconds else None)}")
-        return f"{self.name}: " + ", ".join(parts)
+        trained = f"trained in {fmt.duration(self.cost.value if self.cost else None)}"
+        if self.pair.starts_from_probe:
+            trained += " (fine-tune plus the linear probe it starts from)"
+        return f"{self.name}: " + ", ".join([*parts, trained])
 
 
-def candidates(pairs: list[Pair], c: Constraints) -> tuple[list[Candidate], list[dict], list[dict]]:
-    """(candidates meeting the constraints, pairs excluded by a constraint, pairs that could not be considered)."""
-    kept, excluded, unknown = [], [], []
+def judge(pair: Pair, pairs: list[Pair], c: Constraints) -> Candidate | str:
+    """``pair`` as the rule judges it (rule step 1), or why it cannot be judged."""
+    cost = training_cost(pair, pairs)
+    if c.target is None:
+        usable = [lat for lat in pair.measured() if p99(lat) is not None and not _failed(pair.evaluation_for(lat))]
+        lat = min(usable, key=p99, default=None)
+        ev = pair.evaluation_for(lat) if lat is not None else None
+        return Candidate(pair, ev if ev is not None else pair.reference, lat, cost)
+    ev = pair.evals.get(c.target)
+    if ev is None:
+        stale = c.target in pair.stale
+        return f"eval/{c.target} is stale (scored before config.json changed)" if stale \
+            else f"not evaluated on {c.target_label}"
+    pool = [lat for lat in pair.latencies if lat.eval_name == c.target and p99(lat) is not None]
+    lat = min([lat for lat in pool if not lat.estimate] or pool, key=p99, default=None)
+    return Candidate(pair, ev, lat, cost)
+
+
+def candidates(pairs: list[Pair], c: Constraints) -> tuple[list[Candidate], list[dict], list[dict], list[Candidate]]:
+    """(candidates meeting the constraints, pairs excluded by a constraint, pairs that could not be considered,
+    every pair the rule could judge)."""
+    kept, excluded, unknown, judged = [], [], [], []
     for pair in pairs:
-        if pair.reference is None:
-            unknown.append({"pair": pair.name, "reason": pair.unscored_reason()})
+        cand = judge(pair, pairs, c) if pair.reference is not None else pair.unscored_reason()
+        if isinstance(cand, str):
+            unknown.append({"pair": pair.name, "reason": cand})
             continue
-        lat = pick_latency(pair, c.target_runtime)
-        ev = pair.evals.get(lat.name) if c.target_runtime and lat is not None and not lat.estimate else None
-        cand = Candidate(pair, ev if ev is not None and ev.scored else pair.reference, lat)
-        tail = cand.metric("tail").value
-        if ev is not None and not ev.scored:
+        judged.append(cand)
+        lat, ev, tail = cand.latency, cand.evaluation, cand.metric("tail").value
+        if not ev.scored:
             excluded.append({"pair": pair.name, "reason": f"its {ev.label} evaluation failed on the test split "
                                                           f"({ev.doc.get('reason', ev.doc.get('status'))})"})
         elif c.latency_budget_ms is not None and lat is None:
-            unknown.append({"pair": pair.name, "reason": f"no latency measured on {c.target_runtime or 'any runtime'}"})
+            where = c.target_label or "any runtime whose evaluation did not fail"
+            unknown.append({"pair": pair.name, "reason": f"no latency measured on {where}"})
         elif c.latency_budget_ms is not None and p99(lat) > c.latency_budget_ms:
-            excluded.append({"pair": pair.name, "reason": f"p99 {fmt.ms(p99(lat))} ms at batch 1 "
-                                                          f"({lat.runtime} {lat.precision}) exceeds the "
-                                                          f"{c.latency_budget_ms:g} ms budget"})
+            excluded.append({"pair": pair.name, "reason": f"p99 {fmt.ms(p99(lat))} ms at batch 1 ({lat.label}) "
+                                                          f"exceeds the {c.latency_budget_ms:g} ms budget"})
         elif c.min_tail_f1 is not None and tail is None:
             unknown.append({"pair": pair.name, "reason": "long-tail F1 undefined (no tail tag in the test split)"})
         elif c.min_tail_f1 is not None and tail < c.min_tail_f1:
@@ -138,7 +198,11 @@ def candidates(pairs: list[Pair], c: Constraints) -> tuple[list[Candidate], list
                                                           f"{c.min_tail_f1:g} floor"})
         else:
             kept.append(cand)
-    return kept, excluded, unknown
+    if any(not cand.pair.random_init for cand in kept):
+        excluded += [{"pair": cand.name, "reason": "random-init weights, and pretrained pairs are eligible"}
+                     for cand in kept if cand.pair.random_init]
+        kept = [cand for cand in kept if not cand.pair.random_init]
+    return kept, excluded, unknown, judged
 
 
 def _separated(a: Candidate, b: Candidate, bucket: str | None, comparer: Comparer, log: list[dict]) -> bool:
@@ -159,8 +223,7 @@ def _value(c: Candidate, bucket: str | None = None) -> float:
 
 
 def _seconds(c: Candidate) -> float:
-    s = c.train_seconds
-    return math.inf if s is None or s.value is None else s.value
+    return math.inf if c.cost is None or c.cost.value is None else c.cost.value
 
 
 def choose(cands: list[Candidate], comparer: Comparer, log: list[dict]) -> tuple[Candidate, str]:
@@ -180,7 +243,7 @@ def choose(cands: list[Candidate], comparer: Comparer, log: list[dict]) -> tuple
                          f"{by_tail.name} has the best long-tail F1, separated from the others")
     pick = min(tied_tail, key=_seconds)
     return pick, (f"macro-F1 tied between {best.name} and {names}, and long-tail F1 tied between "
-                  f"{', '.join(c.name for c in tied_tail)}; {pick.name} trains fastest "
+                  f"{', '.join(c.name for c in tied_tail)}; {pick.name} has the lowest training cost "
                   f"({fmt.duration(_seconds(pick) if math.isfinite(_seconds(pick)) else None)})")
 
 
@@ -201,22 +264,43 @@ def _difference_text(res: dict | None, a: Candidate, b: Candidate, comparer: Com
                    "between them rests on the tie-breakers."), False
 
 
+def flag_lines(pairs: list[Pair], judged: list[Candidate]) -> tuple[dict[str, list[str]], list[str]]:
+    """Every pair's flags (random init; latency not measured on a T4; accuracy not measured on the judged
+    runtime), and one line per kind of flag naming the pairs it applies to."""
+    by_pair = {c.name: c.flags for c in judged} | {p.name: [RANDOM_FLAG] for p in pairs
+                                                    if p.random_init and p.name not in {c.name for c in judged}}
+    by_flag: dict[str, list[str]] = {}
+    for name, flags in by_pair.items():
+        for flag in flags:
+            by_flag.setdefault(flag, []).append(name)
+    return ({name: flags for name, flags in by_pair.items() if flags},
+            [f"Flag — {flag}: {', '.join(names)}." for flag, names in by_flag.items()])
+
+
 def recommend(pairs: list[Pair], constraints: Constraints, comparer: Comparer) -> dict:
     """Apply the rule; the result holds the printed rule, the choice, the runner-up, why, and every flag."""
-    cands, excluded, unknown = candidates(pairs, constraints)
+    check_target(constraints, pairs)
+    cands, excluded, unknown, judged = candidates(pairs, constraints)
+    flags, flagged = flag_lines(pairs, judged)
     log: list[dict] = []
     result = {"rule": rule_lines(constraints), "constraints": asdict(constraints),
               "considered": [c.name for c in cands], "excluded": excluded, "not_considered": unknown,
               "chosen": None, "runner_up": None, "why": None, "runner_up_why": None, "separable": None,
-              "top_two": None, "comparisons": log, "flags": {}, "paired_bootstrap": comparer.available}
+              "top_two": None, "comparisons": log, "flags": flags, "paired_bootstrap": comparer.available,
+              "all_random_init": bool(cands) and all(c.pair.random_init for c in cands)}
     if not cands:
         verdict = "no pair meets the constraints." if excluded else "no pair could be considered."
-        return result | {"text": [f"**No pair can be recommended**: {verdict}", *_gap_lines(excluded, unknown)]}
+        return result | {"text": [f"**No pair can be recommended**: {verdict}", *flagged,
+                                  *_gap_lines(excluded, unknown)]}
     chosen, why = choose(cands, comparer, log)
     rest = [c for c in cands if c is not chosen]
     runner, runner_why = choose(rest, comparer, log) if rest else (None, None)
     runner_why = runner_why and f"among the rest: {runner_why}"
     lines = [f"**Recommended: {chosen.name}** — {chosen.describe().split(': ', 1)[1]}.", f"Why: {why}."]
+    if result["all_random_init"]:
+        lines.append("**Warning: every eligible pair uses random-init weights, so this is not a valid backbone "
+                     "comparison** (e.g. the offline synthetic demo): the recommendation only shows the pipeline "
+                     "working.")
     result |= {"chosen": chosen.name, "why": why, "chosen_eval": chosen.evaluation.rel,
                "chosen_latency": chosen.latency.rel if chosen.latency else None}
     if runner is not None:
@@ -226,19 +310,11 @@ def recommend(pairs: list[Pair], constraints: Constraints, comparer: Comparer) -
         result |= {"runner_up": runner.name, "runner_up_why": runner_why, "separable": separable, "top_two": res}
     else:
         lines.append("Runner-up: none (only one pair meets the constraints).")
-    for c in cands:
-        if c.flags:
-            result["flags"][c.name] = c.flags
-    flagged = [c for c in (chosen, runner) if c is not None and c.flags]
-    lines += [f"Flag — {c.name}: {'; '.join(c.flags)}." for c in flagged]
-    if any(c.pair.random_init for c in cands):
-        lines.append("Runs with random-init weights (" + ", ".join(c.name for c in cands if c.pair.random_init)
-                     + ") are not a valid comparison: their ranking says nothing about the pretrained backbones.")
-    result["text"] = lines + _gap_lines(excluded, unknown)
+    result["text"] = lines + flagged + _gap_lines(excluded, unknown)
     return result
 
 
 def _gap_lines(excluded: list[dict], unknown: list[dict]) -> list[str]:
-    """The pairs the constraints excluded and those that could not be considered, with the reasons."""
+    """The pairs the rule excluded and those it could not consider, with the reasons."""
     return [f"{title}: " + "; ".join(f"{e['pair']} ({e['reason']})" for e in items) + "."
-            for title, items in (("Excluded by the constraints", excluded), ("Could not consider", unknown)) if items]
+            for title, items in (("Excluded", excluded), ("Could not consider", unknown)) if items]

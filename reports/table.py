@@ -5,8 +5,22 @@ Each row also returns its numbers as :class:`~reports.artifacts.Sourced` values 
 from __future__ import annotations
 
 from reports import fmt
-from reports.artifacts import (MODEL, PARITY, REFERENCE_EVAL, RUNTIMES, Evaluation, Latency, Pair, Sourced, pair_label,
-                               runtime_label)
+from reports.artifacts import (
+    MODEL,
+    PARITY,
+    REFERENCE_EVAL,
+    RUNTIMES,
+    TIMING_TOTALS,
+    Evaluation,
+    Latency,
+    Pair,
+    Sourced,
+    export_eval_name,
+    pair_label,
+    parse_run_name,
+    runtime_label,
+    training_cost,
+)
 from reports.document import Cell, Table
 from reports.figures import PHASES
 
@@ -25,6 +39,10 @@ class Notes:
             pairs.append(pair)
         return str(list(self._notes).index(text) + 1).translate(SUPERSCRIPTS)
 
+    def marks(self, texts: list[str], pair: str) -> str:
+        """Several notes' marks on one value, comma-separated (so ¹ and ² never read as ¹²)."""
+        return ",".join(self.mark(text, pair) for text in texts)
+
     def lines(self) -> list[str]:
         return [f"{str(i).translate(SUPERSCRIPTS)} {text}: {', '.join(pairs)}."
                 for i, (text, pairs) in enumerate(self._notes.items(), start=1)]
@@ -33,26 +51,21 @@ class Notes:
         return [{"note": text, "pairs": pairs} for text, pairs in self._notes.items()]
 
 
-def phases(timing: dict) -> dict[str, float]:
-    """timing.json seconds per phase, plus ``other`` (total minus the phases, when positive)."""
-    seconds = timing.get("seconds", {})
-    found = {k: float(v) for k, v in seconds.items() if k not in ("total", "wall") and v is not None}
-    other = float(seconds.get("total") or 0.0) - sum(found.values())
-    return found | ({"other": other} if other > 0.005 * max(float(seconds.get("total") or 0), 1) else {})
-
-
 def _latency_lines(lat: Latency, pair: Pair, notes: Notes) -> tuple[list[str], dict]:
     p50, p99 = lat.latency_ms("median"), lat.latency_ms("p99")
     tput, batch = lat.throughput()
-    marks = ""
+    caveats = []
     if lat.estimate:
-        marks += notes.mark("T4 ESTIMATE: a roofline projection for TensorRT fp16 on a T4 (engines.projection), "
-                            "not a measurement; batch-1 figures are a lower bound", pair.name)
+        caveats.append("T4 ESTIMATE: a roofline projection for TensorRT fp16 on a T4 (engines.projection), "
+                       "not a measurement; batch-1 figures are a lower bound")
     elif not lat.on_t4:
-        marks += notes.mark(f"latency measured on {lat.device}, not a T4", pair.name)
+        caveats.append(f"latency measured on {lat.device}, not a T4")
+    if lat.definition:
+        caveats.append(f"latency = {lat.definition}")
     if lat.contended:
-        marks += notes.mark("other processes loaded the CPU during the benchmark (load average above the core "
-                            "count): figures are pessimistic", pair.name)
+        caveats.append("other processes loaded the CPU during the benchmark (load average above the core count): "
+                       "figures are pessimistic")
+    marks = notes.marks(caveats, pair.name)
     figures = f"≈ {fmt.ms(p99.value)}" if lat.estimate else f"{fmt.ms(p50.value)} / {fmt.ms(p99.value)}"
     lines = [f"{lat.precision}: {figures} ms{marks}", f"{fmt.rate(tput.value)} img/s @{batch}"]
     return lines, {"p50_ms_batch1": p50.to_json(), "p99_ms_batch1": p99.to_json(), "throughput_ips": tput.to_json(),
@@ -88,14 +101,13 @@ def parity_line(pair: Pair) -> tuple[str | None, dict]:
 
 
 def deployed_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
-    """Macro-F1 of every other evaluation of the pair minus PyTorch fp32 (failed ones said so), and parity."""
+    """Macro-F1 of every other evaluation of the pair minus PyTorch fp32 (failed ones said so), a note for each
+    exported model that was not evaluated, and the export's parity verdict."""
     ref = pair.reference
     others = [ev for name, ev in pair.evals.items() if name != REFERENCE_EVAL]
     parity, values = parity_line(pair)
-    if ref is None or not others:
-        why = (pair.unscored_reason() if ref is None
-               else "no exported-model evaluation (eval/onnxruntime*, eval/tensorrt*)")
-        return [fmt.DASH + notes.mark(why, pair.name), *([parity] if parity else [])], values
+    if ref is None:
+        return [fmt.DASH + notes.mark(pair.unscored_reason(), pair.name), *([parity] if parity else [])], values
     lines = []
     for ev in others:
         if not ev.scored:
@@ -105,6 +117,13 @@ def deployed_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
         d = delta(ev, ref)
         lines.append(f"{ev.label}: {fmt.signed(d.value, 4)}")
         values[ev.name] = d.to_json()
+    unevaluated = sorted(((f, name) for f in pair.export if (name := export_eval_name(f)) and name not in pair.evals),
+                         key=lambda f_name: f_name[1])
+    lines += [f"{runtime_label(*parse_run_name(name))}: not evaluated"
+              + notes.mark(f"{f} was exported but not evaluated (no eval/{name}/)", pair.name) for f, name in unevaluated]
+    if not lines:
+        lines.append(fmt.DASH + notes.mark("nothing exported or evaluated beyond PyTorch (python -m export)", pair.name))
+    values["not_evaluated"] = [f for f, _ in unevaluated]
     return lines + ([parity] if parity else []), values
 
 
@@ -134,18 +153,30 @@ def size_cell(pair: Pair) -> tuple[Cell, dict]:
     return lines or fmt.DASH, values
 
 
-def training_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
-    if pair.timing is None:
+def training_cell(pair: Pair, pairs: list[Pair], notes: Notes) -> tuple[Cell, dict]:
+    """Training time (the sum of timing.json's phases, as Figure 4 draws it), its largest phases, and for a
+    fine-tune started from its probe's head the cost the rule uses (fine-tune + probe)."""
+    own = pair.training_time()
+    if own is None:
         return fmt.DASH + notes.mark("no timing.json (training unfinished)", pair.name), {}
-    total = pair.timing.get("seconds.total")
-    parts = phases(pair.timing.doc)
-    minor = ("weights_load", "image_cache", "thresholds", "other")  # shown in Figure 4
+    parts = pair.phases
+    recorded = pair.timing.get("seconds.total").value
+    caveats = []
+    if recorded is not None and recorded < own.value - 0.01 * max(own.value, 1.0):
+        caveats.append("timing.json's seconds.total (written before the fix) leaves out reused-cache phases; the "
+                       "time shown is the sum of the phases")
+    if pair.reused_caches:
+        caveats.append("includes the recorded cost of a reused cache (timing.json caches_reused)")
+    lines = [f"{fmt.duration(own.value)} total" + notes.marks(caveats, pair.name)]
+    cost = training_cost(pair, pairs)
+    if pair.starts_from_probe:
+        lines.append(f"with probe {fmt.duration(cost.value)}" + notes.mark(
+            "fine-tune starts from the linear probe's head (LP-then-FT): its training cost, used by the rule, "
+            "adds the probe's time", pair.name))
+    minor = ("weights_load", "image_cache", "thresholds")  # shown in Figure 4
     shown = sorted(((k, v) for k, v in parts.items() if k not in minor), key=lambda kv: -kv[1])
-    lines = [f"{fmt.duration(total.value)} total"] + [f"{PHASES.get(k, k)} {fmt.duration(v)}" for k, v in shown]
-    if "linear probe" in str(pair.config.get("summary.init_head").value or ""):
-        lines[0] += notes.mark("fine-tune starts from the linear probe's head: add the probe's time for the full cost",
-                               pair.name)
-    return lines, {"total_seconds": total.to_json(),
+    lines += [f"{PHASES.get(k, k)} {fmt.duration(v)}" for k, v in shown]
+    return lines, {"training_seconds": own.to_json(), "cost_seconds": cost.to_json(),
                    "phases_seconds": {k: {"value": v, "source": pair.timing.rel, "field": f"seconds.{k}"}
                                       for k, v in parts.items()},
                    "device": pair.timing.get("device").to_json()}
@@ -185,7 +216,7 @@ def main_table(pairs: list[Pair]) -> tuple[Table, dict]:
             name += ["⚠ random init —", "not a valid comparison"]
         acc, values = accuracy_cells(pair, notes)
         values |= {"random_init": pair.random_init, "weights": pair.config.get("weights").to_json()}
-        train, values["training"] = training_cell(pair, notes)
+        train, values["training"] = training_cell(pair, pairs, notes)
         lat_cells = []
         values["latency"] = {}
         for runtime in RUNTIMES:
@@ -195,7 +226,8 @@ def main_table(pairs: list[Pair]) -> tuple[Table, dict]:
         size, values["size"] = size_cell(pair)
         rows.append([name, *acc, train, *lat_cells, deployed, size])
         summary[pair.name] = values
-    legend = ("Accuracy: test split, PyTorch fp32, 95% bootstrap CIs. Latency cells: precision: p50 / p99 ms at "
-              "batch 1, then images/s at the largest batch benchmarked (@batch). FP16 / engine Δ: macro-F1 of "
-              "each exported or reduced-precision evaluation minus PyTorch fp32.")
+    legend = ("Accuracy: test split, PyTorch fp32, 95% bootstrap CIs. Training time: the sum of timing.json's "
+              f"phases (every seconds.* entry but {' and '.join(TIMING_TOTALS)}), as in Figure 4. Latency cells: "
+              "precision: p50 / p99 ms at batch 1, then images/s at the largest batch benchmarked (@batch). "
+              "FP16 / engine Δ: macro-F1 of each exported or reduced-precision evaluation minus PyTorch fp32.")
     return Table(header, rows, [legend, *notes.lines()]), {"pairs": summary, "notes": notes.as_json()}

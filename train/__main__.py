@@ -1,4 +1,5 @@
-"""python -m train --backbone clip --strategy ft --data DATASET --out RUNS   (or --all for the 3x2 grid)"""
+"""python -m train --backbone clip --strategy ft --data DATASET --out RUNS   (or --all for the 3x2 grid)
+python -m train --all --plan-weights [--weights auto] [--weights-dir DIR]   (where the weights would come from)"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,9 @@ import time
 from pathlib import Path
 
 from train.probe import ProbeConfig
-from train.registry import FAMILIES, REGISTRY
+from train.registry import FAMILIES, REGISTRY, get_spec
 from train.run import STRATEGIES, RunError, RunOptions, is_complete, pair_name, train_pair
-from train.weights import WeightsNotFound
+from train.weights import WeightsNotFound, plan_weights
 
 
 def per_family(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -33,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=FAMILIES, help="backbone family")
     p.add_argument("--strategy", choices=STRATEGIES, help="probe = linear probe on frozen features; ft = last 4 blocks")
     p.add_argument("--all", action="store_true", help="run the whole 3x2 grid, skipping finished pairs")
-    p.add_argument("--data", required=True, help="dataset directory (python -m train.data ...)")
+    p.add_argument("--data", help="dataset directory (python -m train.data ...); required unless --plan-weights")
+    p.add_argument("--plan-weights", action="store_true",
+                   help="print where each family's weights would come from (file / hub / random init) and exit")
     p.add_argument("--out", default="runs", help="runs directory")
     p.add_argument("--model", action="append", help=f"registry variant; with --all also FAMILY=NAME. Known: {', '.join(REGISTRY)}")
     p.add_argument("--weights", action="append", help="pretrained | random | FILE; with --all also FAMILY=VALUE")
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     strategies = STRATEGIES if args.all else (args.strategy,)
     models = per_family(args.model, "--model")
     weights = per_family(args.weights, "--weights")
+    if args.plan_weights:
+        for fam in families:
+            spec = get_spec(fam, models.get(fam))
+            print(plan_weights(spec, weights.get(fam, "pretrained"), args.weights_dir).describe(spec))
+        return 0
+    if not args.data:
+        raise SystemExit("--data is required (the dataset directory)")
     sizes = per_family(args.image_size, "--image-size")
     failures = []
     for fam in families:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from importlib import metadata
 
 import torch
 
@@ -28,9 +29,14 @@ def setup_threads(n: int | None = None) -> int:
     Two processes sharing two cores should run with one thread each: OpenMP threads that wait for a core
     the other process holds make both many times slower than running them one after the other.
     """
-    n = n or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    n = cpu_threads(n)
     torch.set_num_threads(n)
     return n
+
+
+def cpu_threads(threads: int | None = None) -> int:
+    """CPU intra-op threads to use: ``threads``, else ``$OMP_NUM_THREADS``, else every core."""
+    return threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
 
 
 def device_name(device: torch.device) -> str:
@@ -43,3 +49,18 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu",
+            "tensorrt", "cuda-python", "cuda-bindings", "pycuda")
+
+
+def library_versions() -> dict[str, str]:
+    """Python and the installed versions of the packages that decide a number here (those present)."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

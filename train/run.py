@@ -19,7 +19,7 @@ from train.data.cache import build_cache, load_cache
 from train.data.dataset import Dataset, load_dataset
 from train.data.io import atomic_path, read_json, write_json
 from train.data.splits import iterative_stratification
-from train.device import device_name, pick_device, setup_threads
+from train.device import device_name, library_versions, pick_device, setup_threads
 from train.features import FeatureStore, cache_key, extract, extraction_seconds
 from train.finetune import FinetuneConfig, ImageSource, TrunkSource, finetune, predict_from_trunk
 from train.losses import MultiLabelLoss, class_balanced_pos_weight
@@ -191,7 +191,7 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
         "taxonomy": ds.taxonomy,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("probe", "progress")},
         "device": device_name(device),
-        "torch": torch.__version__,
+        "versions": library_versions(),
     }
     write_json(run_dir / CONFIG, config)
 

@@ -136,33 +136,61 @@ def _library_model(spec: BackboneSpec, kind: str, file: Path | None) -> nn.Modul
     raise ValueError(f"unknown library {spec.library!r}")
 
 
-def create_backbone(spec: BackboneSpec, weights: str = "pretrained", weights_dir: str | os.PathLike | None = None,
-                    seed: int = 0) -> tuple[Backbone, WeightsInfo]:
-    """Build ``spec`` with the requested weights; returns the backbone and where its weights came from."""
-    torch.manual_seed(seed)
+@dataclass(frozen=True)
+class WeightsPlan:
+    """Where ``create_backbone`` will take a backbone's weights from, decided without loading anything."""
+
+    kind: str  # "file" | "hub" | "random"
+    source: str  # file path, hub id, or "random"
+    why: str  # one line for people
+
+    def describe(self, spec: BackboneSpec) -> str:
+        if self.kind == "random":
+            return f"{spec.family} {spec.name}: {RANDOM_FLAG} ({self.why})"
+        return f"{spec.family} {spec.name}: pretrained, {self.why}"
+
+
+def plan_weights(spec: BackboneSpec, weights: str = "pretrained",
+                 weights_dir: str | os.PathLike | None = None) -> WeightsPlan:
+    """The weights ``create_backbone(spec, weights, weights_dir)`` will load: local file, hub, or random init."""
     if weights == "random":
-        return wrap(spec, _library_model(spec, "random", None)), WeightsInfo("random", "random")
+        return WeightsPlan("random", "random", "asked for")
     if weights not in ("pretrained", "auto"):
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsNotFound(f"{spec.name}: weights file {path} does not exist")
-        return wrap(spec, _library_model(spec, "file", path)), WeightsInfo("file", str(path.resolve()), sha256_file(path))
+        return WeightsPlan("file", weights, f"file {weights}")
     dirs = weights_dirs(weights_dir)
     local = find_local_weights(spec, dirs)
     if local is not None:
-        return wrap(spec, _library_model(spec, "file", local)), WeightsInfo("file", str(local.resolve()), sha256_file(local))
-    if weights == "auto" and not in_hub_cache(spec):
-        print(f"WARNING {spec.name}: no pretrained weights reachable offline (no {spec.arch}.*.safetensors in "
-              f"{', '.join(map(str, dirs)) or '$' + WEIGHTS_ENV + ' (unset)'}; {spec.hub_id} not in the hub cache): "
-              f"{RANDOM_FLAG}")
-        return create_backbone(spec, "random", seed=seed)
+        return WeightsPlan("file", str(local), f"local file {local}")
+    if in_hub_cache(spec):
+        return WeightsPlan("hub", spec.hub_id, f"{spec.hub_id} from the Hugging Face cache")
+    looked = ", ".join(map(str, dirs)) or f"(no --weights-dir and ${WEIGHTS_ENV} unset)"
+    if weights == "auto":
+        return WeightsPlan("random", "random", f"no pretrained weights reachable offline (no {spec.arch}.*.safetensors "
+                                               f"in {looked}; {spec.hub_id} not in the hub cache)")
+    return WeightsPlan("hub", spec.hub_id, f"{spec.hub_id} downloaded from the hub (needs network; no "
+                                           f"{spec.arch}.*.safetensors in {looked})")
+
+
+def create_backbone(spec: BackboneSpec, weights: str = "pretrained", weights_dir: str | os.PathLike | None = None,
+                    seed: int = 0) -> tuple[Backbone, WeightsInfo]:
+    """Build ``spec`` with the requested weights (``plan_weights``); returns the backbone and their source."""
+    torch.manual_seed(seed)
+    plan = plan_weights(spec, weights, weights_dir)
+    if plan.kind == "random":
+        if weights == "auto":
+            print(f"WARNING {plan.describe(spec)}")
+        return wrap(spec, _library_model(spec, "random", None)), WeightsInfo("random", "random")
+    if plan.kind == "file":
+        path = Path(plan.source)
+        if not path.is_file():
+            raise WeightsNotFound(f"{spec.name}: weights file {path} does not exist")
+        return wrap(spec, _library_model(spec, "file", path)), WeightsInfo("file", str(path.resolve()), sha256_file(path))
     try:
         model = _library_model(spec, "hub", None)
     except Exception as e:  # hub unreachable or no such tag
-        looked = ", ".join(str(d) for d in dirs) or f"(no --weights-dir and ${WEIGHTS_ENV} unset)"
         raise WeightsNotFound(
             f"{spec.name}: no pretrained weights. Hub download of {spec.hub_id} via {spec.library} failed "
-            f"({type(e).__name__}: {str(e)[:200]}); no local file {spec.arch}.*.safetensors in {looked}. "
+            f"({type(e).__name__}: {str(e)[:200]}); {plan.why}. "
             f"Pass --weights-dir DIR or --weights FILE, or --weights random (flagged: {RANDOM_FLAG})."
         ) from e
     return wrap(spec, model), WeightsInfo("hub", spec.hub_id)

@@ -1,34 +1,20 @@
-"""A copy of the tiny cnn-probe run with ONNX exports made here (fp32, and fp16 via onnxconverter_common)."""
+"""A copy of the tiny cnn-probe run with ONNX exports (fp32 and fp16) made by the export stage's functions."""
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 
 def export_onnx(run_dir: Path, fp16: bool = True) -> Path:
-    """``run_dir/export/model.onnx`` (+ ``model.fp16.onnx``) the way the export stage makes them."""
-    import onnx
-    from onnxconverter_common import float16
+    """``run_dir/export/model.onnx`` (+ ``model.fp16.onnx``), made by the export stage's own functions."""
+    from export.fp16 import convert_fp16
+    from export.onnx_export import export_onnx as export_stage
 
-    from train.run import load_run
-
-    model, config, _ = load_run(run_dir)
-    size = config["preprocess"]["img_size"]
-    path = run_dir / "export" / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # the legacy exporter's deprecation; fp16's "number will be truncated"
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        torch.onnx.export(model, torch.zeros(2, 3, size, size), str(path), opset_version=17,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          input_names=["input"], output_names=["logits"], dynamo=False)
-        if fp16:
-            half = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
-            onnx.save(half, str(path.with_name("model.fp16.onnx")))
+    path = export_stage(run_dir)
+    if fp16:
+        convert_fp16(path, path.with_name("model.fp16.onnx"))
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -9,8 +10,15 @@ import pytest
 import torch
 
 from engines import open_runner
-from engines.ort_runner import OrtRunner, pick_providers
+from engines.ort_runner import (
+    TRT_CACHE,
+    OrtRunner,
+    pick_providers,
+    tensorrt_options,
+    with_options,
+)
 from engines.runners import MissingExport, TorchRunner
+from train.device import cpu_threads
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +50,35 @@ def test_threads_are_pinned_and_reported(run_onnx):
     assert ort.threads == 1 and ort.describe()["threads"] == 1
     assert "(1 onnxruntime threads)" in ort.device and ort.describe()["providers"] == ["CPUExecutionProvider"]
     assert ort.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_threads_come_from_the_argument_else_omp_num_threads_else_every_core(run_onnx, monkeypatch):
+    n = os.cpu_count() + 1  # neither the default nor what the argument says
+    monkeypatch.setenv("OMP_NUM_THREADS", str(n))
+    assert cpu_threads(1) == 1 and cpu_threads() == n
+    ort = OrtRunner(run_onnx)
+    assert ort.threads == n and ort.session.get_session_options().intra_op_num_threads == n
+    assert f"({n} onnxruntime threads)" in ort.device
+    assert OrtRunner(run_onnx, threads=1).threads == 1  # --threads wins over the environment
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert TorchRunner(run_onnx, device="cpu").threads == n == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads() == os.cpu_count()
+
+
+def test_tensorrt_provider_options(tmp_path):
+    cache = tmp_path / "export" / TRT_CACHE
+    fp16 = tensorrt_options("fp16", cache)
+    assert fp16 == {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
+    assert tensorrt_options("fp32", cache)["trt_fp16_enable"] == "0"
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert with_options(gpu, "fp16", cache) == [("TensorrtExecutionProvider", fp16), *gpu[1:]]
+    assert with_options(gpu[1:], "fp16", cache) == gpu[1:]
 
 
 def test_providers():

@@ -6,8 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.projection import (ANCHOR, LABEL, RESNET50_COST, T4, Target, calibrate, format_estimate, model_cost,
-                                project, roofline_ms)
+from engines.projection import (
+    ANCHOR,
+    LABEL,
+    RESNET50_COST,
+    T4,
+    Target,
+    calibrate,
+    format_estimate,
+    model_cost,
+    project,
+    roofline_ms,
+)
 
 
 def test_model_cost_of_one_convolution():
@@ -31,6 +41,28 @@ def test_model_cost_counts_cpu_attention():
     cost = model_cost(Attention(), 8)
     attention = 2 * 2 * (3 * 8 * 8 * 8)  # QK^T and AV: two matmuls of h*n*n*d multiply-adds
     assert cost["flops_per_image"] == 2 * 192 * 192 + attention
+
+
+class MhaImage(nn.Module):
+    """An image as 4 tokens of width 48 through nn.MultiheadAttention (open_clip's attention module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(48, 4, batch_first=True)  # an even head count: the fast path takes it
+
+    def forward(self, x):  # 1 x 3 x 8 x 8 -> 1 x 4 tokens x 48
+        tokens = x.reshape(1, 3, 4, 16).permute(0, 2, 1, 3).reshape(1, 4, 48)
+        return self.attn(tokens, tokens, tokens, need_weights=False)[0]
+
+
+def test_model_cost_counts_multihead_attention_fast_path():
+    """In eval + no_grad, MultiheadAttention runs one fused op that FlopCounterMode would count as 0."""
+    model = MhaImage()
+    n, d = 4, 48
+    projections = 2 * n * d * (3 * d) + 2 * n * d * d  # QKV in-projection and the output projection
+    attention = 2 * 2 * n * n * d  # QK^T and AV over all heads
+    assert model_cost(model, 8)["flops_per_image"] == projections + attention
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
 
 
 def test_resnet50_anchor_cost_is_what_the_counters_say():

@@ -9,11 +9,10 @@ import pytest
 from evaluate import score as S
 from evaluate.__main__ import main
 from evaluate.compare import compare_table
+from tests.evaluate.test_score import copy_runs, held_out_labels, register_fixed
 from train.data.io import read_json, write_json
 from train.run import RunError
 from train.weights import RANDOM_FLAG
-
-from tests.evaluate.test_score import copy_runs, held_out_labels, register_fixed
 
 
 def noisy_logits(y: np.ndarray, flip: float, seed: int) -> np.ndarray:

@@ -12,9 +12,27 @@ from onnx import TensorProto, helper
 
 from export.__main__ import main
 from export.fp16 import FP32_OPS, convert_fp16, precision_summary
-from export.onnx_export import ONNX_FP16, ONNX_FP32, ExportError, check_onnx, export_onnx, read_metadata
-from export.parity import (DEFAULT_TOLERANCES, ParityFailed, Tolerance, compare, judge, ort_logits, parity_inputs,
-                           parity_report, parity_rows, torch_logits, write_parity)
+from export.onnx_export import (
+    ONNX_FP16,
+    ONNX_FP32,
+    ExportError,
+    check_onnx,
+    export_onnx,
+    read_metadata,
+)
+from export.parity import (
+    DEFAULT_TOLERANCES,
+    ParityFailed,
+    Tolerance,
+    compare,
+    judge,
+    ort_logits,
+    parity_inputs,
+    parity_report,
+    parity_rows,
+    torch_logits,
+    write_parity,
+)
 from export.tensorrt import trt_unavailable_reason
 from tests.conftest import tiny_options
 from train.data.dataset import load_dataset
@@ -56,7 +74,7 @@ def test_cli_exports_checks_and_reports(cnn_export):
 
 @pytest.mark.skipif(trt_unavailable_reason() is None, reason="TensorRT and a GPU are present: an engine is built")
 def test_cli_says_once_per_run_that_no_engine_was_built(cnn_export):
-    code, out, _, run = cnn_export
+    _, out, _, run = cnn_export
     lines = [line for line in out.splitlines() if "engine" in line]
     assert len(lines) == 1 and lines[0].startswith("cnn-probe: no TensorRT engine built: tensorrt is not importable")
     assert not list((run / "export").glob("*.engine*"))
@@ -64,7 +82,7 @@ def test_cli_says_once_per_run_that_no_engine_was_built(cnn_export):
 
 def test_metadata_and_graph_contract(cnn_export):
     *_, run = cnn_export
-    model, config, thresholds = load_run(run)
+    _, config, thresholds = load_run(run)
     meta = read_metadata(run / "export" / ONNX_FP32)
     assert meta["pair"] == "cnn-probe" and meta["family"] == "cnn" and meta["weights_kind"] == "random"
     assert meta["tags"] == config["taxonomy"] and meta["thresholds"] == pytest.approx(thresholds.tolist())
@@ -110,7 +128,7 @@ def test_tampered_model_fails_parity_loudly(cnn_export, cli, tmp_path, monkeypat
         return dst
 
     monkeypatch.setattr("export.pipeline.export_onnx", export_tampered)
-    code, out, err = cli("--runs", str(runs), "--force")  # the copied export is current: force a re-export
+    code, _, err = cli("--runs", str(runs), "--force")  # the copied export is current: force a re-export
     assert code == 1
     assert "FAILED cnn-probe: ParityFailed" in err and "onnx_fp32:" in err and "decisions flip" in err
     report = json.loads((runs / "cnn-probe" / "export" / "parity.json").read_text())
@@ -199,15 +217,23 @@ def test_parity_rows_spread_over_test(tiny_data):
     assert (parity_rows(ds, 10_000) == test).all()
 
 
-def test_current_export_is_skipped_until_the_checkpoint_changes(cnn_export, tmp_path):
-    import shutil
-
-    from export.pipeline import ExportOptions, current_export
+def test_current_onnx_is_skipped_until_the_checkpoint_changes(cnn_export, tmp_path):
+    from export.pipeline import ExportOptions, current_onnx
 
     run = tmp_path / "cnn-probe"
     shutil.copytree(cnn_export[3], run)
-    assert current_export(run, ExportOptions(fp16=True))["status"] == "passed"
-    assert current_export(run, ExportOptions(fp16=True, force=True)) is None
+    assert current_onnx(run, ExportOptions(fp16=True))["status"] == "passed"
+    assert current_onnx(run, ExportOptions(fp16=True, force=True)) is None
     with open(run / "model.safetensors", "ab") as f:  # a retrained checkpoint
         f.write(b" ")
-    assert current_export(run, ExportOptions(fp16=True)) is None
+    assert current_onnx(run, ExportOptions(fp16=True)) is None
+
+
+@pytest.mark.skipif(trt_unavailable_reason() is None, reason="TensorRT and a GPU are present: an engine is built")
+def test_a_current_export_still_says_why_no_engine_was_built(cnn_export, cli, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(cnn_export[3], runs / "cnn-probe")
+    code, out, err = cli("--fp16", "--runs", str(runs), "--target", "t4")
+    assert code == 0, err
+    assert out.splitlines() == ["cnn-probe: export is current (same checkpoint), parity passed; skipped (--force redoes it)",
+                                f"cnn-probe: no TensorRT engine built: {trt_unavailable_reason()}"]

@@ -1,9 +1,9 @@
 """TensorRT export: the pure parts everywhere, the build driven by a fake ``tensorrt``; a real build on a GPU."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
+import re
 import shutil
 import types
 from pathlib import Path
@@ -76,37 +76,47 @@ def test_no_environment_without_tensorrt():
 
 # -- sidecar -----------------------------------------------------------------------------------------------
 
+PASSED = {"parity": {"status": "passed", "flip_rate": 0.0, "max_abs_prob": 1e-4, "failures": []}}
+
+
 @pytest.fixture
 def engine(tmp_path) -> Path:
-    """An 'engine' and its ONNX in RUNS/cnn-probe/export/, with a sidecar written for T4."""
-    export = tmp_path / "runs" / "cnn-probe" / "export"
-    export.mkdir(parents=True)
-    (export / "model.onnx").write_bytes(b"onnx v1")
-    path = export / "model.t4.fp16.engine"
+    """An 'engine', its ONNX and the run's checkpoint in RUNS/cnn-probe/, with a parity-checked T4 sidecar."""
+    run = tmp_path / "runs" / "cnn-probe"
+    (run / "export").mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"weights v1")
+    (run / "export" / "model.onnx").write_bytes(b"onnx v1")
+    path = run / "export" / "model.t4.fp16.engine"
     path.write_bytes(b"plan")
     info = {"tensorrt": T4["tensorrt"], "gpu": T4["gpu"], "compute_capability": T4["compute_capability"],
             "profile": {"min": [1, 3, 32, 32]}, "precision": "fp16", "onnx": "model.onnx",
-            "onnx_sha256": T.sha256_file(export / "model.onnx"), "engine_sha256": T.sha256_file(path), "built": "now"}
-    assert T.write_engine_sidecar(path, info) == export / "model.t4.fp16.engine.json"
+            "onnx_sha256": T.sha256_file(run / "export" / "model.onnx"),
+            "checkpoint_sha256": T.sha256_file(run / "model.safetensors"), "engine_sha256": T.sha256_file(path),
+            "built": "now"} | PASSED
+    assert T.write_engine_sidecar(path, info) == run / "export" / "model.t4.fp16.engine.json"
     return path
+
+
+def rebuild_hint(engine: Path) -> str:
+    runs = engine.parents[2]
+    return re.escape(f"Rebuild it on this GPU: python -m export --fp16 --runs {runs} --pairs cnn-probe")
 
 
 def test_sidecar_roundtrip(engine):
     info = T.read_engine_sidecar(engine)
     assert info["engine"] == engine.name and info["gpu"] == "Tesla T4"
     assert T.check_engine_sidecar(engine, env=T4) == info
-    assert T.check_engine_sidecar(engine, engine.with_name("model.onnx"), env=T4) == info
+    assert T.check_engine_sidecar(engine, engine.parents[1], env=T4) == info
     with pytest.raises(ValueError, match="sidecar info lacks"):
         T.write_engine_sidecar(engine, {"gpu": "x"})
 
 
 @pytest.mark.parametrize("env, message", [
-    (H200, r"built for sm_75, this GPU is sm_90; built on Tesla T4, this is NVIDIA H200\. Rebuild it on this GPU: "
-           r"python -m export --fp16 --runs RUNS --pairs cnn-probe"),
-    (T4 | {"tensorrt": "10.8.0"}, r"TensorRT 10.3.0 built it, this is TensorRT 10.8.0"),
+    (H200, r"built for sm_75, this GPU is sm_90; built on Tesla T4, this is NVIDIA H200\. "),
+    (T4 | {"tensorrt": "10.8.0"}, r"TensorRT 10.3.0 built it, this is TensorRT 10.8.0\. "),
 ])
 def test_sidecar_refuses_another_machine(engine, env, message):
-    with pytest.raises(T.EngineMismatch, match=message):
+    with pytest.raises(T.EngineMismatch, match=message + rebuild_hint(engine)):
         T.check_engine_sidecar(engine, env=env)
 
 
@@ -116,19 +126,47 @@ def test_sidecar_refuses_any_engine_without_tensorrt(engine):
         T.check_engine_sidecar(engine)
 
 
-def test_sidecar_refuses_changed_files_and_missing_things(engine):
-    engine.with_name("model.onnx").write_bytes(b"onnx v2")
-    with pytest.raises(T.EngineMismatch, match="model.onnx was re-exported after the engine was built"):
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.with_name("model.onnx").write_bytes(b"onnx v2"), "model.onnx, which it was built from, was re-exported"),
+    (lambda e: e.with_name("model.onnx").unlink(), "model.onnx, which it was built from, is missing"),
+    (lambda e: e.write_bytes(b"another plan"), "the engine file changed since its sidecar was written"),
+    (lambda e: e.unlink(), "the engine file is missing"),
+    (lambda e: (e.parents[1] / "model.safetensors").write_bytes(b"weights v2"),
+     "the run's checkpoint model.safetensors changed \\(retrained\\)"),
+    (lambda e: (e.parents[1] / "model.safetensors").unlink(), "the run's checkpoint model.safetensors is missing"),
+])
+def test_sidecar_refuses_changed_or_missing_sources(engine, change, message):
+    change(engine)
+    with pytest.raises(T.EngineMismatch, match=f"{message}.*{rebuild_hint(engine)}"):
         T.check_engine_sidecar(engine, env=T4)
-    engine.write_bytes(b"another plan")
-    with pytest.raises(T.EngineMismatch, match="the engine file changed since its sidecar was written"):
-        T.check_engine_sidecar(engine, env=T4)
+
+
+def test_sidecar_refuses_engines_without_a_passed_parity_check(engine):
     info = T.read_engine_sidecar(engine)
     T.write_engine_sidecar(engine, info | {"parity": {"status": "failed", "failures": ["90 of 7680 decisions flip"]}})
     with pytest.raises(T.EngineMismatch, match="failed the parity check against PyTorch.*90 of 7680 decisions flip"):
         T.check_engine_sidecar(engine, env=T4)
-    T.sidecar_path(engine).unlink()
-    with pytest.raises(T.EngineMismatch, match="no sidecar model.t4.fp16.engine.json"):
+    T.write_engine_sidecar(engine, {k: v for k, v in info.items() if k != "parity"})
+    with pytest.raises(T.EngineMismatch, match="never checked against PyTorch.*" + rebuild_hint(engine)):
+        T.check_engine_sidecar(engine, env=T4)
+
+
+@pytest.mark.parametrize("text, problem", [
+    (None, r"no sidecar model.t4.fp16.engine.json, so its GPU, TensorRT version and sources are unknown"),
+    ("{not json", r"model.t4.fp16.engine.json: not a valid sidecar \(JSONDecodeError: "),
+    ("[1, 2]", r"model.t4.fp16.engine.json: not a valid sidecar \(a JSON list, not an object\)"),
+    ("drop", r"model.t4.fp16.engine.json: not a valid sidecar \(it lacks checkpoint_sha256, engine_sha256\)"),
+])
+def test_sidecar_refuses_missing_or_malformed_sidecars(engine, text, problem):
+    sidecar = T.sidecar_path(engine)
+    if text is None:
+        sidecar.unlink()
+    elif text == "drop":
+        info = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({k: v for k, v in info.items() if k not in ("checkpoint_sha256", "engine_sha256")}))
+    else:
+        sidecar.write_text(text)
+    with pytest.raises(T.EngineMismatch, match=f"{problem}.*{rebuild_hint(engine)}"):
         T.check_engine_sidecar(engine, env=T4)
 
 
@@ -163,8 +201,10 @@ VIT_LAYERS = [("conv", "CONVOLUTION"), ("ln1", "NORMALIZATION"), ("qk", "MATRIX_
               ("shape-sum", "REDUCE", None, "int32")]
 
 
-def fake_trt(version: str, log: dict) -> types.SimpleNamespace:
-    """Just enough of the tensorrt module for ``build_engine``; records what was asked of it in ``log``."""
+def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = ()) -> types.SimpleNamespace:
+    """Just enough of the tensorrt module for ``build_engine``; records what was asked of it in ``log``.
+
+    ``set_timing_cache`` refuses caches made from ``refused_caches`` (as TensorRT does a corrupt one)."""
     network = types.SimpleNamespace(layers=[FakeLayer(*spec) for spec in VIT_LAYERS])
     network.num_layers = len(network.layers)
     network.get_layer = lambda i: network.layers[i]
@@ -191,12 +231,15 @@ def fake_trt(version: str, log: dict) -> types.SimpleNamespace:
             log["profiles"].append(profile.shapes)
 
         def create_timing_cache(self, data):
-            log["cache_in"] = data
-            self.cache = Cache(data)
-            return self.cache
+            log.setdefault("caches_offered", []).append(data)
+            return Cache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
-            assert cache is self.cache and ignore_mismatch is False
+            assert ignore_mismatch is False
+            if cache.data in refused_caches:
+                return False
+            self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
@@ -242,6 +285,7 @@ def fake_trt(version: str, log: dict) -> types.SimpleNamespace:
 def onnx_pair(tmp_path) -> tuple[Path, Path]:
     export = tmp_path / "runs" / "vit-probe" / "export"
     export.mkdir(parents=True)
+    (export.parent / "model.safetensors").write_bytes(b"weights")
     (export / "model.onnx").write_bytes(b"fp32 graph")
     (export / "model.fp16.onnx").write_bytes(b"fp16 graph")
     return export / "model.onnx", export / "model.fp16.onnx"
@@ -253,7 +297,8 @@ def test_build_trt10_pins_fragile_layers_fp32(onnx_pair):
     engine = fp32.with_name(T.engine_name(H200))
     cache = fp32.parents[2] / ".cache-file"
     cache.write_bytes(b"old")  # a timing cache from an earlier build is reused and extended
-    info = T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(target="t4"), cache, H200, trt=fake_trt("10.3.0", log))
+    info = T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(target="t4"), cache, H200, "ckpt-sha",
+                          trt=fake_trt("10.3.0", log))
     assert log["parsed"] == "model.onnx" and log["network_flags"] == 0 and log["flags"] == {"FP16", "OBEY"}
     assert info["pinned_fp32_layers"] == ["ln1", "pool", "pow", "softmax", "sqrt"]
     for layer in log["network"].layers:
@@ -261,12 +306,12 @@ def test_build_trt10_pins_fragile_layers_fp32(onnx_pair):
         assert (layer.precision == "float32") is pinned and (layer.output_types == {0: "float32"}) is pinned
     assert log["workspace"] == ("workspace", 4 << 30)
     assert log["profiles"] == [("images", (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))]
-    assert log["cache_in"] == b"old" and cache.read_bytes() == b"old+timings"
+    assert log["caches_offered"] == [b"old"] and cache.read_bytes() == b"old+timings"
     assert engine.read_bytes() == b"serialized plan"
     side = json.loads(T.sidecar_path(engine).read_text())
     assert side["onnx"] == "model.onnx" and side["onnx_sha256"] == T.sha256_file(fp32) and side["build_path"] == T.WEAK_FP16
+    assert side["checkpoint_sha256"] == "ckpt-sha" and "parity" not in side
     assert side["profile"]["opt"] == [8, 3, 32, 32] and "not T4-tuned" in side["target_warning"]
-    assert T.check_engine_sidecar(engine, env=H200 | {"tensorrt": "10.3.0"})["gpu"] == "NVIDIA H200"
 
 
 def test_build_trt11_is_strongly_typed_from_the_fp16_onnx(onnx_pair):
@@ -276,13 +321,32 @@ def test_build_trt11_is_strongly_typed_from_the_fp16_onnx(onnx_pair):
     engine = fp32.with_name(T.engine_name(env))
     cache = T.timing_cache_path(fp32.parents[2], env)
     opts = T.EngineOptions(min_batch=2, opt_batch=4, max_batch=16, workspace_gb=1.5, target="t4")
-    info = T.build_engine(fp32, fp16, engine, 28, opts, cache, env, trt=fake_trt("11.0.0", log))
+    checkpoint = T.sha256_file(fp32.parents[1] / "model.safetensors")
+    info = T.build_engine(fp32, fp16, engine, 28, opts, cache, env, checkpoint, trt=fake_trt("11.0.0", log))
     assert log["parsed"] == "model.fp16.onnx" and log["network_flags"] == 1 << 1 and log["flags"] == set()
     assert info["pinned_fp32_layers"] == [] and all(layer.precision is None for layer in log["network"].layers)
-    assert log["cache_in"] == b"" and cache.read_bytes() == b"+timings" and log["workspace"][1] == int(1.5 * (1 << 30))
+    assert log["caches_offered"] == [b""] and cache.read_bytes() == b"+timings"
+    assert log["workspace"][1] == int(1.5 * (1 << 30))
     assert info["onnx_sha256"] == T.sha256_file(fp16) and info["target_warning"] is None
     assert info["profile"]["min"] == [2, 3, 28, 28]
-    T.check_engine_sidecar(engine, env=env)
+    with pytest.raises(T.EngineMismatch, match="never checked against PyTorch"):  # until the export's parity check
+        T.check_engine_sidecar(engine, env=env)
+    T.write_engine_sidecar(engine, info | PASSED)
+    assert T.check_engine_sidecar(engine, env=env)["build_path"] == T.STRONGLY_TYPED
+
+
+def test_build_replaces_a_refused_timing_cache(onnx_pair):
+    fp32, fp16 = onnx_pair
+    log: dict = {}
+    cache = fp32.parents[2] / ".cache-file"
+    cache.write_bytes(b"corrupt")
+    with pytest.warns(UserWarning, match="TensorRT refused this timing cache.*building with a fresh one"):
+        T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), cache, H200, "sha",
+                       trt=fake_trt("10.3.0", log, refused_caches=(b"corrupt",)))
+    assert log["caches_offered"] == [b"corrupt", b""] and cache.read_bytes() == b"+timings"
+    with pytest.raises(T.EngineBuildError, match="refused an empty timing cache"):
+        T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("none"), H200,
+                       "sha", trt=fake_trt("10.3.0", {}, refused_caches=(b"",)))
 
 
 def test_build_reports_parser_errors(onnx_pair):
@@ -291,7 +355,19 @@ def test_build_reports_parser_errors(onnx_pair):
     trt.OnnxParser = lambda net, logger: types.SimpleNamespace(parse_from_file=lambda p: False, num_errors=1,
                                                                get_error=lambda i: "unsupported op Foo")
     with pytest.raises(T.EngineBuildError, match=r"model.onnx: TensorRT 10.3.0 cannot parse it: unsupported op Foo"):
-        T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("c"), T4, trt=trt)
+        T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha",
+                       trt=trt)
+
+
+def test_a_refused_input_shape_names_the_profile():
+    engine = types.SimpleNamespace(get_tensor_profile_shape=lambda name, i: [(2, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8)])
+    shapes = []
+    context = types.SimpleNamespace(set_input_shape=lambda name, shape: shapes.append(shape) or shape[0] >= 2)
+    T.set_input_shape(engine, context, "images", (2, 3, 8, 8), Path("m.engine"))
+    with pytest.raises(T.EngineMismatch, match=r"m.engine: TensorRT refused input shape \(1, 3, 8, 8\) for 'images'; "
+                                               r"the engine's profile takes batches 2 to 8"):
+        T.set_input_shape(engine, context, "images", (1, 3, 8, 8), Path("m.engine"))
+    assert shapes == [(2, 3, 8, 8), (1, 3, 8, 8)]
 
 
 # -- a real engine, where TensorRT and a GPU exist ----------------------------------------------------------
@@ -308,17 +384,33 @@ def test_real_engine_matches_onnxruntime(tiny_runs, tmp_path):
     assert T.timing_cache_path(tmp_path, env).exists()
 
 
-# -- the pipeline's engine step, with TensorRT faked (the ONNX export is the fixture's, not redone) ---------
+# -- the pipeline's engine step, with TensorRT faked (the ONNX export is the fixture's, and is reused) ---------
 
 @pytest.fixture
-def fake_gpu_run(cnn_export, tmp_path, monkeypatch):
-    """A copy of the exported cnn-probe run on a pretend H200 with a fake TensorRT 10.3.0."""
+def fake_gpu(cnn_export, tmp_path, monkeypatch):
+    """(copy of the exported cnn-probe run, ``machine(env)``: pretend to be ``env`` with a fake TensorRT; its
+    ``built`` list records every engine built). The ONNX export is current, so it must be reused, not redone."""
     *_, run = cnn_export
     shutil.copytree(run, tmp_path / "runs" / "cnn-probe")
-    monkeypatch.setattr("export.pipeline.export_onnx", lambda run_dir, out=None, ds=None: run_dir / "export" / "model.onnx")
-    monkeypatch.setattr(T, "current_trt_environment", lambda: H200)
-    monkeypatch.setattr(T, "build_engine", functools.partial(T.build_engine, trt=fake_trt("10.3.0", {})))
-    return tmp_path / "runs" / "cnn-probe"
+    built, build_engine = [], T.build_engine
+
+    def no_onnx_export(*args, **kwargs):
+        raise AssertionError("the current ONNX export was redone")
+
+    def machine(env: dict) -> None:
+        fake = fake_trt(env["tensorrt"], {})
+
+        def build(*args, **kwargs):
+            built.append(args[2].name)
+            return build_engine(*args, **kwargs, trt=fake)
+
+        monkeypatch.setattr(T, "current_trt_environment", lambda: env)
+        monkeypatch.setattr(T, "build_engine", build)
+
+    monkeypatch.setattr("export.pipeline.export_onnx", no_onnx_export)
+    monkeypatch.setattr("export.pipeline.convert_fp16", no_onnx_export)
+    machine.built = built
+    return tmp_path / "runs" / "cnn-probe", machine
 
 
 def fake_engine_logits(shift: float):
@@ -326,11 +418,14 @@ def fake_engine_logits(shift: float):
     return lambda path, inputs, batch_size: ort_logits(path.with_name("model.fp16.onnx"), inputs, batch_size) + shift
 
 
-def test_pipeline_builds_checks_and_records_an_engine(fake_gpu_run, monkeypatch):
+def test_pipeline_builds_checks_and_records_an_engine(fake_gpu, monkeypatch):
+    run, machine = fake_gpu
+    machine(H200)
     monkeypatch.setattr(T, "engine_logits", fake_engine_logits(0.0))
     lines = []
-    report = export_run(fake_gpu_run, ExportOptions(fp16=True, engine=T.EngineOptions(target="t4")), log=lines.append)
-    engine = fake_gpu_run / "export" / "model.h200.fp16.engine"
+    report = export_run(run, ExportOptions(fp16=True, engine=T.EngineOptions(target="t4")), log=lines.append)
+    engine = run / "export" / "model.h200.fp16.engine"
+    assert lines[0] == "cnn-probe: ONNX export is current, reused; building the engine: no model.h200.fp16.engine yet"
     assert any(line.startswith("WARNING cnn-probe: built on NVIDIA H200 (sm_90), not a Tesla T4") for line in lines)
     assert "cnn-probe: built model.h200.fp16.engine (TensorRT 10.3.0, weak-fp16" in lines[-2]
     result = report["results"]["tensorrt_fp16"]
@@ -339,14 +434,51 @@ def test_pipeline_builds_checks_and_records_an_engine(fake_gpu_run, monkeypatch)
     assert side["parity"] == {"status": "passed", "flip_rate": result["flip_rate"], "max_abs_prob": result["max_abs_prob"],
                               "failures": []}
     assert side["onnx"] == "model.onnx" and "not T4-tuned" in side["target_warning"]
-    assert T.timing_cache_path(fake_gpu_run.parent, H200).exists()
+    assert side["checkpoint_sha256"] == T.sha256_file(run / "model.safetensors") == report["source_sha256"]
+    assert T.timing_cache_path(run.parent, H200).exists()
+
+    lines.clear()  # a second export finds it current, and still warns that it is not T4-tuned
+    assert export_run(run, ExportOptions(fp16=True, engine=T.EngineOptions(target="t4")), log=lines.append) == report
+    assert machine.built == [engine.name]
+    assert lines[0] == "cnn-probe: export is current (same checkpoint), parity passed; skipped (--force redoes it)"
+    assert lines[1].startswith("WARNING cnn-probe: built on NVIDIA H200 (sm_90), not a Tesla T4") and len(lines) == 2
 
 
-def test_pipeline_refuses_an_engine_that_fails_parity(fake_gpu_run, monkeypatch):
+def test_pipeline_builds_each_gpus_engine_and_rebuilds_stale_ones(fake_gpu, monkeypatch):
+    run, machine = fake_gpu
+    monkeypatch.setattr(T, "engine_logits", fake_engine_logits(0.0))
+    opts = ExportOptions(fp16=True)
+    for env in (H200, T4, H200, T4 | {"tensorrt": "10.8.0"}):  # moved to a T4, back, then TensorRT upgraded
+        machine(env)
+        export_run(run, opts, log=lambda line: None)
+        T.check_engine_sidecar(run / "export" / T.engine_name(env), env=env)
+    assert machine.built == ["model.h200.fp16.engine", "model.t4.fp16.engine", "model.t4.fp16.engine"]
+    assert sorted(p.name for p in (run / "export").glob("*.engine")) == ["model.h200.fp16.engine", "model.t4.fp16.engine"]
+
+
+def test_a_refused_engines_rebuild_command_rebuilds_it(fake_gpu, monkeypatch, cli):
+    run, machine = fake_gpu
+    machine(H200)
+    monkeypatch.setattr(T, "engine_logits", fake_engine_logits(0.0))
+    export_run(run, ExportOptions(fp16=True), log=lambda line: None)
+    engine = run / "export" / "model.h200.fp16.engine"
+    side = T.read_engine_sidecar(engine)
+    T.write_engine_sidecar(engine, {k: v for k, v in side.items() if k != "parity"})  # stopped before its parity check
+    with pytest.raises(T.EngineMismatch) as refused:
+        T.check_engine_sidecar(engine)
+    command = re.search(r"Rebuild it on this GPU: python -m export (.+)$", str(refused.value)).group(1)
+    code, _, err = cli(*command.split())
+    assert code == 0, err
+    assert machine.built == [engine.name] * 2 and T.check_engine_sidecar(engine)["parity"]["status"] == "passed"
+
+
+def test_pipeline_refuses_an_engine_that_fails_parity(fake_gpu, monkeypatch):
+    run, machine = fake_gpu
+    machine(H200)
     monkeypatch.setattr(T, "engine_logits", fake_engine_logits(2.0))
     with pytest.raises(ParityFailed, match="tensorrt_fp16: .* decisions flip"):
-        export_run(fake_gpu_run, ExportOptions(fp16=True), log=lambda line: None)
-    report = json.loads((fake_gpu_run / "export" / "parity.json").read_text())
+        export_run(run, ExportOptions(fp16=True), log=lambda line: None)
+    report = json.loads((run / "export" / "parity.json").read_text())
     assert report["status"] == "failed" and report["results"]["onnx_fp16"]["status"] == "passed"
     with pytest.raises(T.EngineMismatch, match="failed the parity check against PyTorch"):
-        T.check_engine_sidecar(fake_gpu_run / "export" / "model.h200.fp16.engine", env=H200)
+        T.check_engine_sidecar(run / "export" / "model.h200.fp16.engine", env=H200)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from reports import fmt
 from reports.__main__ import main
 from reports.artifacts import ReportError, dig, ids_sha256, load_pairs
+from reports.build import training_rows
 from reports.document import Bullets, Para, Table, to_html, to_markdown
-from reports.figures import pareto_front
 from reports.paired import comparer_for
 from reports.rule import Constraints, recommend
 from reports.table import main_table
@@ -42,8 +43,20 @@ def table_rows(md: str) -> dict[str, list[str]]:
     return rows
 
 
-def note(md: str, mark: str) -> str:
-    return next(line for line in md.splitlines() if line.startswith(mark + " "))
+def notes(md: str, marked: str) -> list[str]:
+    """The footnotes of report.md whose marks end ``marked`` (a value and its comma-separated marks)."""
+    marks = re.search(r"[⁰¹²³⁴⁵⁶⁷⁸⁹,]+$", marked).group().split(",")
+    return [next(line for line in md.splitlines() if line.startswith(m + " ")) for m in marks]
+
+
+def col_training(md: str) -> int:
+    header = next(line for line in md.splitlines() if line.startswith("| Pair"))
+    return [h.strip() for h in header.strip("|").split(" | ")].index("Training time")
+
+
+def line_with(cell: str, start: str) -> str:
+    """The line of a table cell that starts with ``start``."""
+    return next(line for line in cell.split("<br>") if line.startswith(start))
 
 
 def test_writes_every_file_and_a_self_contained_html(report):
@@ -53,6 +66,8 @@ def test_writes_every_file_and_a_self_contained_html(report):
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 5 and 'src="figures' not in html and "http" not in html
     assert [f["file"] for f in summary["figures"]] == [f"figures/{f}" for f in FIGURES]
+    assert ("Not drawn, because their runtime's evaluation failed: cnn-probe on ONNX Runtime fp16."
+            in summary["figures"][0]["caption"])
     assert summary["recommendation"]["chosen"] == "dinov2-ft"
     assert "**Recommended: dinov2-ft**" in md and "<strong>Recommended: dinov2-ft</strong>" in html
 
@@ -66,15 +81,48 @@ def test_table_has_every_pair_with_flags_and_dashes_for_missing_artifacts(report
     assert "random init" in rows["cnn-probe"][0] and "random init" not in rows["cnn-ft"][0]
     torch_cell = rows["cnn-ft"][col["PyTorch latency"]]
     assert torch_cell[0] == "—"
-    assert "cnn-ft" in note(md, torch_cell[1:]) and "not benchmarked" in note(md, torch_cell[1:])
+    (gap,) = notes(md, torch_cell)
+    assert "cnn-ft" in gap and "PyTorch: not benchmarked" in gap
     cpu = rows["dinov2-ft"][col["PyTorch latency"]]
-    assert cpu.startswith("fp32: 80 / 160 ms") and "not a T4" in note(md, cpu.split("ms")[1][0])
-    assert rows["clip-probe"][col["TensorRT latency"]].startswith("fp16: 1.5 / 3 ms<br>")  # on a T4: no mark
+    assert cpu.startswith("fp32: 80 / 160 ms")
+    where, what = notes(md, line_with(cpu, "fp32"))
+    assert "not a T4: " in where and what.split(" ", 1)[1].startswith("latency = host wall time of one predict call")
+    on_t4 = line_with(rows["clip-probe"][col["TensorRT latency"]], "fp16")
+    assert on_t4.startswith("fp16: 1.5 / 3 ms")  # on a T4: only what its latency measures is noted
+    assert [n.split(" ", 1)[1] for n in notes(md, on_t4)] == [
+        "latency = H2D + GPU compute + D2H per query (CUDA events): clip-probe."]
     estimate = rows["dinov2-probe"][col["TensorRT latency"]]
-    assert estimate.startswith("fp16: ≈ ") and "T4 ESTIMATE" in note(md, estimate.split("ms")[1][0])
-    assert "ONNX Runtime fp16: FAILED" in rows["cnn-ft"][col["FP16 / engine Δ macro-F1"]]
-    assert "export parity FAILED" in rows["dinov2-ft"][col["FP16 / engine Δ macro-F1"]]
-    assert "export parity passed" in rows["clip-ft"][col["FP16 / engine Δ macro-F1"]]
+    assert estimate.startswith("fp16: ≈ ") and "T4 ESTIMATE" in notes(md, line_with(estimate, "fp16"))[0]
+    deployed = {pair: cells[col["FP16 / engine Δ macro-F1"]] for pair, cells in rows.items()}
+    assert "ONNX Runtime fp16: FAILED" in deployed["cnn-ft"]
+    assert "export parity FAILED" in deployed["dinov2-ft"] and "export parity passed" in deployed["clip-ft"]
+    assert re.search(r"TensorRT fp16: [+−]0\.\d{4}", deployed["clip-probe"])
+    (unevaluated,) = notes(md, line_with(deployed["dinov2-ft"], "ONNX Runtime fp16: not evaluated"))
+    assert unevaluated.endswith(" model.fp16.onnx was exported but not evaluated (no eval/onnxruntime-fp16/): "
+                                "dinov2-ft, clip-ft.")
+
+
+def test_training_time_is_the_sum_of_phases_in_table_figure_and_rule(report, fake_runs):
+    runs, _ = fake_runs
+    _, summary, md = report
+    rows = table_rows(md)
+    training = summary["table"]["pairs"]["dinov2-probe"]["training"]
+    assert training["training_seconds"]["value"] == pytest.approx(90)  # its timing.json total says 31.5
+    assert read_json(runs / "dinov2-probe/timing.json")["seconds"]["total"] == pytest.approx(31.5)
+    stale, reused = notes(md, line_with(rows["dinov2-probe"][col_training(md)], "90 s total"))
+    assert "written before the fix" in stale and "dinov2-probe" in stale and "reused cache" in reused
+    ft = rows["dinov2-ft"][col_training(md)]
+    assert ft.startswith("6.7 min total<br>with probe 8.2 min")
+    assert "LP-then-FT" in notes(md, line_with(ft, "with probe 8.2 min"))[0]
+    assert summary["table"]["pairs"]["dinov2-ft"]["training"]["cost_seconds"]["value"] == pytest.approx(490)
+    bars = {r["pair"]: sum(r["phases"].values()) for r in training_rows(load_pairs(runs))}
+    assert bars == {p: pytest.approx(v["training"]["training_seconds"]["value"])
+                    for p, v in summary["table"]["pairs"].items()}
+
+
+def test_markdown_footnotes_are_separate_paragraphs(report):
+    _, _, md = report
+    assert "\n\n¹ " in md and "\n\n² " in md and "\n¹ " not in md.replace("\n\n¹ ", "")
 
 
 def test_every_number_traces_to_its_artifact(report, fake_runs):
@@ -94,7 +142,7 @@ def test_every_number_traces_to_its_artifact(report, fake_runs):
     def walk(x):
         if isinstance(x, dict):
             if isinstance(x.get("source"), str) and "field" in x:
-                sources.update(x["source"].split(" − "))
+                sources.update(re.split(" [−+] ", x["source"]))
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
@@ -105,6 +153,26 @@ def test_every_number_traces_to_its_artifact(report, fake_runs):
     assert len(sources) > 30 and all((runs / s).is_file() for s in sources), sorted(s for s in sources
                                                                                    if not (runs / s).is_file())
     assert f"{summary['table']['pairs']['dinov2-ft']['macro_f1']['value']:.3f}" in md
+    deltas = 0
+    for pair, values in summary["table"]["pairs"].items():
+        for name, d in values["deployed_delta"].items():
+            if name not in ("parity", "not_evaluated") and "value" in d:  # a scored evaluation's difference
+                ev, ref = (read_json(runs / s) for s in d["source"].split(" − "))
+                assert d["value"] == ev["macro_f1"] - ref["macro_f1"]
+                assert fmt.signed(d["value"], 4) in md
+                deltas += 1
+        phases = read_json(runs / pair / "timing.json")["seconds"]
+        assert values["training"]["training_seconds"]["value"] == pytest.approx(
+            sum(v for k, v in phases.items() if k != "total"))
+    for point in summary["latency_vs_macro_f1_points"]:
+        latency, accuracy = (read_json(runs / s) for s in point["sources"])
+        if point["accuracy"] != "failed":
+            assert point["macro_f1"] == accuracy["macro_f1"]
+        if not point["estimate"]:
+            assert point["latency_ms"] == latency["batches"][0]["latency_ms"]["p99"]
+    assert deltas == 4
+    chosen = summary["recommendation"]
+    assert f"{read_json(runs / chosen['chosen_eval'])['macro_f1']:.3f}" in chosen["text"][0]
 
 
 def test_long_tail_section_and_provenance(report):
@@ -114,12 +182,22 @@ def test_long_tail_section_and_provenance(report):
     verdicts = {c["family"]: c["result"]["separated"] for c in tail["finetune"]}
     assert verdicts["dinov2"] is True and verdicts["clip"] is False
     assert "DINOv2: fine-tuning **helps** the tail" in md and "CLIP: fine-tuning has **no clear effect**" in md
+    # the random-init cnn-probe: marked in comparisons, its fine-tuning sentence flagged, left out of the spread
+    assert "| linear probe | cnn-probe (random init) − dinov2-probe |" in md
+    cnn = next(line for line in md.splitlines() if line.startswith("- CNN: "))
+    assert "cnn-ft − cnn-probe (random init)" in cnn and cnn.endswith("says nothing about fine-tuning the pretrained "
+                                                                       "backbone.")
+    assert tail["left_out_of_disagreements"] == ["cnn-probe"]
+    assert all("cnn-probe" not in r["f1"] for r in tail["disagreements"])
+    assert "random-init pairs (cnn-probe) are left out of the spread" in md
     prov = summary["provenance"]
     (dataset,) = prov["datasets"]
     assert dataset["split_seed"] == 0 and dataset["n_images"] == 600 and dataset["split_sizes"]["test"] == 150
     assert {(w["family"], w["kind"]) for w in prov["weights"]} == {("cnn", "random"), ("cnn", "file"),
                                                                    ("dinov2", "file"), ("clip", "file")}
     assert "Tesla T4" in prov["devices"]["latency"] and dataset["hash"] in md
+    assert re.search(r"torch 2\.14\.1 \([a-z/-]*training-time\)", md) and "9.9 (benchmark-time)" in md
+    assert re.search(r"timm [\d.]+ \(evaluation-time\), 0\.9\.16 \(training-time\)", md)
 
 
 def test_incomplete_runs_and_other_datasets(fake_runs, tmp_path):
@@ -155,11 +233,6 @@ def test_ids_hash_matches_evaluate():
     from evaluate.score import ids_sha256 as evaluate_ids_sha256
 
     assert ids_sha256(["a", "b", "c"]) == evaluate_ids_sha256(["a", "b", "c"])
-
-
-def test_pareto_front():
-    points = [(10.0, 0.5), (1.0, 0.3), (5.0, 0.3), (2.0, 0.45), (20.0, 0.49), (1.0, 0.2)]
-    assert pareto_front(points) == [1, 3, 0]
 
 
 def test_document_renders_tables_and_bold(tmp_path):

@@ -1,9 +1,10 @@
-"""reports.rule on the fabricated scenario (tests/reports/conftest.py): constraints, ties, flags, gaps."""
+"""reports.rule on the fabricated scenario (tests/reports/conftest.py): runtimes judged, constraints, ties,
+training cost, random init, flags, gaps."""
 from __future__ import annotations
 
 import pytest
 
-from reports.artifacts import load_pairs
+from reports.artifacts import ReportError, load_pairs
 from reports.paired import Comparer, comparer_for
 from reports.rule import Constraints, candidates, recommend
 
@@ -20,6 +21,12 @@ def rec(scenario, **kw) -> dict:
     return recommend(pairs, Constraints(**kw), comparer)
 
 
+def judged(scenario, **kw) -> dict:
+    """Every pair the rule could judge, by name."""
+    pairs, _ = scenario
+    return {c.name: c for c in candidates(pairs, Constraints(**kw))[3]}
+
+
 def test_without_constraints_the_most_accurate_pair_wins_and_is_separated(scenario):
     r = rec(scenario)
     assert r["chosen"] == "dinov2-ft" and r["runner_up"] == "clip-probe"
@@ -28,53 +35,103 @@ def test_without_constraints_the_most_accurate_pair_wins_and_is_separated(scenar
     assert "Could not consider" not in " ".join(r["text"])  # without a budget no pair needs a latency
 
 
+def test_without_a_target_each_pair_is_judged_on_its_fastest_runtime_that_did_not_fail(scenario):
+    by_name = judged(scenario)
+    # cnn-probe is fastest on ONNX Runtime fp16 (4 ms), but that evaluation failed: judged on PyTorch (6 ms)
+    assert by_name["cnn-probe"].latency.eval_name == "torch" and by_name["cnn-probe"].evaluation.name == "torch"
+    # clip-probe is fastest on TensorRT and was evaluated there: that evaluation's accuracy is used
+    assert by_name["clip-probe"].latency.eval_name == "tensorrt" and by_name["clip-probe"].evaluation.name == "tensorrt"
+    assert by_name["clip-probe"].metric().source == "clip-probe/eval/tensorrt/metrics.json"
+    # dinov2-ft is fastest on ONNX Runtime fp16, never evaluated: PyTorch fp32 accuracy, flagged
+    ft = by_name["dinov2-ft"]
+    assert ft.latency.eval_name == "onnxruntime-fp16" and ft.evaluation.name == "torch" and not ft.accuracy_measured
+    assert "accuracy not measured on this runtime (ONNX Runtime fp16" in ft.flags[-1]
+    assert by_name["cnn-ft"].latency is None and by_name["cnn-ft"].evaluation.name == "torch"
+    r = rec(scenario)
+    assert "whose own evaluation did not fail" in r["rule"][0] and "accuracy not measured on this runtime" in r["rule"][0]
+    assert "p99 100 ms at batch 1 on ONNX Runtime fp16" in r["text"][0]
+
+
 def test_latency_budget_excludes_the_most_accurate_pair(scenario):
     r = rec(scenario, latency_budget_ms=20)
     excluded = {e["pair"]: e["reason"] for e in r["excluded"]}
-    assert set(excluded) == {"dinov2-ft", "dinov2-probe"}
-    assert "exceeds the 20 ms budget" in excluded["dinov2-ft"] and "160 ms" in excluded["dinov2-ft"]
+    assert set(excluded) == {"dinov2-ft", "dinov2-probe", "cnn-probe"}
+    assert "p99 100 ms at batch 1 (ONNX Runtime fp16) exceeds the 20 ms budget" in excluded["dinov2-ft"]
     assert r["chosen"] not in excluded and "p99 latency at batch 1 <= 20 ms" in r["rule"][1]
-    assert r["not_considered"] == [{"pair": "cnn-ft", "reason": "no latency measured on any runtime"}]
-    assert "Could not consider: cnn-ft (no latency measured on any runtime)." in r["text"]
+    reason = "no latency measured on any runtime whose evaluation did not fail"
+    assert r["not_considered"] == [{"pair": "cnn-ft", "reason": reason}]
+    assert f"Could not consider: cnn-ft ({reason})." in r["text"]
 
 
-def test_top_two_that_cannot_be_separated_are_said_so_and_tie_breakers_decide(scenario):
+def test_top_two_that_cannot_be_separated_are_said_so_and_training_cost_decides(scenario):
     r = rec(scenario, latency_budget_ms=20)
     assert {r["chosen"], r["runner_up"]} == {"clip-probe", "clip-ft"}
     lo, hi = r["top_two"]["ci"]
     assert lo <= 0 <= hi and r["separable"] is False
     assert any("**the data cannot separate the top two**" in t for t in r["text"])
-    # tied on macro-F1 and on tail F1: the faster-training pair (clip-probe, 70 s vs 300 s) is chosen
-    assert r["chosen"] == "clip-probe" and "trains fastest" in r["why"]
+    # tied on macro-F1 and on tail F1: clip-probe costs 70 s; clip-ft 300 s plus the 70 s probe it starts from
+    assert r["chosen"] == "clip-probe" and "lowest training cost (70 s)" in r["why"]
+    runner = next(t for t in r["text"] if t.startswith("Runner-up: clip-ft"))
+    assert "trained in 6.2 min (fine-tune plus the linear probe it starts from)" in runner
+    assert "plus the linear probe's for a fine-tune that starts from the probe's head" in r["rule"][3]
 
 
-def test_random_init_and_non_t4_latency_are_flagged_in_the_text(scenario):
+def test_training_cost_is_the_sum_of_phases_plus_the_probe_for_a_fine_tune(scenario):
+    by_name = judged(scenario)
+    # dinov2-probe's timing.json total (understated: written before reused caches counted) is not used
+    assert by_name["dinov2-probe"].cost.value == pytest.approx(90)
+    assert by_name["dinov2-ft"].cost.value == pytest.approx(400 + 90)
+    assert by_name["dinov2-ft"].cost.source == "dinov2-ft/timing.json + dinov2-probe/timing.json"
+    assert by_name["cnn-probe"].cost.value == pytest.approx(50)
+
+
+def test_every_flagged_pair_is_named_in_the_text_not_only_the_top_two(scenario):
     r = rec(scenario, latency_budget_ms=20)
-    text = " ".join(r["text"])
-    assert r["flags"]["cnn-probe"][0].startswith("random init")
-    assert "Runs with random-init weights (cnn-probe) are not a valid comparison" in text
-    assert "not measured on a T4" in r["flags"]["clip-ft"][0] and "Flag — clip-ft" in text
-    assert "clip-probe" not in r["flags"]  # its fastest latency is a TensorRT measurement on a T4
-    assert "p99 3 ms at batch 1 on TensorRT fp16" in text
+    text = r["text"]
+    assert set(r["flags"]) == {"cnn-probe", "dinov2-probe", "dinov2-ft", "clip-ft"}
+    assert "Flag — random init — not a valid comparison: cnn-probe." in text
+    cpu = next(t for t in text if t.startswith("Flag — latency not measured on a T4"))
+    assert all(p in cpu for p in ("cnn-probe", "dinov2-probe", "dinov2-ft", "clip-ft"))
+    assert any(t.startswith("Flag — accuracy not measured on this runtime") and "dinov2-ft" in t for t in text)
+    assert "clip-probe" not in r["flags"]  # its fastest latency is a TensorRT measurement on a T4, evaluated there
 
 
-def test_target_runtime_uses_its_latency_an_estimate_last_and_its_own_accuracy(scenario):
+def test_random_init_pairs_lose_to_any_eligible_pretrained_pair(scenario):
+    r = rec(scenario)
+    assert {"pair": "cnn-probe", "reason": "random-init weights, and pretrained pairs are eligible"} in r["excluded"]
+    assert r["all_random_init"] is False and "eligible only when no pretrained pair is" in r["rule"][2]
+
+
+def test_when_only_random_init_pairs_are_eligible_the_recommendation_warns(scenario):
+    pairs, comparer = scenario
+    r = recommend([p for p in pairs if p.random_init], Constraints(), comparer)
+    assert r["chosen"] == "cnn-probe" and r["all_random_init"] is True
+    assert "**Warning: every eligible pair uses random-init weights, so this is not a valid backbone comparison**" \
+        in r["text"][2]
+
+
+def test_target_runtime_takes_accuracy_from_its_own_evaluation_and_an_estimate_last(scenario):
     r = rec(scenario, target_runtime="tensorrt", latency_budget_ms=20)
     assert sorted(r["considered"]) == ["clip-probe", "dinov2-probe"]
     assert "T4 ESTIMATE" in r["flags"]["dinov2-probe"][-1]
-    assert {u["pair"] for u in r["not_considered"]} == {"cnn-probe", "cnn-ft", "dinov2-ft", "clip-ft"}
-    assert "no latency measured on tensorrt" in r["not_considered"][0]["reason"]
-    pairs, _ = scenario
-    by_name = {c.name: c for c in candidates(pairs, Constraints(target_runtime="onnxruntime"))[0]}
-    assert by_name["clip-ft"].evaluation.name == "onnxruntime"  # benchmarked and scored on ONNX Runtime
-    assert by_name["dinov2-ft"].evaluation.name == "torch"  # scored on ONNX Runtime, never benchmarked there
+    unknown = {u["pair"]: u["reason"] for u in r["not_considered"]}
+    assert set(unknown) == {"cnn-probe", "cnn-ft", "dinov2-ft", "clip-ft"}
+    assert unknown["dinov2-ft"] == "not evaluated on TensorRT fp16"
+    assert "(TensorRT fp16)" in r["text"][0] and "cannot be considered" in r["rule"][0]
+    by_name = judged(scenario, target_runtime="onnxruntime")
+    assert by_name["clip-ft"].evaluation.name == "onnxruntime" and by_name["clip-ft"].latency.eval_name == "onnxruntime"
+    # scored on ONNX Runtime fp32 but only benchmarked at fp16: its accuracy, no latency
+    assert by_name["dinov2-ft"].evaluation.name == "onnxruntime" and by_name["dinov2-ft"].latency is None
+    assert set(by_name) == {"clip-ft", "dinov2-ft"}
 
 
 def test_a_failed_evaluation_on_the_target_runtime_excludes_the_pair(scenario):
     r = rec(scenario, target_runtime="onnxruntime-fp16")
-    (excluded,) = r["excluded"]
-    assert excluded["pair"] == "cnn-probe" and "ONNX Runtime fp16 evaluation failed" in excluded["reason"]
-    assert rec(scenario)["chosen"] == "dinov2-ft"  # the default rule judges PyTorch fp32 accuracy
+    excluded = {e["pair"]: e["reason"] for e in r["excluded"]}
+    assert set(excluded) == {"cnn-probe", "cnn-ft"}  # cnn-ft was never benchmarked there: still excluded
+    assert "ONNX Runtime fp16 evaluation failed" in excluded["cnn-ft"]
+    assert {"pair": "dinov2-ft", "reason": "not evaluated on ONNX Runtime fp16"} in r["not_considered"]
+    assert r["chosen"] is None
 
 
 def test_min_tail_f1_excludes_weak_tails(scenario):
@@ -86,7 +143,7 @@ def test_min_tail_f1_excludes_weak_tails(scenario):
 def test_no_candidate_left(scenario):
     r = rec(scenario, latency_budget_ms=0.5)
     assert r["chosen"] is None and r["text"][0] == "**No pair can be recommended**: no pair meets the constraints."
-    assert r["text"][1].startswith("Excluded by the constraints: cnn-probe (p99 ")
+    assert next(t for t in r["text"] if t.startswith("Excluded")).startswith("Excluded: cnn-probe (p99 ")
 
 
 def test_without_test_labels_the_rule_says_it_fell_back_to_ci_overlap(scenario):
@@ -97,7 +154,13 @@ def test_without_test_labels_the_rule_says_it_fell_back_to_ci_overlap(scenario):
 
 
 @pytest.mark.parametrize("kw, match", [({"target_runtime": "tflite"}, "target runtime"),
+                                       ({"target_runtime": "onnxruntime-fp64"}, "target runtime"),
                                        ({"latency_budget_ms": 0}, "must be positive")])
 def test_bad_constraints_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         Constraints(**kw)
+
+
+def test_a_target_runtime_absent_from_the_runs_is_refused(scenario):
+    with pytest.raises(ReportError, match=r"'torch-bf16'.*present: onnxruntime, onnxruntime-fp16, tensorrt, torch"):
+        rec(scenario, target_runtime="torch-bf16")

@@ -1,4 +1,5 @@
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -115,14 +116,31 @@ def test_changed_source_image_is_stale_and_only_its_chunk_rebuilt(images):
     assert np.abs(load_cache(ds, S)[5].astype(int) - (1, 2, 3)).max() <= 2  # JPEG
 
 
-def test_touched_source_image_is_stale(images):
+def test_touched_source_image_is_verified_by_content_and_refreshed(images):
     root, _ = images
     build(root)
+    ds = load_dataset(root)
+    header_path = cache_paths(ds, S)[1]
+    before = read_json(header_path)["chunks"]
     st = os.stat(root / "img/0.png")
-    os.utime(root / "img/0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    with pytest.raises(CacheError, match="stale"):
-        load_cache(load_dataset(root), S)
-    assert build(root) == [0]
+    os.utime(root / "img/0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
+    assert load_cache(ds, S).shape == (7, S, S, 3)
+    after = read_json(header_path)["chunks"]
+    assert after[0] != before[0] and after[1:] == before[1:]  # stat fingerprint refreshed, bytes unchanged
+    assert build(root) == []
+
+
+def test_copied_dataset_without_mtimes_keeps_its_cache(images, tmp_path):
+    """A dataset copied (or re-mounted) with fresh mtimes: every stat fingerprint differs, the bytes do not."""
+    root, _ = images
+    build(root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, copy_function=shutil.copyfile)  # no mtimes carried over
+    os.chmod(cache_paths(load_dataset(copy), S)[1], 0o444)  # a read-only header: verified on every load
+    assert np.array_equal(load_cache(load_dataset(copy), S), load_cache(load_dataset(root), S))
+    Image.new("RGB", (S, S), (1, 2, 3)).save(copy / "img/5.jpg")  # now one file's bytes change
+    with pytest.raises(CacheError, match="source images changed in 1 of 4 chunks"):
+        load_cache(load_dataset(copy), S)
 
 
 def test_changed_manifest_is_stale(images):

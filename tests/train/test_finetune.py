@@ -7,8 +7,16 @@ from tests.conftest import TINY_CACHE, TINY_MODELS
 from train.data.cache import load_cache
 from train.data.dataset import load_dataset
 from train.features import FeatureStore, extract
-from train.finetune import (FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, batch_loss, finetune,
-                            set_train_mode, trainable_parameters)
+from train.finetune import (
+    FinetuneConfig,
+    ImageSource,
+    TrainingDiverged,
+    TrunkSource,
+    batch_loss,
+    finetune,
+    set_train_mode,
+    trainable_parameters,
+)
 from train.losses import MultiLabelLoss
 from train.preprocess import Preprocess
 from train.registry import TaggingModel, get_spec

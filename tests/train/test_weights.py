@@ -59,3 +59,23 @@ def test_dinov2_position_embedding_resized_once_with_plain_bicubic():
     raw = load_file(str(next(SHARED_WEIGHTS.glob("vit_small_patch14_dinov2.*.safetensors"))))["pos_embed"].float()
     plain = resample_abs_pos_embed(raw, new_size=[8, 8], old_size=[37, 37], num_prefix_tokens=1, antialias=False)
     torch.testing.assert_close(m.pos_embed.data, plain)
+
+
+def test_plan_weights_says_where_weights_come_from_without_loading(tmp_path, monkeypatch, capsys):
+    from train.__main__ import main
+
+    monkeypatch.setattr(W, "in_hub_cache", lambda spec: False)
+    monkeypatch.delenv(W.WEIGHTS_ENV, raising=False)
+    spec = get_spec("dinov2")
+    local = tmp_path / f"{spec.arch}.some_tag.safetensors"
+    local.write_bytes(b"")
+    assert W.plan_weights(spec, "auto", tmp_path) == W.WeightsPlan("file", str(local), f"local file {local}")
+    clip = get_spec("clip")
+    auto = W.plan_weights(clip, "auto", tmp_path)
+    assert auto.kind == "random" and str(tmp_path) in auto.why and clip.hub_id in auto.why
+    assert W.plan_weights(clip, "pretrained", tmp_path).kind == "hub"  # a download: fails later if offline
+    assert W.plan_weights(clip, "random").kind == "random"
+    assert main(["--all", "--plan-weights", "--weights", "auto", "--weights-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["cnn", "dinov2", "clip"]
+    assert "pretrained, local file" in lines[1] and W.RANDOM_FLAG in lines[2] and W.RANDOM_FLAG in lines[0]

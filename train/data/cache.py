@@ -6,15 +6,18 @@ chunks of rows, and the header records, per chunk, a fingerprint of its source f
 written: a chunk is done when its recorded fingerprint equals the current one. So an interrupted build resumes
 where it stopped, and after an edit only the chunks whose files changed are rebuilt.
 
-The fingerprint hashes each file's manifest row, path, size and ``mtime_ns`` (one ``stat`` per file, well
-under a second for 44k files, so every ``load_cache`` can check it), not its bytes (hashing 44k files would
-read the whole catalog on each check). Any rewrite of a file changes its mtime; a replacement that keeps both
-size and mtime (``cp -p`` of another image of the same size) goes unnoticed. Copying a dataset without
-preserving mtimes makes the cache stale, which costs a rebuild, never a wrong image.
+Two fingerprints per chunk, as git's index does it: a stat one (each file's manifest row, path, size and
+``mtime_ns``; one ``stat`` per file, well under a second for 44k files, so every ``load_cache`` checks it) and a
+content one (row, path and bytes, hashed while the chunk is decoded). When the stat fingerprint of a chunk
+differs, its files are read and the content fingerprint decides: equal bytes (a dataset copied or re-mounted
+without preserving mtimes) keep the chunk, and the header's stat fingerprint is refreshed when the header is
+writable; changed bytes make it stale. A replacement that keeps size and mtime (``cp -p`` of another image of the
+same size) goes unnoticed, as it does for git.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import multiprocessing
 import os
 import time
@@ -64,8 +67,8 @@ def square_image(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def load_square(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode the image at ``path`` (JPEGs at the smallest DCT scale that keeps >= ``size``) as ``square_image``."""
+def load_square(path: str | os.PathLike | io.BytesIO, size: int) -> np.ndarray:
+    """Decode the image at ``path`` (or in a buffer) (JPEGs at the smallest DCT scale that keeps >= ``size``) as ``square_image``."""
     with Image.open(path) as image:
         image.draft("RGB", (size, size))
         return square_image(image, size)
@@ -93,6 +96,24 @@ def cache_paths(ds: Dataset, size: int) -> tuple[Path, Path]:
 
 def _images_hash(ds: Dataset) -> str:
     return hashlib.sha256("\n".join(ds.images).encode()).hexdigest()
+
+
+def _chunk(ds: Dataset, k: int, chunk_rows: int) -> range:
+    return range(k * chunk_rows, min((k + 1) * chunk_rows, len(ds)))
+
+
+def _content_update(h: "hashlib._Hash", i: int, entry: str, data: bytes) -> None:
+    """Add row ``i`` (its manifest entry, not the resolved path, so a moved dataset matches) and its bytes."""
+    h.update(f"{i}\0{entry}\0{len(data)}\n".encode())
+    h.update(data)
+
+
+def _content_fingerprint(ds: Dataset, k: int, chunk_rows: int) -> str:
+    """sha256 over (row, path, bytes) of chunk ``k``'s source files."""
+    h = hashlib.sha256()
+    for i in _chunk(ds, k, chunk_rows):
+        _content_update(h, i, ds.images[i], ds.image_path(i).read_bytes())
+    return h.hexdigest()
 
 
 def _fingerprints(ds: Dataset, chunk_rows: int) -> list[str]:
@@ -137,8 +158,10 @@ def _inspect(ds: Dataset, size: int, chunk_rows: int = CHUNK_ROWS) -> _State:
     current = _fingerprints(ds, chunk_rows)
     new = {
         "version": VERSION, "size": size, "n": n, "shape": shape, "dtype": "uint8", "chunk_rows": chunk_rows,
-        "images_hash": _images_hash(ds), "fingerprint": "sha256 of row, path, size, mtime_ns per chunk",
+        "images_hash": _images_hash(ds),
+        "fingerprint": "per chunk: chunks = sha256 of row, path, size, mtime_ns; contents = sha256 of row, path, bytes",
         "resample": "pad to square with border median, PIL lanczos", "chunks": [None] * len(current),
+        "contents": [None] * len(current),
         "complete": False, "build_seconds": 0.0, "built": None,
     }
     if old is None or not data.exists():
@@ -152,6 +175,8 @@ def _inspect(ds: Dataset, size: int, chunk_rows: int = CHUNK_ROWS) -> _State:
     if list(on_disk.shape) != shape or on_disk.dtype != np.uint8:
         return _State(data, header_path, new, current, True, f"data file {data.name} has shape {on_disk.shape}, expected {shape}")
     state = _State(data, header_path, old, current, False, "")
+    if old["images_hash"] == new["images_hash"]:
+        _verify_by_content(ds, state)
     done = state.done
     stale = [k for k, (fp, ok) in enumerate(zip(old["chunks"], done)) if fp is not None and not ok]
     if old["images_hash"] != new["images_hash"]:
@@ -165,17 +190,37 @@ def _inspect(ds: Dataset, size: int, chunk_rows: int = CHUNK_ROWS) -> _State:
     return state
 
 
-def _build_chunk(task: tuple[str, int, list[tuple[int, str, str]], int, str]) -> int:
-    """Decode one chunk's images into the memmap; returns the chunk index (runs in a worker)."""
+def _verify_by_content(ds: Dataset, state: _State) -> None:
+    """Chunks whose stat fingerprint changed but whose bytes did not are current again: refresh them."""
+    h = state.header
+    contents = h.setdefault("contents", [None] * len(h["chunks"]))
+    refreshed = False
+    for k, ok in enumerate(state.done):
+        if not ok and h["chunks"][k] is not None and contents[k] is not None:
+            if _content_fingerprint(ds, k, h["chunk_rows"]) == contents[k]:
+                h["chunks"][k] = state.current[k]
+                refreshed = True
+    if refreshed:
+        try:
+            write_json(state.header_path, h)
+        except OSError:  # a read-only cache still loads; the next check reads the bytes again
+            pass
+
+
+def _build_chunk(task: tuple[str, int, list[tuple[int, str, str, str]], int, str]) -> tuple[int, str]:
+    """Decode one chunk's images into the memmap; returns (chunk index, content fingerprint) (runs in a worker)."""
     data, k, rows, size, manifest = task
     out = np.load(data, mmap_mode="r+")
-    for i, row_id, path in rows:
+    h = hashlib.sha256()
+    for i, row_id, entry, path in rows:
         try:
-            out[i] = load_square(path, size)
+            raw = Path(path).read_bytes()
+            _content_update(h, i, entry, raw)
+            out[i] = load_square(io.BytesIO(raw), size)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on damaged files
             raise DatasetError(f"{manifest}: row {i + 1} (id {row_id}): cannot decode image {path}: {type(e).__name__}: {e}") from None
     out.flush()
-    return k
+    return k, h.hexdigest()
 
 
 def build_cache(
@@ -201,13 +246,14 @@ def build_cache(
         np.lib.format.open_memmap(state.data, mode="w+", dtype=np.uint8, shape=tuple(header["shape"])).flush()
     done = state.done
     header["chunks"] = [fp if ok else None for fp, ok in zip(state.current, done)]
+    header["contents"] = [c if ok else None for c, ok in zip(header.get("contents", [None] * len(done)), done)]
     header["images_hash"] = _images_hash(ds)
     header["complete"] = False
     write_json(state.header_path, header)
     rows_per = header["chunk_rows"]
     todo = [k for k, ok in enumerate(done) if not ok]
     tasks = [
-        (str(state.data), k, [(i, ds.ids[i], str(ds.image_path(i))) for i in range(k * rows_per, min((k + 1) * rows_per, len(ds)))],
+        (str(state.data), k, [(i, ds.ids[i], ds.images[i], str(ds.image_path(i))) for i in _chunk(ds, k, rows_per)],
          size, str(ds.root / MANIFEST))
         for k in todo
     ]
@@ -218,8 +264,8 @@ def build_cache(
               desc=f"cache {size}px") as bar:
         pool = multiprocessing.Pool(workers) if workers > 1 else None
         try:
-            for k in (pool.imap_unordered(_build_chunk, tasks) if pool else map(_build_chunk, tasks)):
-                header["chunks"][k] = state.current[k]
+            for k, content in (pool.imap_unordered(_build_chunk, tasks) if pool else map(_build_chunk, tasks)):
+                header["chunks"][k], header["contents"][k] = state.current[k], content
                 header["build_seconds"] = round(spent + time.perf_counter() - start, 3)
                 write_json(state.header_path, header)
                 bar.update(n_rows[k])

@@ -16,7 +16,17 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from train.data.dataset import MANIFEST, SPLIT_NAMES, STATS, TAXONOMY, Dataset, DatasetError, load_dataset, read_rejected, write_splits
+from train.data.dataset import (
+    MANIFEST,
+    SPLIT_NAMES,
+    STATS,
+    TAXONOMY,
+    Dataset,
+    DatasetError,
+    load_dataset,
+    read_rejected,
+    write_splits,
+)
 from train.data.io import sha256_file, write_json
 
 MIN_TRAIN_VAL = 300  # rows that must remain for train + val when test_size is a count

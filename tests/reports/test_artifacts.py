@@ -1,0 +1,108 @@
+"""Reading artifacts: names shared with evaluate and engines, refusing stale or missing inputs, number format."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reports import fmt
+from reports.__main__ import main
+from reports.artifacts import (
+    DEFAULT_PRECISION,
+    ReportError,
+    export_eval_name,
+    load_pairs,
+    run_name,
+)
+from reports.longtail import disagreements
+from reports.paired import comparer_for
+from train.data.io import read_json, write_json
+
+
+@pytest.fixture
+def runs_copy(fake_runs, tmp_path) -> Path:
+    """A copy of the fabricated runs, free to damage."""
+    return Path(shutil.copytree(fake_runs[0], tmp_path / "runs"))
+
+
+def compare_top(runs: Path, data: Path, a: str = "dinov2-ft", b: str = "clip-ft") -> dict:
+    pairs = {p.name: p for p in load_pairs(runs)}
+    comparer = comparer_for([p.reference for p in pairs.values() if p.reference is not None], str(data))
+    return comparer.compare(pairs[a].reference, pairs[b].reference)
+
+
+def test_names_match_what_evaluate_and_bench_write(tmp_path):
+    from engines.bench import DEFAULT_PRECISION as BENCH_DEFAULT
+    from engines.bench import latency_path
+    from evaluate.score import eval_name
+
+    assert DEFAULT_PRECISION == BENCH_DEFAULT
+    for runtime, precision in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp16"), ("tensorrt", "fp16")):
+        assert run_name(runtime, precision) == eval_name(runtime, precision)
+        assert latency_path(tmp_path, runtime, precision).stem == run_name(runtime, precision)
+    assert [export_eval_name(f) for f in ("model.onnx", "model.fp16.onnx", "model.tesla-t4.fp16.engine",
+                                          "model.tesla-t4.fp16.engine.json", "parity.json")] == \
+        ["onnxruntime", "onnxruntime-fp16", "tensorrt", None, None]
+
+
+@pytest.mark.parametrize("name", ["thresholds.json", "model.safetensors"])
+def test_paired_bootstrap_refuses_thresholds_or_model_changed_since_scoring(runs_copy, fake_runs, name):
+    assert compare_top(runs_copy, fake_runs[1])["separated"]
+    path = runs_copy / "dinov2-ft" / name
+    if name == "thresholds.json":
+        write_json(path, read_json(path) | {"thresholds": [0.3] * len(read_json(path)["thresholds"])})
+    else:
+        path.write_bytes(b"1" * 1000)
+    with pytest.raises(ReportError, match=rf"dinov2-ft/{name}: changed since .*dinov2-ft/eval/torch/metrics.json"):
+        compare_top(runs_copy, fake_runs[1])
+
+
+def test_a_missing_predictions_file_is_named(runs_copy, fake_runs):
+    (runs_copy / "clip-ft" / "eval" / "torch" / "predictions.npy").unlink()
+    with pytest.raises(ReportError, match=r"clip-ft/eval/torch/predictions\.npy: cannot be read"):
+        compare_top(runs_copy, fake_runs[1])
+
+
+def rewrite_per_tag(path: Path, change) -> None:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows = change(rows)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_disagreements_match_tags_by_name_and_refuse_different_tag_sets(runs_copy):
+    before = disagreements([p for p in load_pairs(runs_copy) if not p.random_init])
+    per_tag = runs_copy / "clip-ft" / "eval" / "torch" / "per_tag.csv"
+    rewrite_per_tag(per_tag, lambda rows: rows[::-1])
+    assert disagreements([p for p in load_pairs(runs_copy) if not p.random_init]) == before
+    rewrite_per_tag(per_tag, lambda rows: [r | {"name": "tag=renamed"} if r["name"] == "tag=t20" else r for r in rows])
+    with pytest.raises(ReportError, match=r"clip-ft/eval/torch/per_tag\.csv: its tags differ .*tag=renamed"):
+        disagreements([p for p in load_pairs(runs_copy) if not p.random_init])
+
+
+@pytest.mark.parametrize("target, message", [("onnxruntime-fp64", "choose from"), ("torch-bf16", "present: ")])
+def test_cli_refuses_an_unknown_or_absent_target_runtime(fake_runs, tmp_path, capsys, target, message):
+    assert main(["--runs", str(fake_runs[0]), "--out", str(tmp_path), "--target-runtime", target]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: target runtime {target!r}") and message in err
+
+
+@pytest.mark.parametrize("x, digits, text", [(-1e-6, 4, "+0.0000"), (-0.00006, 4, "−0.0001"), (0.0123, 3, "+0.012"),
+                                             (None, 3, fmt.DASH)])
+def test_signed_never_prints_negative_zero(x, digits, text):
+    assert fmt.signed(x, digits) == text
+    assert fmt.num(-1e-9) == "0.000"
+
+
+def test_predictions_shape_is_checked(runs_copy):
+    path = runs_copy / "clip-ft" / "eval" / "torch" / "predictions.npy"
+    np.save(path, np.zeros((3, 3), np.float32))
+    (clip_ft,) = [p for p in load_pairs(runs_copy) if p.name == "clip-ft"]
+    with pytest.raises(ReportError, match=r"shape \(3, 3\)"):
+        clip_ft.reference.predictions()
