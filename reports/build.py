@@ -129,7 +129,7 @@ def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str]
         failed = [f"{p['pair']} on {p['label']}" for p in points if p["accuracy"] == "failed"]
         add(LATENCY_FIG,
             "Figure 1. Test macro-F1 against p99 latency at batch 1, one point per (pair, runtime); colour = "
-            "backbone, marker = runtime, hollow = linear probe. Accuracy is the runtime's own evaluation; faded "
+            "backbone, marker = runtime and precision, hollow = linear probe. Accuracy is the runtime's own evaluation; faded "
             "points use PyTorch fp32 accuracy because that runtime was not evaluated. The dashed line is the Pareto "
             "front of measured points"
             + (" (stars are T4 ESTIMATES, not measurements, and are not on the front)"

@@ -1,6 +1,6 @@
 """The report's five figures (matplotlib, Agg canvas, Okabe-Ito colour-blind-safe palette), from plain data.
 
-Colour is the backbone family throughout; in scatter plots the marker is the runtime and a hollow marker is
+Colour is the backbone family throughout; in scatter plots the marker is the runtime and precision and a hollow marker is
 the linear probe (filled: fine-tune). Rows carry ``random_init``: random-init pairs and backbones are labelled
 so in every legend and axis. Each function writes one PNG.
 """
@@ -15,14 +15,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from reports.artifacts import FAMILY_LABELS, runtime_label
+from reports.artifacts import FAMILY_LABELS
 from reports.fmt import seconds_unit
 
 OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
              "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000"}
 FAMILY_COLOURS = {"cnn": OKABE_ITO["blue"], "dinov2": OKABE_ITO["vermillion"], "clip": OKABE_ITO["green"]}
 SPARE_COLOURS = [OKABE_ITO[k] for k in ("purple", "orange", "sky", "black")]
-RUNTIME_MARKERS = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}
+MARKERS = ("o", "s", "D", "^", "v", "P", "h", "X")  # one per measured runtime + precision, in label order
 ESTIMATE_MARKER = "*"
 DPI = 110
 STRATEGY_TITLES = {"probe": "linear probe", "ft": "fine-tune (last 4 blocks)"}
@@ -104,8 +104,10 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
     "failed": not drawn)."""
     fig, (ax,) = _figure(10.5, 5.8)
     drawn = plotted(points)
+    runtimes = sorted({p["label"] for p in drawn if not p["estimate"]})
+    markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(runtimes)}
     for p in drawn:
-        marker = ESTIMATE_MARKER if p["estimate"] else RUNTIME_MARKERS.get(p["runtime"], "D")
+        marker = ESTIMATE_MARKER if p["estimate"] else markers[p["label"]]
         ax.plot(p["latency_ms"], p["macro_f1"], linestyle="none", marker=marker, markersize=13 if p["estimate"] else 9,
                 markeredgewidth=1.6, alpha=0.9 if p["accuracy"] == "own" else 0.35,
                 **_marker_style(p["family"], p["strategy"]))
@@ -127,11 +129,8 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
     ax.set_title("Accuracy vs latency (dashed: Pareto front of measured points)")
     labels = family_labels(drawn)
     families = sorted(labels, key=lambda f: list(FAMILY_COLOURS).index(f) if f in FAMILY_COLOURS else 99)
-    runtimes = sorted({p["runtime"] for p in drawn if not p["estimate"]})
     handles = [Patch(color=family_colour(f), label=labels[f]) for f in families]
-    handles += [Line2D([], [], linestyle="none", marker=RUNTIME_MARKERS.get(r, "D"), color="grey",
-                       label=runtime_label(r))
-                for r in runtimes]
+    handles += [Line2D([], [], linestyle="none", marker=markers[r], color="grey", label=r) for r in runtimes]
     if any(p["estimate"] for p in drawn):
         handles.append(Line2D([], [], linestyle="none", marker=ESTIMATE_MARKER, markersize=11, color="grey",
                               label="T4 ESTIMATE (not measured)"))

@@ -63,4 +63,5 @@ def library_versions() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    found["torch"] = torch.__version__  # with its build tag (+cu130, +cpu), which the package metadata drops
     return found
