@@ -47,7 +47,7 @@ def duration(seconds: float | None) -> str:
 def ms(x: float | None) -> str:
     if x is None:
         return DASH
-    return f"{x:.3g}" if x < 10 else f"{x:.0f}"
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"  # 3 significant digits: 2.35, 12.6, 255
 
 
 def rate(x: float | None) -> str:

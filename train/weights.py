@@ -163,12 +163,12 @@ def plan_weights(spec: BackboneSpec, weights: str = "pretrained",
         return WeightsPlan("file", str(local), f"local file {local}")
     if in_hub_cache(spec):
         return WeightsPlan("hub", spec.hub_id, f"{spec.hub_id} from the Hugging Face cache")
-    looked = ", ".join(map(str, dirs)) or f"(no --weights-dir and ${WEIGHTS_ENV} unset)"
+    looked = (f"no {spec.arch}.*.safetensors in {', '.join(map(str, dirs))}" if dirs
+              else f"no --weights-dir and ${WEIGHTS_ENV} unset")
     if weights == "auto":
-        return WeightsPlan("random", "random", f"no pretrained weights reachable offline (no {spec.arch}.*.safetensors "
-                                               f"in {looked}; {spec.hub_id} not in the hub cache)")
-    return WeightsPlan("hub", spec.hub_id, f"{spec.hub_id} downloaded from the hub (needs network; no "
-                                           f"{spec.arch}.*.safetensors in {looked})")
+        return WeightsPlan("random", "random", f"no pretrained weights reachable offline: {looked}; "
+                                               f"{spec.hub_id} not in the hub cache")
+    return WeightsPlan("hub", spec.hub_id, f"{spec.hub_id} downloaded from the hub (needs network; {looked})")
 
 
 def create_backbone(spec: BackboneSpec, weights: str = "pretrained", weights_dir: str | os.PathLike | None = None,
