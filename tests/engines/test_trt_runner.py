@@ -307,6 +307,24 @@ def test_batches_above_the_profile_run_in_chunks(trt_run, sidecar):
         {"h2d_ms": 3.0, "gpu_compute_ms": 15.0, "d2h_ms": 6.0}  # the three chunks' sums
 
 
+def test_evaluate_scores_through_the_engine_with_batches_above_its_profile(trt_run, sidecar, tiny_data):
+    """python -m evaluate --runtime tensorrt: evaluate's batch of 128 runs as chunks of the profile's max 8."""
+    from evaluate.score import evaluate_run
+
+    config = json.loads((trt_run / "config.json").read_text())
+    config["preprocess"]["img_size"] = SIZE  # the fake engine's input size
+    (trt_run / "config.json").write_text(json.dumps(config))
+    cuda = FakeCuda()
+    m = evaluate_run(trt_run, tiny_data, "tensorrt", batch_size=128, trt_module=fake_trt("10.3.0", cuda), cuda=cuda,
+                     gpu=GPU)
+    out = trt_run / "eval" / "tensorrt"
+    assert m["status"] == "scored" and m["runtime"] == "tensorrt" and m["precision"] == "fp16"
+    assert m["device"] == GPU and m["inference"]["batch_size"] == 128
+    probs = np.load(out / "predictions.npy")
+    assert probs.shape == (m["test"]["n_images"], TAGS) and (out / "per_tag.csv").exists()
+    assert max(s[0] for s in cuda.ctx.shapes_set) == 8  # no query above the profile
+
+
 def test_a_chunk_below_the_profile_min_is_padded(trt_run, sidecar):
     profile = ((2, 3, SIZE, SIZE), (4, 3, SIZE, SIZE), (8, 3, SIZE, SIZE))
     runner, _ = fake_runner(trt_run, profile=profile)
