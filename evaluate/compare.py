@@ -32,7 +32,8 @@ from evaluate.score import (
 )
 from train.data.dataset import load_dataset
 from train.data.io import read_json, write_json
-from train.run import CONFIG, RunError
+from train.run import CONFIG, TIMING, RunError
+from train.timing import training_seconds
 from train.weights import RANDOM_FLAG
 
 COMPARE = "compare.json"
@@ -51,8 +52,10 @@ def find_eval(run_dir: Path, runtime: str, precision: str | None = None) -> str 
 
 def table_row(metrics: dict) -> dict:
     """The compare-table fields of one metrics.json."""
+    timing = Path(metrics["run"]["dir"]) / TIMING  # the run's current timing, in case it changed since scoring
+    seconds = training_seconds(read_json(timing)) if timing.exists() else metrics["training"]["seconds"]
     row = {"pair": metrics["pair"], "eval": metrics["eval"], "status": metrics["status"],
-           "random_init": metrics["random_init"], "train_seconds": metrics["training"]["seconds"]}
+           "random_init": metrics["random_init"], "train_seconds": seconds}
     if metrics["status"] != "scored":
         return row | {"reason": metrics["reason"]}
     tail = metrics["buckets"]["tail"]

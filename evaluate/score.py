@@ -38,6 +38,7 @@ from train.data.io import atomic_path, read_json, sha256_file, write_json
 from train.device import library_versions, pick_device
 from train.preprocess import Preprocess
 from train.run import CONFIG, MODEL, THRESHOLDS, TIMING, RunError, is_complete
+from train.timing import training_seconds
 from train.weights import RANDOM_FLAG
 
 EVAL, METRICS, PER_TAG, PREDICTIONS = "eval", "metrics.json", "per_tag.csv", "predictions.npy"
@@ -191,7 +192,7 @@ def provenance(run_dir: Path, config: dict, ds: Dataset, runner: Runner, name: s
                 "model_sha256": sha256_file(run_dir / MODEL), "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
                 "model": config["backbone"]["name"], "img_size": config["preprocess"]["img_size"]},
         "dataset": {"path": str(ds.root.resolve()), "hash": ds.content_hash()},
-        "training": {"seconds": timing.get("seconds", {}).get("total"), "device": timing.get("device")},
+        "training": {"seconds": training_seconds(timing), "device": timing.get("device")},
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

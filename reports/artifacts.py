@@ -16,6 +16,7 @@ import numpy as np
 
 from train.data.dataset import Dataset, load_dataset
 from train.data.io import read_json, sha256_file
+from train.timing import phase_seconds
 
 CONFIG, TIMING, THRESHOLDS, MODEL = "config.json", "timing.json", "thresholds.json", "model.safetensors"
 EVAL, METRICS, PER_TAG, PREDICTIONS = "eval", "metrics.json", "per_tag.csv", "predictions.npy"
@@ -24,7 +25,6 @@ REFERENCE_EVAL = "torch"  # PyTorch fp32: the accuracy every other evaluation is
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 DEFAULT_PRECISION = {"torch": "fp32", "onnxruntime": "fp32", "tensorrt": "fp16"}  # = engines.bench.DEFAULT_PRECISION
 PRECISIONS = ("fp32", "fp16", "bf16")
-TIMING_TOTALS = ("total", "wall")  # timing.json's seconds.* entries that are not phases
 FAMILIES = ("cnn", "dinov2", "clip")
 STRATEGIES = ("probe", "ft")
 BUCKETS_TITLE = {"tail": "long tail", "medium": "medium", "head": "head"}  # evaluate.metrics.BUCKETS
@@ -49,15 +49,6 @@ def export_eval_name(file_name: str) -> str | None:
     if file_name.endswith(".onnx"):
         return run_name("onnxruntime", "fp16" if file_name.endswith(".fp16.onnx") else "fp32")
     return None
-
-
-def phase_seconds(timing: dict) -> dict[str, float]:
-    """timing.json's seconds per phase (every ``seconds`` entry but total and wall).
-
-    Training time is the sum of these phases, everywhere in the report: timing files written before
-    ``total`` counted reused caches have a total that leaves out the recorded cost of the reused phases.
-    """
-    return {k: float(v) for k, v in timing.get("seconds", {}).items() if k not in TIMING_TOTALS and v is not None}
 
 
 class ReportError(RuntimeError):

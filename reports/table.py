@@ -10,7 +10,6 @@ from reports.artifacts import (
     PARITY,
     REFERENCE_EVAL,
     RUNTIMES,
-    TIMING_TOTALS,
     Evaluation,
     Latency,
     Pair,
@@ -23,6 +22,7 @@ from reports.artifacts import (
 )
 from reports.document import Cell, Table
 from reports.figures import PHASES
+from train.timing import TIMING_TOTALS
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
