@@ -177,13 +177,43 @@ def format_trtexec(result: dict) -> str:
             lines.append(f"Total GPU Compute Time: {r['total_gpu_compute_s']:.6g} s")
         if r["wall_ms"]:
             lines.append(_stats_line("Host wall time of one predict call", r["wall_ms"]))
-    load = result.get("load_average_1m")
-    if load and max(load["before"], load["after"]) > load["cpus"]:
-        lines.append(f"WARNING: load average {max(load['before'], load['after']):g} on {load['cpus']} CPUs during the "
-                     "benchmark: other processes competed for the cores, so these CPU figures are pessimistic")
+    others = result.get("cpu_contention")
+    if others and others["contended"]:
+        lines.append(f"WARNING: other processes used {others['other_cores']:g} of {others['cpus']} cores on average "
+                     "during the benchmark, so these CPU figures are pessimistic")
     if result.get("estimate"):
         lines.append(format_estimate(result["estimate"]))
     return "\n".join(lines)
+
+
+CONTENDED_CORES = 0.2  # other processes' average CPU use (cores) above which CPU figures are flagged
+
+
+def busy_cpu_seconds(stat: str = "/proc/stat") -> float | None:
+    """CPU time every process has spent on all cores (user, nice, system, irq, softirq, steal), in seconds;
+    None where /proc/stat is absent (not Linux)."""
+    try:
+        with open(stat) as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process, all its threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def contention(busy: tuple[float, float], own: tuple[float, float], wall_s: float, cpus: int) -> dict:
+    """How many cores other processes used on average while we measured (busy minus our own CPU time, over the
+    wall time): unlike a load average, it does not lag and does not count this benchmark."""
+    other = max(0.0, (busy[1] - busy[0]) - (own[1] - own[0])) / wall_s
+    return {"other_cores": round(other, 3), "cpus": cpus, "wall_s": round(wall_s, 3),
+            "contended": other > CONTENDED_CORES,
+            "method": "(all cores' busy time, /proc/stat) - (this process's CPU time), over the benchmark's wall time"}
 
 
 def latency_path(run_dir: Path, runtime: str, precision: str) -> Path:
@@ -211,10 +241,12 @@ def bench_pair(run_dir: str | Path, runtime: str, batches: list[int], precision:
     precision = precision or DEFAULT_PRECISION[runtime]
     runner = open_runner(run_dir, runtime, precision=precision, **runner_kw)
     inputs = real_images(data, runner.config, max(batches)) if data else None
-    load_before = os.getloadavg()[0]
+    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
     result = bench_runner(runner, batches, warmup_s, duration_s, min_iters, inputs=inputs, seed=seed)
-    # other processes competing for the cores make CPU figures meaningless (and oversubscribed OpenMP collapses)
-    load = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    # other processes competing for the cores make CPU figures pessimistic (and oversubscribed OpenMP collapses)
+    busy_after = busy_cpu_seconds()
+    others = None if busy is None or busy_after is None else contention(
+        (busy, busy_after), (own, own_cpu_seconds()), time.perf_counter() - start, os.cpu_count() or 1)
     model = runner.model if isinstance(runner, TorchRunner) else load_run(run_dir)[0]
     cost = model_cost(model, result["img_size"])
     result = {"pair": run_dir.name, "run_dir": str(run_dir), **result,
@@ -222,7 +254,7 @@ def bench_pair(run_dir: str | Path, runtime: str, batches: list[int], precision:
               "model": {"name": runner.config["backbone"]["name"], "params": cost["params"],
                         "flops_per_image": cost["flops_per_image"], "weight_bytes_fp16": cost["weight_bytes"],
                         "activation_bytes_per_image_fp16": cost["activation_bytes_per_image"]},
-              "load_average_1m": load, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "cpu_contention": others, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "versions": library_versions(), "estimate": None}
     if project_to and not result["is_t4"]:
         result["estimate"] = project(cost, batches, TARGETS[project_to])

@@ -3,6 +3,7 @@
     python -m evaluate --runs RUNS --data DATASET [--runtime torch] [--precision bf16] [--pairs cnn-probe,...]
     python -m evaluate compare RUNS [--runtime torch] [--precision P] [--data DATASET]
     python -m evaluate compare RUNS --runtimes torch,onnxruntime,onnxruntime-fp16
+    python -m evaluate rescore --runs RUNS --data DATASET   (scores again from saved predictions, no model run)
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import argparse
 import sys
 
 from evaluate.compare import compare_table
-from evaluate.score import evaluate_all
-from train.data.dataset import DatasetError
+from evaluate.score import evaluate_all, rescore_run, run_dirs
+from train.data.dataset import DatasetError, load_dataset
 from train.device import setup_threads
 from train.run import RunError
 
@@ -49,6 +50,16 @@ def compare_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["rescore"]:
+            p = argparse.ArgumentParser(prog="python -m evaluate rescore", description=rescore_run.__doc__)
+            p.add_argument("--runs", required=True)
+            p.add_argument("--data", required=True)
+            args = p.parse_args(argv[1:])
+            ds = load_dataset(args.data)
+            for run_dir in run_dirs(args.runs):
+                for name, what in rescore_run(run_dir, ds).items():
+                    print(f"{run_dir.name} ({name}): {what}")
+            return 0
         if argv[:1] == ["compare"]:
             args = compare_parser().parse_args(argv[1:])
             print(compare_table(args.runs, args.runtime, args.precision, data=args.data, runtimes=args.runtimes)[1])

@@ -30,8 +30,17 @@ import torch
 from tqdm import tqdm
 
 from engines.runners import RUNTIMES, Runner, open_runner
-from evaluate.bootstrap import bootstrap_indices, bootstrap_macro_f1, confidence_interval
-from evaluate.metrics import BUCKETS, PER_TAG_COLUMNS, NonFiniteScores, binarize, bucket_masks, check_finite, score_run
+from evaluate.bootstrap import bca_interval, bootstrap_indices, bootstrap_macro_f1, jackknife_macro_f1
+from evaluate.metrics import (
+    BUCKETS,
+    PER_TAG_COLUMNS,
+    NonFiniteScores,
+    binarize,
+    bucket_masks,
+    check_finite,
+    macro_f1,
+    score_run,
+)
 from train.data.cache import load_cache
 from train.data.dataset import Dataset, DatasetError, load_dataset
 from train.data.io import atomic_path, read_json, sha256_file, write_json
@@ -115,14 +124,15 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_cis(y_true: np.ndarray, y_pred: np.ndarray, masks: dict[str, np.ndarray]) -> dict:
-    """Percentile CIs of macro-F1 overall and per bucket over the shared seeded resamples ([None, None]: no tag)."""
+    """BCa CIs of macro-F1 overall and per bucket over the shared seeded resamples ([None, None]: no tag)."""
     idx = bootstrap_indices(y_true.shape[0], N_RESAMPLES, BOOTSTRAP_SEED)
 
     def ci(mask: np.ndarray | None) -> list[float | None]:
-        lo, hi = confidence_interval(bootstrap_macro_f1(y_true, y_pred, idx, mask), LEVEL)
+        lo, hi = bca_interval(bootstrap_macro_f1(y_true, y_pred, idx, mask), macro_f1(y_true, y_pred, mask)[0],
+                              jackknife_macro_f1(y_true, y_pred, mask), LEVEL)
         return [None, None] if np.isnan(lo) else [lo, hi]
 
-    return {"level": LEVEL, "n_resamples": N_RESAMPLES, "seed": BOOTSTRAP_SEED, "macro_f1": ci(None),
+    return {"level": LEVEL, "n_resamples": N_RESAMPLES, "seed": BOOTSTRAP_SEED, "method": "BCa", "macro_f1": ci(None),
             **{f"{b}_macro_f1": ci(masks[b]) for b in BUCKETS}}
 
 
@@ -318,3 +328,26 @@ def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str 
                 f"tail-F1 {fmt(m['buckets']['tail']['macro_f1'])}, mAP {fmt(m['macro_ap'])}, "
                 f"{m['inference']['images_per_s']:.0f} img/s" + (f"  ({m['warning']})" if m["warning"] else ""))
     return results
+
+
+def rescore_run(run_dir: str | Path, ds: Dataset) -> dict[str, str]:
+    """Recompute the scores (metrics, CIs, per-tag table) of every current evaluation of ``run_dir`` from its
+    saved predictions, without running the model again (e.g. after a change to the metric code); eval name ->
+    what happened. Stale or failed evaluations are left alone and said so."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / CONFIG)
+    thresholds = read_thresholds(run_dir, config["taxonomy"])
+    _, y_true, _ = test_split(ds)
+    done = {}
+    for out in sorted(p for p in (run_dir / EVAL).glob("*") if (p / METRICS).exists()):
+        metrics = current_eval(run_dir, out.name, ds)
+        if metrics is None or metrics["status"] != "scored" or not (out / PREDICTIONS).exists():
+            done[out.name] = "left alone: stale or not scored (re-evaluate it)"
+            continue
+        scores, per_tag = score_predictions(np.load(out / PREDICTIONS), y_true, thresholds, ds.stats(), ds.taxonomy)
+        write_per_tag(out / PER_TAG, per_tag)
+        write_json(out / METRICS, metrics | scores | {
+            "rescored": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        done[out.name] = f"rescored: macro-F1 {fmt(scores['macro_f1'])} {scores['ci']['method']} CI " \
+                         f"[{fmt(scores['ci']['macro_f1'][0])}, {fmt(scores['ci']['macro_f1'][1])}]"
+    return done

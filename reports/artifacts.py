@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +19,8 @@ from train.data.dataset import Dataset, load_dataset
 from train.data.io import read_json, sha256_file
 from train.timing import phase_seconds
 
-CONFIG, TIMING, THRESHOLDS, MODEL = "config.json", "timing.json", "thresholds.json", "model.safetensors"
+CONFIG, TIMING, THRESHOLDS, MODEL, HISTORY = ("config.json", "timing.json", "thresholds.json", "model.safetensors",
+                                              "history.jsonl")
 EVAL, METRICS, PER_TAG, PREDICTIONS = "eval", "metrics.json", "per_tag.csv", "predictions.npy"
 LATENCY, EXPORT, PARITY, SIDECAR = "latency", "export", "parity.json", ".engine.json"  # model.<gpu>.fp16.engine.json
 REFERENCE_EVAL = "torch"  # PyTorch fp32: the accuracy every other evaluation is compared with
@@ -28,6 +30,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 FAMILIES = ("cnn", "dinov2", "clip")
 STRATEGIES = ("probe", "ft")
 BUCKETS_TITLE = {"tail": "long tail", "medium": "medium", "head": "head"}  # evaluate.metrics.BUCKETS
+# How far an exported or reduced-precision evaluation's test macro-F1 may differ from PyTorch fp32's, by the
+# evaluation's precision (bf16 is held to the reduced-precision limit of fp16). Beyond it the report flags it.
+MACRO_F1_TOLERANCE = {"fp32": 0.002, "fp16": 0.005, "bf16": 0.005}
+NO_ENGINE = "no TensorRT engine was built, which needs TensorRT and an NVIDIA GPU"
 
 
 def run_name(runtime: str, precision: str | None = None) -> str:
@@ -39,6 +45,13 @@ def parse_run_name(name: str) -> tuple[str, str | None]:
     """``onnxruntime-fp16`` -> (onnxruntime, fp16); ``tensorrt`` -> (tensorrt, fp16, its default precision)."""
     runtime, _, precision = name.partition("-")
     return runtime, precision or DEFAULT_PRECISION.get(runtime)
+
+
+def parity_eval_name(candidate: str) -> str:
+    """The evaluation that scores a parity.json candidate: onnx_fp32 -> onnxruntime, onnx_fp16 ->
+    onnxruntime-fp16, tensorrt_fp16 -> tensorrt."""
+    runtime, _, precision = candidate.rpartition("_")
+    return run_name("onnxruntime" if runtime == "onnx" else runtime, precision)
 
 
 def export_eval_name(file_name: str) -> str | None:
@@ -205,9 +218,14 @@ class Latency(Document):
 
     @property
     def contended(self) -> bool:
-        """A CPU benchmark during which other processes loaded the cores (its figures are pessimistic)."""
-        load = self.doc.get("load_average_1m")
-        return not self.estimate and bool(load) and max(load["before"], load["after"]) > load["cpus"]
+        """A CPU benchmark during which other processes used the cores (its figures are pessimistic)."""
+        if self.estimate:
+            return False
+        others = self.doc.get("cpu_contention")
+        if others is not None:
+            return bool(others["contended"])
+        load = self.doc.get("load_average_1m")  # benchmarks written before cpu_contention: a laggy proxy
+        return bool(load) and max(load["before"], load["after"]) > load["cpus"]
 
     def _batches(self) -> list[dict]:
         return dig(self.doc, self.prefix + "batches") or []
@@ -285,6 +303,39 @@ class Pair:
         reused = (self.timing.doc.get("caches_reused") or {}) if self.timing is not None else {}
         return [name for name, was in reused.items() if was]
 
+    @cached_property
+    def history(self) -> Sourced | None:
+        """history.jsonl's records (one per evaluated epoch), None without the file."""
+        path = self.dir / HISTORY
+        if not path.is_file():
+            return None
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except ValueError as e:
+            raise ReportError(f"{path}: not valid JSON lines ({e})") from e
+        return Sourced(rows, f"{self.name}/{HISTORY}", "epoch, val_map")
+
+    @cached_property
+    def parity_failures(self) -> dict[str, Sourced]:
+        """Exported models that failed their parity check against PyTorch fp32, by the evaluation that scores them
+        (parity.json's results; a TensorRT engine's sidecar ``parity``): what failed, and where it is recorded."""
+        failed: dict[str, Sourced] = {}
+        parity = self.export.get(PARITY)
+        results = (parity.value.get("results") or {}) if parity is not None else {}
+        for key, result in results.items():
+            if result.get("status") == "failed":
+                failed[parity_eval_name(key)] = Sourced(result.get("failures") or [], parity.source,
+                                                        f"results.{key}.status")
+        for name, side in self.export.items():
+            if name.endswith(SIDECAR) and dig(side.value, "parity.status") == "failed":
+                failed.setdefault(export_eval_name(name.removesuffix(".json")),
+                                  Sourced(dig(side.value, "parity.failures") or [], side.source, "parity.status"))
+        return failed
+
+    def exported(self, eval_name: str) -> bool:
+        """Whether export/ holds a model file that ``eval_name``'s evaluation would score."""
+        return any(export_eval_name(name) == eval_name for name in self.export)
+
     def evaluation_for(self, lat: Latency) -> Evaluation | None:
         """The evaluation (scored or failed) on the runtime and precision ``lat`` timed, if there is one."""
         return self.evals.get(lat.eval_name)
@@ -324,8 +375,35 @@ def runtime_label(runtime: str, precision: str | None = None) -> str:
     return RUNTIME_LABELS.get(runtime, runtime) + (f" {precision}" if precision else "")
 
 
+def eval_label(name: str) -> str:
+    """``onnxruntime-fp16`` -> ONNX Runtime fp16; ``tensorrt`` -> TensorRT fp16 (its default precision)."""
+    return runtime_label(*parse_run_name(name))
+
+
 def pair_label(pair: Pair) -> str:
     return f"{FAMILY_LABELS.get(pair.family, pair.family)} {STRATEGY_LABELS.get(pair.strategy, pair.strategy)}"
+
+
+def macro_f1_delta(ev: Evaluation, ref: Evaluation) -> Sourced:
+    """``ev``'s test macro-F1 minus the PyTorch fp32 evaluation ``ref``'s."""
+    return Sourced(ev.doc["macro_f1"] - ref.doc["macro_f1"], f"{ev.rel} − {ref.rel}", "macro_f1 (difference)")
+
+
+def tolerances() -> str:
+    """:data:`MACRO_F1_TOLERANCE` in words: ``±0.002 fp32, ±0.005 fp16 / bf16``."""
+    by_value: dict[float, list[str]] = {}
+    for precision, tol in MACRO_F1_TOLERANCE.items():
+        by_value.setdefault(tol, []).append(precision)
+    return ", ".join(f"±{tol:g} {' / '.join(names)}" for tol, names in by_value.items())
+
+
+def outside_tolerance(ev: Evaluation, ref: Evaluation) -> float | None:
+    """The tolerance (:data:`MACRO_F1_TOLERANCE`) that scored ``ev``'s macro-F1 difference from ``ref`` exceeds;
+    None when within it, or when ``ev`` did not score."""
+    tol = MACRO_F1_TOLERANCE.get(ev.doc.get("precision"))
+    if not ev.scored or tol is None or abs(macro_f1_delta(ev, ref).value) <= tol:
+        return None
+    return tol
 
 
 def training_cost(pair: Pair, pairs: list[Pair]) -> Sourced | None:

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from reports import figures, longtail
-from reports.artifacts import BUCKETS_TITLE, Pair, load_pairs
+from reports import figures, fmt, longtail, setup
+from reports.artifacts import (
+    BUCKETS_TITLE,
+    MACRO_F1_TOLERANCE,
+    REFERENCE_EVAL,
+    Pair,
+    load_pairs,
+    macro_f1_delta,
+    outside_tolerance,
+)
 from reports.document import (
     Block,
     Code,
@@ -51,7 +59,8 @@ def _scored(pairs: list[Pair]) -> list[Pair]:
 def latency_points(pairs: list[Pair]) -> list[dict]:
     """Figure 1's points: each benchmark (or T4 estimate) with a batch-1 p99, at the macro-F1 of the same runtime's
     evaluation where it was scored (``accuracy`` "own"); of PyTorch fp32 where that runtime was not evaluated
-    ("pytorch"); none where its evaluation failed ("failed": not drawn, not on the front)."""
+    ("pytorch"); none where its evaluation failed ("failed": not drawn, not on the front). ``parity_failed``:
+    the runtime's exported model failed parity (drawn crossed out, not on the front)."""
     points = []
     for p in _scored(pairs):
         for lat in p.latencies:
@@ -64,7 +73,8 @@ def latency_points(pairs: list[Pair]) -> list[dict]:
             points.append({"pair": p.name, "family": p.family, "strategy": p.strategy, "random_init": p.random_init,
                            "runtime": lat.runtime, "label": lat.label,
                            "latency_ms": p99.value, "macro_f1": source.doc.get("macro_f1"), "accuracy": accuracy,
-                           "estimate": lat.estimate, "sources": [p99.source, source.rel]})
+                           "estimate": lat.estimate, "parity_failed": lat.eval_name in p.parity_failures,
+                           "sources": [p99.source, source.rel]})
     return points
 
 
@@ -103,19 +113,39 @@ def training_rows(pairs: list[Pair]) -> list[dict]:
     return [{"pair": p.name, "random_init": p.random_init, "phases": p.phases} for p in pairs if p.timing is not None]
 
 
-def deployed_rows(pairs: list[Pair]) -> list[dict]:
-    rows = []
+def other_phases_caption(rows: list[dict], minor: list[str]) -> str:
+    """What Figure 4's "other" bar segment holds, and how long it is per pair."""
+    if not minor:
+        return ""
+    totals = [r["phases"][figures.OTHER_PHASES] for r in rows]
+    return (f" \"{figures.PHASE_LABELS[figures.OTHER_PHASES]}\" sums the phases too short to see "
+            f"({', '.join(figures.PHASES.get(k, k) for k in minor)}): {fmt.duration(min(totals))} to "
+            f"{fmt.duration(max(totals))} per pair.")
+
+
+def deployed_rows(pairs: list[Pair]) -> tuple[list[dict], dict[float, str]]:
+    """Figure 5's rows (each exported or reduced-precision evaluation's macro-F1 minus PyTorch fp32's; None for a
+    failed one), and the tolerances of the precisions present, with those precisions in words."""
+    rows, precisions = [], []
     for p in _scored(pairs):
-        deltas = {ev.label: ev.doc["macro_f1"] - p.reference.doc["macro_f1"] if ev.scored else None
-                  for name, ev in p.evals.items() if name != p.reference.name}
+        others = [ev for name, ev in p.evals.items() if name != REFERENCE_EVAL]
+        deltas = {ev.label: macro_f1_delta(ev, p.reference).value if ev.scored else None for ev in others}
         if deltas:
-            rows.append({"pair": p.name, "random_init": p.random_init, "deltas": deltas})
-    return rows
+            rows.append({"pair": p.name, "random_init": p.random_init, "deltas": deltas,
+                         "outside_tolerance": [ev.label for ev in others
+                                               if outside_tolerance(ev, p.reference) is not None]})
+        precisions += [ev.doc.get("precision") for ev in others]
+    tolerances: dict[float, list[str]] = {}
+    for precision, tol in MACRO_F1_TOLERANCE.items():
+        if precision in precisions:
+            tolerances.setdefault(tol, []).append(precision)
+    return rows, {tol: " / ".join(names) for tol, names in tolerances.items()}
 
 
-def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str], list[dict]]:
+def draw(pairs: list[Pair], out_dir: Path, subset: str) -> tuple[dict[str, Figure], list[str], list[dict]]:
     """The figures that the artifacts allow (by file name), a sentence for each one that they do not, and
-    Figure 1's points (each with the files its two coordinates come from)."""
+    Figure 1's points (each with the files its two coordinates come from). ``subset`` says when the runs trained
+    on part of the train split whose counts Figures 2 and 3 use."""
     made: dict[str, Figure] = {}
     skipped: list[str] = []
 
@@ -127,13 +157,16 @@ def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str]
     points = latency_points(pairs)
     if figures.plotted(points):
         failed = [f"{p['pair']} on {p['label']}" for p in points if p["accuracy"] == "failed"]
+        parity = [f"{p['pair']} on {p['label']}" for p in figures.plotted(points) if p["parity_failed"]]
         add(LATENCY_FIG,
             "Figure 1. Test macro-F1 against p99 latency at batch 1, one point per (pair, runtime); colour = "
-            "backbone, marker = runtime and precision, hollow = linear probe. Accuracy is the runtime's own evaluation; faded "
-            "points use PyTorch fp32 accuracy because that runtime was not evaluated. The dashed line is the Pareto "
-            "front of measured points"
+            "backbone, marker = runtime and precision, hollow = linear probe. Accuracy is the runtime's own "
+            "evaluation; faded points use PyTorch fp32 accuracy because that runtime was not evaluated. The dashed "
+            "line is the Pareto front of measured points; its points are numbered and listed in the legend"
             + (" (stars are T4 ESTIMATES, not measurements, and are not on the front)"
                if any(p["estimate"] for p in points) else "")
+            + (f". Crossed out, and not on the front, because their export failed parity: {', '.join(parity)}"
+               if parity else "")
             + (f". Not drawn, because their runtime's evaluation failed: {', '.join(failed)}" if failed else "")
             + ". Devices differ between points: see the table's footnotes.",
             figures.latency_accuracy, points)
@@ -144,28 +177,35 @@ def draw(pairs: list[Pair], out_dir: Path) -> tuple[dict[str, Figure], list[str]
     rows, titles = bucket_rows(pairs)
     add(BUCKET_FIG,
         "Figure 2. Test macro-F1 by training-frequency bucket for each pair, with 95% bootstrap CI whiskers "
-        "(PyTorch fp32; hatched = linear probe).", figures.bucket_bars, rows, titles)
+        "(PyTorch fp32; hatched = linear probe)." + (f" {subset}" if subset else ""),
+        figures.bucket_bars, rows, titles)
     series, dropped = per_tag_series(pairs)
     threshold = _scored(pairs)[0].reference.get("buckets.tail.train_count_range.1").value
     add(TAG_FIG,
-        f"Figure 3. Per-tag test F1 against training images per tag (log scale), one colour per backbone, lines "
-        f"= mean F1 in log-spaced frequency bins; dotted: the {threshold}-image long-tail threshold. Tags without "
-        "a test positive have no F1 and are not shown" + (f"; {dropped} tags with no training image are left off "
-                                                          "the log axis" if dropped else "") + ".",
+        f"Figure 3. Per-tag test F1 against training images per tag in the train split (log scale), one colour per "
+        f"backbone, lines = mean F1 in log-spaced frequency bins; dotted: the {threshold}-image long-tail threshold. "
+        "Tags without a test positive have no F1 and are not shown" + (f"; {dropped} tags with no training image "
+                                                                       "are left off the log axis" if dropped else "")
+        + "." + (f" {subset}" if subset else ""),
         figures.per_tag_f1, series, threshold)
-    timed = training_rows(pairs)
+    timed, minor = figures.merge_minor_phases(training_rows(pairs))
     if timed:
         add(TIME_FIG,
             "Figure 4. Training time by phase (timing.json; a bar is the pair's training time, as in the table); "
-            "feature extraction / trunk caching run the frozen backbone once over the training and validation "
-            "images. A fine-tune's bar leaves out the linear probe it starts from, which the rule's training cost "
-            "adds.", figures.training_time, timed)
-    deployed = deployed_rows(pairs)
+            "feature extraction / trunk caching (light grey) run the frozen backbone once over the training and "
+            "validation images, head training / block fine-tuning (dark grey) train on them. A fine-tune's bar leaves "
+            "out the linear probe it starts from, which the rule's training cost adds."
+            + other_phases_caption(timed, minor), figures.training_time, timed)
+    deployed, tolerances = deployed_rows(pairs)
     if deployed:
+        outside = [f"{r['pair']} on {label}" for r in deployed for label in r["outside_tolerance"]]
         add(DEPLOYED_FIG,
             "Figure 5. Macro-F1 of each exported or reduced-precision evaluation minus PyTorch fp32, per pair "
-            "(same test images and thresholds); a cross marks an evaluation that failed (NaN/Inf outputs).",
-            figures.deployed_delta, deployed)
+            "(same test images and thresholds); a cross marks an evaluation that failed (NaN/Inf outputs). Dotted "
+            "lines: the export tolerance, "
+            + ", ".join(f"±{tol:g} for {names}" for tol, names in tolerances.items())
+            + (f"; outside it: {', '.join(outside)}" if outside else "; every evaluation is inside it") + ".",
+            figures.deployed_delta, deployed, tolerances)
     else:
         skipped.append("Figure 5 (deployed vs PyTorch accuracy) not drawn: no exported-model evaluation yet "
                        "(python -m export, then python -m evaluate --runtime onnxruntime).")
@@ -178,7 +218,7 @@ def _title(pairs: list[Pair]) -> str:
 
 
 def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, figs: dict[str, Figure], skipped: list[str],
-            prov: dict, created: str) -> list[Block]:
+            prov: dict, created: str, training: dict) -> list[Block]:
     def fig(name: str) -> list[Block]:
         return [figs[name]] if name in figs else []
 
@@ -189,11 +229,14 @@ def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, figs: dict[s
     if random:
         out.append(Para(f"**Warning: {', '.join(random)} use random-init weights — not a valid comparison.** "
                         "Their scores measure nothing about the pretrained backbones."))
+    out += [Heading("Setup"), *setup.blocks(training["rows"], training["subset"])]
     out += [Heading("Recommendation"), Code("\n".join(rec["rule"])), *[Para(t) for t in rec["text"]]]
     out += [Heading("All pairs"), table]
     for heading, name in (("Accuracy and latency", LATENCY_FIG), ("Accuracy by tag frequency", BUCKET_FIG)):
         out += [Heading(heading), *fig(name)] if name in figs else []
-    out += [Heading("The long tail"), *longtail.blocks(tail, "eval/torch/predictions.npy, per_tag.csv"), *fig(TAG_FIG)]
+    subset = setup.subset_sentence(training["subset"])
+    out += [Heading("The long tail"), *longtail.blocks(tail, "eval/torch/predictions.npy, per_tag.csv", subset),
+            *fig(TAG_FIG)]
     for heading, name in (("Training cost", TIME_FIG), ("Deployed accuracy", DEPLOYED_FIG)):
         out += [Heading(heading), *fig(name)] if name in figs else []
     gaps = skipped + [f"{u['pair']}: {u['reason']}" for u in rec["not_considered"]]
@@ -220,13 +263,15 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, latency_budget_ms
     rec = recommend(pairs, constraints, comparer)
     tail = longtail.analyse(pairs, comparer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs, skipped, points = draw(pairs, out_dir)
     prov = provenance(pairs)
+    subset = setup.training_subset(prov)
+    training = {"subset": subset, "rows": setup.setup_rows(pairs, subset)}
+    figs, skipped, points = draw(pairs, out_dir, setup.subset_sentence(subset))
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    blocks = compose(pairs, table, rec, tail, figs, skipped, prov, created)
+    blocks = compose(pairs, table, rec, tail, figs, skipped, prov, created, training)
     summary = {"report": {"runs_dir": str(runs_dir.resolve()), "created": created,
                           "sources_relative_to": str(runs_dir.resolve()), "constraints": rec["constraints"]},
-               "table": table_summary, "recommendation": rec, "long_tail": tail,
+               "setup": training, "table": table_summary, "recommendation": rec, "long_tail": tail,
                "figures": [{"file": f.rel, "caption": f.caption} for f in figs.values()], "not_drawn": skipped,
                "latency_vs_macro_f1_points": points, "provenance": prov}
     write_text(out_dir / "report.md", to_markdown(blocks))

@@ -1,8 +1,10 @@
 """The report's five figures (matplotlib, Agg canvas, Okabe-Ito colour-blind-safe palette), from plain data.
 
-Colour is the backbone family throughout; in scatter plots the marker is the runtime and precision and a hollow marker is
-the linear probe (filled: fine-tune). Rows carry ``random_init``: random-init pairs and backbones are labelled
-so in every legend and axis. Each function writes one PNG.
+Colour is the backbone family wherever a figure shows pairs by backbone (Figures 1-3); in scatter plots the marker
+is the runtime and precision and a hollow marker is the linear probe (filled: fine-tune). Training phases
+(Figure 4) are greys and hatches, and runtimes in Figure 5 colours no backbone uses, so no colour means two
+things. Rows carry ``random_init``: random-init pairs and backbones are labelled so in every legend and axis.
+Each function writes one PNG.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from reports.artifacts import FAMILY_LABELS
-from reports.fmt import seconds_unit
+from reports.fmt import ms, seconds_unit
 
 OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
              "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000"}
@@ -92,16 +94,27 @@ def plotted(points: list[dict]) -> list[dict]:
 
 def pareto_points(points: list[dict]) -> list[dict]:
     """Figure 1's Pareto front, in increasing latency: among the drawn points that were measured (not T4
-    ESTIMATES), those no other beats on both p99 latency and macro-F1."""
-    measured = [p for p in plotted(points) if not p["estimate"]]
+    ESTIMATES) on a runtime whose export did not fail parity, those no other beats on both p99 latency and
+    macro-F1."""
+    measured = [p for p in plotted(points) if not p["estimate"] and not p["parity_failed"]]
     return [measured[i] for i in pareto_front([(p["latency_ms"], p["macro_f1"]) for p in measured])]
+
+
+def front_key(front: list[dict]) -> list[str]:
+    """Figure 1's legend lines for the numbered Pareto-front points:
+    ``1  cnn-ft · ONNX Runtime fp32: 2.35 ms, 0.477``."""
+    return [f"{k}  {pair_tick(p)} · {p['label']}: {ms(p['latency_ms'])} ms, {p['macro_f1']:.3f}"
+            for k, p in enumerate(front, 1)]
 
 
 def latency_accuracy(points: list[dict], path: Path) -> Path:
     """Figure 1: macro-F1 against p99 latency at batch 1, one point per (pair, runtime); the Pareto front of the
     measured points. ``points``: pair, family, strategy, random_init, runtime, label, latency_ms, macro_f1,
-    estimate, accuracy ("own": the runtime's evaluation, "pytorch": not evaluated there, drawn faded;
-    "failed": not drawn)."""
+    estimate, parity_failed (its export failed parity: crossed out, off the front), accuracy ("own": the
+    runtime's evaluation, "pytorch": not evaluated there, drawn faded; "failed": not drawn).
+
+    Front points are numbered just above and left of themselves, where no measured point can be (a point there
+    would beat them on both axes), and listed in the legend."""
     fig, (ax,) = _figure(10.5, 5.8)
     drawn = plotted(points)
     runtimes = sorted({p["label"] for p in drawn if not p["estimate"]})
@@ -111,14 +124,20 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
         ax.plot(p["latency_ms"], p["macro_f1"], linestyle="none", marker=marker, markersize=13 if p["estimate"] else 9,
                 markeredgewidth=1.6, alpha=0.9 if p["accuracy"] == "own" else 0.35,
                 **_marker_style(p["family"], p["strategy"]))
+        if p["parity_failed"]:
+            ax.plot(p["latency_ms"], p["macro_f1"], linestyle="none", marker="x", markersize=12, color="black")
     front = pareto_points(points)
     if front:
         xs = [p["latency_ms"] for p in front]
         ys = [p["macro_f1"] for p in front]
         ax.plot(xs, ys, drawstyle="steps-post", color="black", linestyle="--", linewidth=1.2, zorder=0)
-        for p in front:
-            ax.annotate(f"{pair_tick(p)} · {p['label']}", (p["latency_ms"], p["macro_f1"]), xytext=(7, 6),
-                        textcoords="offset points", fontsize=8.5)
+        for k, p in enumerate(front, 1):
+            ax.annotate(str(k), (p["latency_ms"], p["macro_f1"]), xytext=(-11, 11), textcoords="offset points",
+                        ha="center", va="center", fontsize=8, fontweight="bold",
+                        bbox={"boxstyle": "circle,pad=0.2", "facecolor": "white", "edgecolor": "black",
+                              "linewidth": 0.6},
+                        arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "black", "shrinkA": 0, "shrinkB": 5})
+        ax.margins(y=0.08)
     lat = [p["latency_ms"] for p in drawn]
     if lat and max(lat) / min(lat) > 20:
         ax.set_xscale("log")
@@ -137,9 +156,15 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
     if any(p["accuracy"] == "pytorch" for p in drawn):
         handles.append(Line2D([], [], linestyle="none", marker="o", color="grey", alpha=0.35,
                               label="faded: accuracy not measured\non this runtime (PyTorch fp32)"))
+    if any(p["parity_failed"] for p in drawn):
+        handles.append(Line2D([], [], linestyle="none", marker="x", markersize=10, color="black",
+                              label="export FAILED parity\n(not on the front)"))
     handles += [Line2D([], [], linestyle="none", marker="o", color="grey", markerfacecolor="white",
                        label="linear probe"),
                 Line2D([], [], linestyle="none", marker="o", color="grey", label="fine-tune")]
+    if front:
+        handles += [Line2D([], [], linestyle="none", label=text)
+                    for text in ["", "Pareto front (dashed), by number:", *front_key(front)]]
     fig.legend(handles=handles, fontsize=9, loc="outside right upper", frameon=False)
     return _save(fig, path)
 
@@ -205,7 +230,7 @@ def per_tag_f1(series: list[dict], tail_threshold: float, path: Path) -> Path:
         ax.text(tail_threshold * 1.07, 0.98, f"long-tail threshold: {tail_threshold:g} images", fontsize=8.5,
                 rotation=90, va="top", ha="left", transform=ax.get_xaxis_transform())
         ax.set_xscale("log")
-        ax.set_xlabel("training images per tag (log scale)")
+        ax.set_xlabel("training images per tag in the train split (log scale)")
         ax.set_title(STRATEGY_TITLES.get(strategy, strategy), fontsize=11)
         ax.legend(fontsize=8.5, loc="lower right")
     axes[0].set_ylabel("test F1 per tag")
@@ -216,22 +241,46 @@ def per_tag_f1(series: list[dict], tail_threshold: float, path: Path) -> Path:
 PHASES = {"weights_load": "load weights", "image_cache": "image cache", "feature_extraction": "feature extraction",
           "trunk_caching": "trunk caching", "head_training": "head training", "block_training": "block fine-tuning",
           "thresholds": "threshold fitting"}
-PHASE_COLOURS = dict(zip(PHASES, [OKABE_ITO[k] for k in
-                                  ("black", "yellow", "sky", "blue", "orange", "vermillion", "purple")]))
+OTHER_PHASES = "other"
+MINOR_SHARE = 0.01  # a phase shorter than this share of the longest bar in every bar is merged into "other"
+# Phases in greys and hatches, apart from the backbone colours: light = the frozen backbone's pass over the
+# images, dark = training, hatched = the fine-tune's variant of each; the short set-up phases are white (dotted,
+# crossed), threshold fitting black.
+WHITE = {"facecolor": "white", "edgecolor": "black", "linewidth": 0.6}
+PHASE_STYLES = {"weights_load": WHITE | {"hatch": "..."}, "image_cache": WHITE | {"hatch": "xx"},
+                "feature_extraction": {"color": "#BBBBBB"}, "trunk_caching": {"color": "#BBBBBB", "hatch": "///"},
+                "head_training": {"color": "#555555"}, "block_training": {"color": "#555555", "hatch": "\\\\\\"},
+                "thresholds": {"color": "black"}, OTHER_PHASES: WHITE}
+PHASE_LABELS = PHASES | {OTHER_PHASES: f"other (< {MINOR_SHARE:.0%} each)"}
+
+
+def merge_minor_phases(rows: list[dict], share: float = MINOR_SHARE) -> tuple[list[dict], list[str]]:
+    """``rows`` with the phases too short to see (under ``share`` of the longest bar in every row) summed into
+    one "other" phase, and the phases merged. ``rows``: pair, random_init, phases {phase key: seconds}."""
+    longest = max((sum(r["phases"].values()) for r in rows), default=0.0)
+    keys = list(dict.fromkeys(k for r in rows for k in r["phases"]))
+    minor = [k for k in keys if all(r["phases"].get(k, 0.0) < share * longest for r in rows)]
+    if len(minor) < 2:
+        return rows, []
+    merged = [r | {"phases": {k: v for k, v in r["phases"].items() if k not in minor}
+                   | {OTHER_PHASES: sum(r["phases"].get(k, 0.0) for k in minor)}} for r in rows]
+    return merged, minor
 
 
 def training_time(rows: list[dict], path: Path) -> Path:
-    """Figure 4: training time by phase, stacked horizontal bars (a bar's length is the pair's training time).
-    ``rows``: pair, random_init, phases {phase key: seconds}."""
+    """Figure 4: training time by phase, stacked horizontal bars (a bar's length is the pair's training time),
+    phases in greys and hatches (not the backbone colours). ``rows``: pair, random_init, phases {phase key:
+    seconds}, minor phases already merged (:func:`merge_minor_phases`)."""
     fig, (ax,) = _figure(9.5, 0.5 * len(rows) + 1.8)
     unit, scale = seconds_unit(max((sum(r["phases"].values()) for r in rows), default=0.0))
-    order = list(PHASES) + sorted({k for r in rows for k in r["phases"]} - set(PHASES))
+    unknown = sorted({k for r in rows for k in r["phases"]} - set(PHASES) - {OTHER_PHASES})
+    order = [*PHASES, *unknown, OTHER_PHASES]
     present = [k for k in order if any(r["phases"].get(k, 0) > 0 for r in rows)]
     for k in present:
         seconds = np.array([r["phases"].get(k, 0.0) for r in rows]) / scale
         left = np.array([sum(r["phases"].get(j, 0.0) for j in present[:present.index(k)]) for r in rows]) / scale
-        ax.barh(range(len(rows)), seconds, left=left, color=PHASE_COLOURS.get(k, "grey"), edgecolor="white",
-                label=PHASES.get(k, k))
+        ax.barh(range(len(rows)), seconds, left=left, label=PHASE_LABELS.get(k, k),
+                **({"edgecolor": "white"} | PHASE_STYLES.get(k, {"color": "#999999"})))
     ax.set_yticks(range(len(rows)), [pair_tick(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel(f"training time ({unit})")
@@ -240,12 +289,15 @@ def training_time(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def deployed_delta(rows: list[dict], path: Path) -> Path:
+def deployed_delta(rows: list[dict], tolerances: dict[float, str], path: Path) -> Path:
     """Figure 5: macro-F1 of each deployed evaluation minus PyTorch fp32, per pair, as dots on stems from 0;
-    a failed evaluation (NaN/Inf outputs) is a cross at 0 labelled FAILED.
-    ``rows``: pair, random_init, deltas {evaluation label: difference, or None when it failed}."""
+    a failed evaluation (NaN/Inf outputs) is a cross at 0 labelled FAILED; dotted lines at ± each tolerance.
+    ``rows``: pair, random_init, deltas {evaluation label: difference, or None when it failed};
+    ``tolerances``: {tolerance: the precisions it applies to, in words}."""
     labels = list(dict.fromkeys(k for r in rows for k in r["deltas"]))
-    colours = dict(zip(labels, [OKABE_ITO[k] for k in ("blue", "vermillion", "green", "purple", "orange", "sky")] * 3))
+    # not the backbone colours (these are runtimes), and a marker each so colour is never the only cue
+    colours = dict(zip(labels, [OKABE_ITO[k] for k in ("black", "purple", "orange", "sky")] * 4))
+    marks = dict(zip(labels, ["o", "s", "D", "^"] * 4))
     fig, (ax,) = _figure(9.5, 4.6)
     width = 0.7 / max(len(labels), 1)
     for j, label in enumerate(labels):
@@ -259,14 +311,19 @@ def deployed_delta(rows: list[dict], path: Path) -> Path:
                             color=colours[label], fontweight="bold")
                 continue
             ax.vlines(x, 0, d, color=colours[label], linewidth=2)
-            ax.plot(x, d, marker="o", markersize=8, color=colours[label], linestyle="none")
+            ax.plot(x, d, marker=marks[label], markersize=8, color=colours[label], linestyle="none")
     for label in labels:
-        ax.plot([], [], marker="o", color=colours[label], linestyle="none", label=label)
+        ax.plot([], [], marker=marks[label], color=colours[label], linestyle="none", label=label)
     ax.axhline(0, color="black", linewidth=1)
+    for tol, precisions in tolerances.items():
+        for sign in (1, -1):
+            ax.axhline(sign * tol, color="dimgrey", linestyle=":", linewidth=1.2)
+        ax.annotate(f"±{tol:g} ({precisions})", (1, tol), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=8, color="dimgrey")
     ax.set_xticks(range(len(rows)), [pair_tick(r) for r in rows], rotation=20, ha="right")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("macro-F1 difference vs PyTorch fp32")
-    lim = max((abs(d) for r in rows for d in r["deltas"].values() if d is not None), default=0.0)
+    lim = max([abs(d) for r in rows for d in r["deltas"].values() if d is not None] + list(tolerances), default=0.0)
     ax.set_ylim(-max(lim * 1.3, 0.002), max(lim * 1.3, 0.002))
     ax.set_title("Deployed vs PyTorch accuracy (0 = no change)")
     ax.legend(fontsize=8.5)

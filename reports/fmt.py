@@ -28,8 +28,18 @@ def with_ci(x: float | None, ci: Sequence[float | None] | None, digits: int = 3)
     return f"{x:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def ci_digits(ci: Sequence[float], digits: int = 3, most: int = 6) -> int:
+    """Decimals (``digits`` up to ``most``) at which no nonzero bound of ``ci`` prints as zero: +0.0004, not +0.000,
+    so that an interval that excludes 0 never reads as touching it."""
+    while digits < most and any(b and _rounded(b, digits) == 0 for b in ci):
+        digits += 1
+    return digits
+
+
 def signed_ci(x: float, ci: Sequence[float]) -> str:
-    return f"{signed(x)} [{signed(ci[0])}, {signed(ci[1])}]"
+    """``+0.012 [+0.004, +0.020]``, with more decimals where a bound would otherwise print as ±0.000."""
+    d = ci_digits(ci)
+    return f"{signed(x, d)} [{signed(ci[0], d)}, {signed(ci[1], d)}]"
 
 
 def seconds_unit(max_seconds: float) -> tuple[str, float]:
@@ -38,10 +48,11 @@ def seconds_unit(max_seconds: float) -> tuple[str, float]:
 
 
 def duration(seconds: float | None) -> str:
+    """``4.2 s``, ``47 s``, ``6.7 min``, ``2.5 h``: one decimal below 10 s and in minutes or hours."""
     if seconds is None:
         return DASH
     unit, scale = seconds_unit(seconds)
-    return f"{seconds / scale:.{0 if unit == 's' else 1}f} {unit}"
+    return f"{seconds / scale:.{0 if unit == 's' and seconds >= 9.95 else 1}f} {unit}"
 
 
 def ms(x: float | None) -> str:

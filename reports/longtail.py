@@ -19,9 +19,12 @@ N_DISAGREE = 10
 RANDOM_INIT = " (random init)"
 
 
+INCONCLUSIVE = "inconclusive: the 95% CI includes 0"
+
+
 def _verdict(res: dict, better: str, worse: str) -> str:
     return (f"{better} better" if res["observed_diff"] > 0 else f"{worse} better") if res["separated"] \
-        else "no clear difference"
+        else INCONCLUSIVE
 
 
 def analyse(pairs: list[Pair], comparer: Comparer) -> dict:
@@ -50,12 +53,30 @@ def analyse(pairs: list[Pair], comparer: Comparer) -> dict:
     return {"pairs": [p.name for p in scored], "random_init": [p.name for p in scored if p.random_init],
             "tail_f1": {p.name: {**p.reference.get("buckets.tail.macro_f1").to_json(),
                                  "ci": p.reference.get("ci.tail_macro_f1").value,
-                                 "n_tags_scored": p.reference.get("buckets.tail.n_tags_scored").value}
+                                 "n_tags_scored": p.reference.get("buckets.tail.n_tags_scored").value,
+                                 "n_tags": p.reference.get("buckets.tail.n_tags").value}
                         for p in scored},
+            "leader": leader(scored, comparer),
             "threshold": scored[0].reference.get("buckets.tail.train_count_range.1").value if scored else None,
             "backbones": backbones, "finetune": finetune, "disagreements": disagreements(spread),
             "left_out_of_disagreements": [p.name for p in scored if p not in spread],
             "paired_bootstrap": comparer.available, "unavailable": comparer.unavailable}
+
+
+def _tail_value(pair: Pair) -> float:
+    v = pair.reference.get("buckets.tail.macro_f1").value
+    return -1.0 if v is None else v
+
+
+def leader(scored: list[Pair], comparer: Comparer) -> dict | None:
+    """The pair with the highest long-tail macro-F1, the runner-up on the tail, and their paired bootstrap on the
+    tail tags (None when there is no runner-up)."""
+    ranked = sorted(scored, key=_tail_value, reverse=True)
+    if len(ranked) < 2:
+        return None
+    first, second = ranked[:2]
+    return {"pair": first.name, "runner_up": second.name,
+            "result": comparer.compare(first.reference, second.reference, TAIL)}
 
 
 def disagreements(pairs: list[Pair], n: int = N_DISAGREE) -> list[dict]:
@@ -70,14 +91,15 @@ def disagreements(pairs: list[Pair], n: int = N_DISAGREE) -> list[dict]:
             odd = sorted(tables[p.name].keys() ^ tables[first.name].keys())
             raise ReportError(f"{p.reference.dir / PER_TAG}: its tags differ from {first.reference.dir / PER_TAG} "
                               f"({len(odd)} in one only, e.g. {odd[:3]}); re-evaluate on one dataset version")
+    sources = [f"{p.reference.rel.rsplit('/', 1)[0]}/{PER_TAG}" for p in pairs]
     rows = []
     for name, tag in tables[first.name].items():
         if tag["bucket"] != TAIL or not tag["support"]:
             continue
         f1 = {pair: t[name]["f1"] for pair, t in tables.items()}
         values = [v for v in f1.values() if v is not None]
-        rows.append({"tag": name, "train_count": tag["train_count"], "support": tag["support"],
-                     "f1": f1, "spread": max(values) - min(values)})
+        rows.append({"tag": name, "train_count": int(tag["train_count"]), "support": int(tag["support"]),
+                     "f1": f1, "spread": max(values) - min(values), "sources": sources})
     rows.sort(key=lambda r: (-r["spread"], r["tag"]))
     return rows[:n]
 
@@ -98,30 +120,46 @@ def _finetune_item(c: dict, shown: dict[str, str], random: list[str]) -> str:
         text = (f"{name}: fine-tune {fmt.num(c['tail_f1'][c['ft']]['value'])} vs probe "
                 f"{fmt.num(c['tail_f1'][c['probe']]['value'])} (no paired test possible).")
     else:
-        effect = ("**helps** the tail" if res["observed_diff"] > 0 else "**hurts** the tail") if res["separated"] \
-            else "has **no clear effect** on the tail"
-        text = (f"{name}: fine-tuning {effect}: {ft} − {probe} {fmt.signed_ci(res['observed_diff'], res['ci'])}, "
-                f"P(fine-tune better) = {res['p_a_better']:.2f}.")
+        effect = (("fine-tuning **helps** the tail" if res["observed_diff"] > 0 else "fine-tuning **hurts** the tail")
+                  if res["separated"] else f"fine-tuning's effect on the tail is **{INCONCLUSIVE}**")
+        text = (f"{name}: {effect} ({ft} − {probe} {fmt.signed_ci(res['observed_diff'], res['ci'])}, "
+                f"P(fine-tune better) = {res['p_a_better']:.2f}).")
     if {c["ft"], c["probe"]} & set(random):
         text += " Random init: this says nothing about fine-tuning the pretrained backbone."
     return text
 
 
-def blocks(analysis: dict, sources: str) -> list[Block]:
-    """The section's paragraphs and tables; ``sources`` names the files its numbers come from."""
+def _leader_text(analysis: dict, shown: dict[str, str]) -> str:
+    """``Highest long-tail macro-F1: cnn-ft 0.240 [...]; against the runner-up on the tail, ...: inconclusive ...``"""
+    tail, lead = analysis["tail_f1"], analysis["leader"]
+    name = lead["pair"] if lead else next(iter(tail))
+    text = f"Highest long-tail macro-F1: **{shown[name]}** {fmt.with_ci(tail[name]['value'], tail[name]['ci'])}"
+    if lead is None:
+        return text + "."
+    runner, res = lead["runner_up"], lead["result"]
+    text += f"; the runner-up on the tail is {shown[runner]} ({fmt.num(tail[runner]['value'])})"
+    if res is None:
+        return text + " (no paired test possible)."
+    verdict = "separated: the 95% CI excludes 0" if res["separated"] else INCONCLUSIVE
+    return text + (f", difference {fmt.signed_ci(res['observed_diff'], res['ci'])}, P({name} better) = "
+                   f"{res['p_a_better']:.2f} — {verdict}.")
+
+
+def blocks(analysis: dict, sources: str, subset: str) -> list[Block]:
+    """The section's paragraphs and tables; ``sources`` names the files its numbers come from, ``subset`` says
+    when the runs trained on part of the train split whose counts the buckets use."""
     out: list[Block] = []
     tail = analysis["tail_f1"]
     if not tail:
         return [Para("No pair has a scored PyTorch evaluation yet: nothing to say about the long tail.")]
     random = analysis["random_init"]
     shown = {p: p + (RANDOM_INIT if p in random else "") for p in analysis["pairs"]}
-    leader = max(tail, key=lambda p: -1 if tail[p]["value"] is None else tail[p]["value"])
-    n_tail = tail[leader]["n_tags_scored"]
-    out.append(Para(f"Long-tail tags have fewer than {analysis['threshold']} training images ({n_tail} of them "
-                    f"have a test positive). Highest long-tail macro-F1: **{shown[leader]}** "
-                    f"{fmt.with_ci(tail[leader]['value'], tail[leader]['ci'])}. Differences below are paired "
-                    f"bootstraps over the test images on the tail tags only (P = share of resamples where the "
-                    f"first pair is better; sources: {sources})."
+    counts = next(iter(tail.values()))
+    out.append(Para(f"Long-tail tags have fewer than {analysis['threshold']} training images in the train split "
+                    f"({counts['n_tags_scored']} of the {counts['n_tags']} long-tail tags have a test positive). "
+                    + (f"{subset} " if subset else "") + _leader_text(analysis, shown)
+                    + " Differences below are paired bootstraps over the test images on the tail tags only (P = share "
+                    f"of resamples where the first pair is better; sources: {sources})."
                     + (f" Random-init pairs ({', '.join(random)}) are not a valid comparison with the pretrained "
                        "ones." if random else "")))
     if not analysis["paired_bootstrap"]:
@@ -136,7 +174,7 @@ def blocks(analysis: dict, sources: str) -> list[Block]:
                 Bullets([_finetune_item(c, shown, random) for c in analysis["finetune"]])]
     if analysis["disagreements"]:
         names = list(analysis["disagreements"][0]["f1"])
-        rows = [[r["tag"], f"{r['train_count']:.0f}", f"{r['support']:.0f}",
+        rows = [[r["tag"], f"{r['train_count']:,}", f"{r['support']:,}",
                  *[fmt.num(r["f1"][n], 2) for n in names], fmt.num(r["spread"], 2)]
                 for r in analysis["disagreements"]]
         left_out = analysis["left_out_of_disagreements"]
@@ -144,6 +182,7 @@ def blocks(analysis: dict, sources: str) -> list[Block]:
                         "test positives a single image moves a tag's F1 a lot, so read these as examples, not "
                         "verdicts)"
                         + (f"; random-init pairs ({', '.join(left_out)}) are left out of the spread" if left_out
-                           else "") + ":"))
-        out.append(Table(["tag", "train images", "test positives", *[shown[n] for n in names], "spread"], rows))
+                           else "") + "." + (f" {subset}" if subset else "")))
+        out.append(Table(["tag", "training images in the train split", "test positives",
+                          *[shown[n] for n in names], "spread"], rows))
     return out

@@ -11,16 +11,20 @@ from dataclasses import asdict, dataclass
 
 from reports import fmt
 from reports.artifacts import (
+    NO_ENGINE,
     PRECISIONS,
+    REFERENCE_EVAL,
     RUNTIMES,
     Evaluation,
     Latency,
     Pair,
     ReportError,
     Sourced,
+    eval_label,
+    outside_tolerance,
     parse_run_name,
     run_name,
-    runtime_label,
+    tolerances,
     training_cost,
 )
 from reports.paired import Comparer
@@ -51,7 +55,7 @@ class Constraints:
 
     @property
     def target_label(self) -> str:
-        return runtime_label(*parse_run_name(self.target)) if self.target else ""
+        return eval_label(self.target) if self.target else ""
 
 
 def check_target(c: Constraints, pairs: list[Pair]) -> None:
@@ -65,27 +69,43 @@ def check_target(c: Constraints, pairs: list[Pair]) -> None:
                           f"{', '.join(present) or 'none'}")
 
 
-def rule_lines(c: Constraints) -> list[str]:
+def _target_latency(c: Constraints, pairs: list[Pair]) -> str:
+    """Where the target runtime's latency comes from, naming only latency files that exist."""
+    measured = any(lat.eval_name == c.target for p in pairs for lat in p.measured())
+    estimated = any(lat.estimate and lat.eval_name == c.target for p in pairs for lat in p.latencies)
+    estimate = "T4 ESTIMATES (roofline projections stored in the pairs' other latency files, not measurements)"
+    if measured:
+        return f"latency/{c.target}.json where measured" + (f", else {estimate}" if estimated else "")
+    if estimated:
+        return f"{estimate} only, as no pair has a measured {c.target_label} latency"
+    return f"nowhere, as no pair has a {c.target_label} latency"
+
+
+def rule_lines(c: Constraints, pairs: list[Pair]) -> list[str]:
     """The rule as printed in the report, with the constraints filled in."""
     if c.target:
-        judged = (f"Each pair is judged on {c.target_label}: p99 latency at batch 1 from latency/{c.target}.json"
-                  + (" (a T4 ESTIMATE only where no TensorRT latency was measured)" if c.target == run_name("tensorrt", "fp16")
-                     else "")
-                  + f"; accuracy = test macro-F1 of the pair's own {c.target_label} evaluation (eval/{c.target}). "
-                  f"A pair whose {c.target_label} evaluation failed is excluded; one not evaluated on "
-                  f"{c.target_label} cannot be considered.")
+        judged = (f"Each pair is judged on {c.target_label}: p99 latency at batch 1 from {_target_latency(c, pairs)}; "
+                  f"accuracy = test macro-F1 of the pair's own {c.target_label} evaluation (eval/{c.target}). "
+                  f"A pair whose {c.target_label} evaluation failed, or whose exported model for it failed its parity "
+                  f"check against PyTorch fp32, is excluded; one not evaluated on {c.target_label} cannot be "
+                  "considered.")
     else:
         judged = ("Each pair is judged on its fastest runtime (p99 latency at batch 1, measured, not a T4 ESTIMATE) "
-                  "whose own evaluation did not fail; accuracy = test macro-F1 of that runtime's evaluation, or of "
-                  "PyTorch fp32 where the runtime was not evaluated (flagged \"accuracy not measured on this "
-                  "runtime\"). A pair with no such latency is judged on PyTorch fp32 without a latency.")
+                  "whose own evaluation did not fail and whose exported model did not fail its parity check against "
+                  "PyTorch fp32 (export/parity.json, engine sidecars); accuracy = test macro-F1 of that runtime's "
+                  "evaluation, or of PyTorch fp32 where the runtime was not evaluated (flagged \"accuracy not measured "
+                  "on this runtime\"). A pair with no such latency is judged on PyTorch fp32 without a latency.")
     return [
-        f"1. Candidates: complete runs with a scored PyTorch fp32 evaluation. {judged}",
+        (f"1. Candidates: complete runs with a scored PyTorch fp32 evaluation. {judged} Flagged: every export "
+         "that failed parity, and every exported or reduced-precision evaluation whose macro-F1 differs from PyTorch "
+         f"fp32's by more than the export tolerance ({tolerances()})."),
         "2. Constraints: " + "; ".join([
-            f"p99 latency at batch 1 <= {c.latency_budget_ms:g} ms (a pair without that latency cannot be considered)"
+            f"p99 latency at batch 1 <= {c.latency_budget_ms:g} ms, as measured on the pair's benchmark device (named "
+            "in the flags when it is not a T4); a T4 ESTIMATE never satisfies the budget, and a pair without a "
+            "measured latency cannot be considered"
             if c.latency_budget_ms is not None else "no latency budget (--latency-budget-ms)",
-            f"long-tail macro-F1 >= {c.min_tail_f1:g}" if c.min_tail_f1 is not None
-            else "no long-tail floor (--min-tail-f1)"]) + ".",
+            f"long-tail macro-F1 >= {c.min_tail_f1:g}, of the evaluation the pair is judged on"
+            if c.min_tail_f1 is not None else "no long-tail floor (--min-tail-f1)"]) + ".",
         ("3. Pairs with random-init weights are eligible only when no pretrained pair is; the recommendation then "
          "warns that it is not a valid backbone comparison."),
         ("4. Maximise macro-F1. Pairs whose paired-bootstrap 95% CI of the macro-F1 difference from the best "
@@ -100,8 +120,23 @@ def p99(lat: Latency) -> float | None:
     return lat.latency_ms("p99").value
 
 
-def _failed(ev: Evaluation | None) -> bool:
-    return ev is not None and not ev.scored
+def _unusable(pair: Pair, lat: Latency) -> bool:
+    """Whether ``lat``'s runtime cannot judge ``pair``: its evaluation failed, or its export failed parity."""
+    ev = pair.evaluation_for(lat)
+    return (ev is not None and not ev.scored) or lat.eval_name in pair.parity_failures
+
+
+def pair_flags(pair: Pair) -> list[str]:
+    """The pair's own flags, whatever the rule judges it on: random init, exports that failed parity, and
+    evaluations whose macro-F1 is outside the export tolerance of PyTorch fp32's."""
+    out = [RANDOM_FLAG] if pair.random_init else []
+    out += [f"{eval_label(name)} export FAILED its parity check (not used to judge the pair)"
+            for name in pair.parity_failures]
+    if pair.reference is not None:
+        out += [f"{ev.label} macro-F1 differs from PyTorch fp32 by more than the ±{tol:g} export tolerance"
+                for name, ev in pair.evals.items()
+                if name != REFERENCE_EVAL and (tol := outside_tolerance(ev, pair.reference)) is not None]
+    return out
 
 
 @dataclass
@@ -130,7 +165,8 @@ class Candidate:
 
     @property
     def flags(self) -> list[str]:
-        out = [RANDOM_FLAG] if self.pair.random_init else []
+        """The pair's flags, then the judged runtime's: latency not measured on a T4, accuracy not its own."""
+        out = pair_flags(self.pair)
         lat = self.latency
         if lat is not None and not lat.on_t4:
             out.append("latency is a T4 ESTIMATE (roofline projection, not measured)" if lat.estimate
@@ -153,19 +189,26 @@ class Candidate:
         return f"{self.name}: " + ", ".join([*parts, trained])
 
 
+def _not_evaluated(pair: Pair, c: Constraints) -> str:
+    """Why ``pair`` has no evaluation on the target runtime, down to the root cause where the artifacts show it."""
+    if c.target in pair.stale:
+        return f"eval/{c.target} is stale (scored before config.json changed)"
+    if parse_run_name(c.target)[0] == "tensorrt" and not pair.exported(c.target):
+        return f"not evaluated on {c.target_label} because {NO_ENGINE}"
+    return f"not evaluated on {c.target_label}"
+
+
 def judge(pair: Pair, pairs: list[Pair], c: Constraints) -> Candidate | str:
     """``pair`` as the rule judges it (rule step 1), or why it cannot be judged."""
     cost = training_cost(pair, pairs)
     if c.target is None:
-        usable = [lat for lat in pair.measured() if p99(lat) is not None and not _failed(pair.evaluation_for(lat))]
+        usable = [lat for lat in pair.measured() if p99(lat) is not None and not _unusable(pair, lat)]
         lat = min(usable, key=p99, default=None)
         ev = pair.evaluation_for(lat) if lat is not None else None
         return Candidate(pair, ev if ev is not None else pair.reference, lat, cost)
     ev = pair.evals.get(c.target)
     if ev is None:
-        stale = c.target in pair.stale
-        return f"eval/{c.target} is stale (scored before config.json changed)" if stale \
-            else f"not evaluated on {c.target_label}"
+        return _not_evaluated(pair, c)
     pool = [lat for lat in pair.latencies if lat.eval_name == c.target and p99(lat) is not None]
     lat = min([lat for lat in pool if not lat.estimate] or pool, key=p99, default=None)
     return Candidate(pair, ev, lat, cost)
@@ -185,16 +228,23 @@ def candidates(pairs: list[Pair], c: Constraints) -> tuple[list[Candidate], list
         if not ev.scored:
             excluded.append({"pair": pair.name, "reason": f"its {ev.label} evaluation failed on the test split "
                                                           f"({ev.doc.get('reason', ev.doc.get('status'))})"})
+        elif ev.name in pair.parity_failures:
+            failures = "; ".join(pair.parity_failures[ev.name].value) or "failed"
+            excluded.append({"pair": pair.name, "reason": f"its {ev.label} export failed its parity check "
+                                                          f"({failures})"})
         elif c.latency_budget_ms is not None and lat is None:
-            where = c.target_label or "any runtime whose evaluation did not fail"
+            where = c.target_label or "any runtime whose evaluation did not fail and whose export passed parity"
             unknown.append({"pair": pair.name, "reason": f"no latency measured on {where}"})
+        elif c.latency_budget_ms is not None and lat.estimate:
+            unknown.append({"pair": pair.name, "reason": f"its only {c.target_label} latency is a T4 ESTIMATE, which "
+                                                         "never satisfies a latency budget"})
         elif c.latency_budget_ms is not None and p99(lat) > c.latency_budget_ms:
             excluded.append({"pair": pair.name, "reason": f"p99 {fmt.ms(p99(lat))} ms at batch 1 ({lat.label}) "
                                                           f"exceeds the {c.latency_budget_ms:g} ms budget"})
         elif c.min_tail_f1 is not None and tail is None:
             unknown.append({"pair": pair.name, "reason": "long-tail F1 undefined (no tail tag in the test split)"})
         elif c.min_tail_f1 is not None and tail < c.min_tail_f1:
-            excluded.append({"pair": pair.name, "reason": f"long-tail F1 {fmt.num(tail)} is below the "
+            excluded.append({"pair": pair.name, "reason": f"long-tail F1 {fmt.num(tail)} on {ev.label} is below the "
                                                           f"{c.min_tail_f1:g} floor"})
         else:
             kept.append(cand)
@@ -265,10 +315,9 @@ def _difference_text(res: dict | None, a: Candidate, b: Candidate, comparer: Com
 
 
 def flag_lines(pairs: list[Pair], judged: list[Candidate]) -> tuple[dict[str, list[str]], list[str]]:
-    """Every pair's flags (random init; latency not measured on a T4; accuracy not measured on the judged
-    runtime), and one line per kind of flag naming the pairs it applies to."""
-    by_pair = {c.name: c.flags for c in judged} | {p.name: [RANDOM_FLAG] for p in pairs
-                                                    if p.random_init and p.name not in {c.name for c in judged}}
+    """Every pair's flags (:func:`pair_flags`, and for a pair the rule judged: latency not measured on a T4,
+    accuracy not measured on the judged runtime), and one line per kind of flag naming the pairs it applies to."""
+    by_pair = {p.name: pair_flags(p) for p in pairs} | {c.name: c.flags for c in judged}
     by_flag: dict[str, list[str]] = {}
     for name, flags in by_pair.items():
         for flag in flags:
@@ -283,13 +332,16 @@ def recommend(pairs: list[Pair], constraints: Constraints, comparer: Comparer) -
     cands, excluded, unknown, judged = candidates(pairs, constraints)
     flags, flagged = flag_lines(pairs, judged)
     log: list[dict] = []
-    result = {"rule": rule_lines(constraints), "constraints": asdict(constraints),
+    result = {"rule": rule_lines(constraints, pairs), "constraints": asdict(constraints),
               "considered": [c.name for c in cands], "excluded": excluded, "not_considered": unknown,
               "chosen": None, "runner_up": None, "why": None, "runner_up_why": None, "separable": None,
               "top_two": None, "comparisons": log, "flags": flags, "paired_bootstrap": comparer.available,
               "all_random_init": bool(cands) and all(c.pair.random_init for c in cands)}
     if not cands:
-        verdict = "no pair meets the constraints." if excluded else "no pair could be considered."
+        reasons = {u["reason"] for u in unknown}
+        verdict = ("no pair meets the constraints." if excluded
+                   else f"no pair could be considered: for every pair, {reasons.pop()}." if len(reasons) == 1
+                   else "no pair could be considered.")
         return result | {"text": [f"**No pair can be recommended**: {verdict}", *flagged,
                                   *_gap_lines(excluded, unknown)]}
     chosen, why = choose(cands, comparer, log)
@@ -315,6 +367,13 @@ def recommend(pairs: list[Pair], constraints: Constraints, comparer: Comparer) -
 
 
 def _gap_lines(excluded: list[dict], unknown: list[dict]) -> list[str]:
-    """The pairs the rule excluded and those it could not consider, with the reasons."""
-    return [f"{title}: " + "; ".join(f"{e['pair']} ({e['reason']})" for e in items) + "."
-            for title, items in (("Excluded", excluded), ("Could not consider", unknown)) if items]
+    """The pairs the rule excluded and those it could not consider, pairs with the same reason together."""
+    lines = []
+    for title, items in (("Excluded", excluded), ("Could not consider", unknown)):
+        by_reason: dict[str, list[str]] = {}
+        for e in items:
+            by_reason.setdefault(e["reason"], []).append(e["pair"])
+        if by_reason:
+            lines.append(f"{title}: " + "; ".join(f"{', '.join(names)} ({reason})"
+                                                  for reason, names in by_reason.items()) + ".")
+    return lines

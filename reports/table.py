@@ -7,17 +7,21 @@ from __future__ import annotations
 from reports import fmt
 from reports.artifacts import (
     MODEL,
+    NO_ENGINE,
     PARITY,
     REFERENCE_EVAL,
     RUNTIMES,
-    Evaluation,
     Latency,
     Pair,
     Sourced,
+    eval_label,
     export_eval_name,
+    macro_f1_delta,
+    outside_tolerance,
     pair_label,
-    parse_run_name,
+    parity_eval_name,
     runtime_label,
+    tolerances,
     training_cost,
 )
 from reports.document import Cell, Table
@@ -63,11 +67,15 @@ def _latency_lines(lat: Latency, pair: Pair, notes: Notes) -> tuple[list[str], d
     if lat.definition:
         caveats.append(f"latency = {lat.definition}")
     if lat.contended:
-        caveats.append("other processes loaded the CPU during the benchmark (load average above the core count): "
+        caveats.append("other processes used the CPU during the benchmark (latency JSON: cpu_contention): "
                        "figures are pessimistic")
     marks = notes.marks(caveats, pair.name)
-    figures = f"≈ {fmt.ms(p99.value)}" if lat.estimate else f"{fmt.ms(p50.value)} / {fmt.ms(p99.value)}"
-    lines = [f"{lat.precision}: {figures} ms{marks}", f"{fmt.rate(tput.value)} img/s @{batch}"]
+    if lat.estimate:
+        lines = [f"T4 ESTIMATE ≈ {fmt.ms(p99.value)} ms{marks}",
+                 f"({lat.precision}; ≈ {fmt.rate(tput.value)} img/s @{batch})"]
+    else:
+        lines = [f"{lat.precision}: {fmt.ms(p50.value)} / {fmt.ms(p99.value)} ms{marks}",
+                 f"{fmt.rate(tput.value)} img/s @{batch}"]
     return lines, {"p50_ms_batch1": p50.to_json(), "p99_ms_batch1": p99.to_json(), "throughput_ips": tput.to_json(),
                   "throughput_batch": batch, "device": lat.device, "on_t4": lat.on_t4, "estimate": lat.estimate}
 
@@ -76,9 +84,8 @@ def latency_cell(pair: Pair, runtime: str, notes: Notes) -> tuple[Cell, dict]:
     lats = [lat for lat in pair.latencies if lat.runtime == runtime]
     if not lats:
         engine = any(name.endswith(".engine") for name in pair.export)
-        hint = ("no engine built (needs TensorRT and an NVIDIA GPU)" if runtime == "tensorrt" and not engine
-                else "not benchmarked")
-        return fmt.DASH + notes.mark(f"{runtime_label(runtime)}: {hint}, no latency/{runtime}*.json", pair.name), {}
+        hint = NO_ENGINE if runtime == "tensorrt" and not engine else "not benchmarked"
+        return fmt.DASH + notes.mark(f"{runtime_label(runtime)}: {hint}; no latency/{runtime}*.json", pair.name), {}
     lines, values = [], {}
     for lat in lats:
         text, values[lat.name] = _latency_lines(lat, pair, notes)
@@ -86,18 +93,39 @@ def latency_cell(pair: Pair, runtime: str, notes: Notes) -> tuple[Cell, dict]:
     return lines, values
 
 
+def worst_flips(results: dict) -> tuple[str, dict] | None:
+    """parity.json's candidate with the highest decision-flip rate (its name and result); None without one."""
+    rated = [(name, r) for name, r in results.items() if r.get("flip_rate") is not None]
+    return max(rated, key=lambda item: item[1]["flip_rate"], default=None)
+
+
+def flips_text(name: str, result: dict) -> str:
+    """``14 of 65,536 decisions flipped (0.021%, ONNX Runtime fp16)``: the counts parity.json recorded for the
+    candidate ``name``, with the rate to two significant digits."""
+    flips, decisions = result["flips"], result["decisions"]
+    rate = f"{100 * flips / decisions:.2g}%, " if flips else ""
+    return f"{flips:,} of {decisions:,} decisions flipped ({rate}{eval_label(parity_eval_name(name))})"
+
+
 def parity_line(pair: Pair) -> tuple[str | None, dict]:
-    """The export's parity verdict (parity.json): passed with the worst decision-flip rate, or what failed."""
+    """The export's parity verdict (parity.json, engine sidecars): passed, with the decision flips of its worst
+    graph, or what failed."""
     parity = pair.export.get(PARITY)
     if parity is None:
         return None, {}
     doc = parity.value
-    rates = [r.get("flip_rate") for r in doc.get("results", {}).values() if r.get("flip_rate") is not None]
-    worst = f", ≤ {max(rates):.2%} decisions flipped" if rates else ""
-    line = (f"export parity passed ({doc.get('n_images')} images{worst})" if doc.get("status") == "passed"
-            else f"export parity FAILED: {'; '.join(doc.get('failures', []))[:120]}")
-    return line, {"parity": {"value": doc.get("status"), "max_flip_rate": max(rates, default=None),
-                             "source": parity.source, "field": "status, results.*.flip_rate"}}
+    results = doc.get("results", {})
+    worst = worst_flips(results)
+    if pair.parity_failures:
+        line = "export parity FAILED: " + "; ".join(f"{eval_label(name)} ({'; '.join(f.value) or 'failed'})"
+                                                    for name, f in pair.parity_failures.items())
+    else:
+        line = f"export parity passed on {doc.get('n_images')} images" + (f": at worst {flips_text(*worst)}"
+                                                                           if worst else "")
+    worst_json = None if worst is None else {"graph": worst[0], "flips": worst[1]["flips"],
+                                             "decisions": worst[1]["decisions"], "flip_rate": worst[1]["flip_rate"]}
+    return line, {"parity": {"value": doc.get("status"), "worst": worst_json, "source": parity.source,
+                             "field": "status, results.*.flips / decisions / flip_rate"}}
 
 
 def deployed_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
@@ -114,21 +142,20 @@ def deployed_cell(pair: Pair, notes: Notes) -> tuple[Cell, dict]:
             lines.append(f"{ev.label}: FAILED ({ev.doc.get('reason', ev.doc.get('status'))[:60]})")
             values[ev.name] = {"status": ev.doc.get("status"), "source": ev.rel}
             continue
-        d = delta(ev, ref)
-        lines.append(f"{ev.label}: {fmt.signed(d.value, 4)}")
-        values[ev.name] = d.to_json()
+        d, tol = macro_f1_delta(ev, ref), outside_tolerance(ev, ref)
+        lines.append(f"{ev.label}: {fmt.signed(d.value, 4)}" + (f" ⚠ outside ±{tol:g}" if tol is not None else "")
+                     + (" (export FAILED parity)" if ev.name in pair.parity_failures else ""))
+        values[ev.name] = d.to_json() | {"outside_tolerance": tol}
     unevaluated = sorted(((f, name) for f in pair.export if (name := export_eval_name(f)) and name not in pair.evals),
                          key=lambda f_name: f_name[1])
-    lines += [f"{runtime_label(*parse_run_name(name))}: not evaluated"
-              + notes.mark(f"{f} was exported but not evaluated (no eval/{name}/)", pair.name) for f, name in unevaluated]
+    lines += [f"{eval_label(name)}: not evaluated"
+              + notes.mark(f"{f} was exported but not evaluated (no eval/{name}/)", pair.name)
+              for f, name in unevaluated]
     if not lines:
-        lines.append(fmt.DASH + notes.mark("nothing exported or evaluated beyond PyTorch (python -m export)", pair.name))
+        lines.append(fmt.DASH + notes.mark("nothing exported or evaluated beyond PyTorch (python -m export)",
+                                           pair.name))
     values["not_evaluated"] = [f for f, _ in unevaluated]
     return lines + ([parity] if parity else []), values
-
-
-def delta(ev: Evaluation, ref: Evaluation) -> Sourced:
-    return Sourced(ev.doc["macro_f1"] - ref.doc["macro_f1"], f"{ev.rel} − {ref.rel}", "macro_f1 (difference)")
 
 
 def size_cell(pair: Pair) -> tuple[Cell, dict]:
@@ -162,12 +189,12 @@ def training_cell(pair: Pair, pairs: list[Pair], notes: Notes) -> tuple[Cell, di
     parts = pair.phases
     recorded = pair.timing.get("seconds.total").value
     caveats = []
-    if recorded is not None and recorded < own.value - 0.01 * max(own.value, 1.0):
-        caveats.append("timing.json's seconds.total (written before the fix) leaves out reused-cache phases; the "
-                       "time shown is the sum of the phases")
+    if recorded is not None and abs(recorded - own.value) > 0.01 * max(own.value, 1.0):
+        caveats.append("timing.json's total differs from the sum of its phases by more than 1% (an older run "
+                       "recorded the total differently); the training time shown is the sum of the phases")
     if pair.reused_caches:
         caveats.append("includes the recorded cost of a reused cache (timing.json caches_reused)")
-    lines = [f"{fmt.duration(own.value)} total" + notes.marks(caveats, pair.name)]
+    lines = [f"{fmt.duration(own.value)} training time" + notes.marks(caveats, pair.name)]
     cost = training_cost(pair, pairs)
     if pair.starts_from_probe:
         lines.append(f"with probe {fmt.duration(cost.value)}" + notes.mark(
@@ -207,8 +234,10 @@ def main_table(pairs: list[Pair]) -> tuple[Table, dict]:
     notes = Notes()
     ranked = sorted(pairs, key=lambda p: -(p.reference.doc["macro_f1"] if p.reference and p.reference.doc.get(
         "macro_f1") is not None else -1.0))
+    estimated = any(lat.estimate for p in pairs for lat in p.latencies)
     header = ["Pair", "Macro-F1 [95% CI]", "Long-tail F1 [95% CI]", "Medium / head F1", "mAP", "Training time",
-              *[f"{runtime_label(r)} latency" for r in RUNTIMES], "FP16 / engine Δ macro-F1", "Size"]
+              *[f"{runtime_label(r)} latency" + (" (measured, or T4 ESTIMATE)" if r == "tensorrt" and estimated else "")
+                for r in RUNTIMES], "FP16 / engine Δ macro-F1", "Size"]
     rows, summary = [], {}
     for pair in ranked:
         name: list[str] = [f"**{pair.name}**", pair_label(pair)]
@@ -229,5 +258,6 @@ def main_table(pairs: list[Pair]) -> tuple[Table, dict]:
     legend = ("Accuracy: test split, PyTorch fp32, 95% bootstrap CIs. Training time: the sum of timing.json's "
               f"phases (every seconds.* entry but {' and '.join(TIMING_TOTALS)}), as in Figure 4. Latency cells: "
               "precision: p50 / p99 ms at batch 1, then images/s at the largest batch benchmarked (@batch). "
-              "FP16 / engine Δ: macro-F1 of each exported or reduced-precision evaluation minus PyTorch fp32.")
+              "FP16 / engine Δ: macro-F1 of each exported or reduced-precision evaluation minus PyTorch fp32; ⚠ marks "
+              f"one outside the export tolerance ({tolerances()}).")
     return Table(header, rows, [legend, *notes.lines()]), {"pairs": summary, "notes": notes.as_json()}

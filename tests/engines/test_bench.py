@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from engines.bench import (
     WALL_LATENCY,
     bench_pair,
     bench_runner,
+    busy_cpu_seconds,
+    contention,
     format_trtexec,
     is_t4,
     latency_path,
@@ -209,6 +212,30 @@ def test_format_trtexec_on_cpu_says_what_latency_is_and_the_threads():
     assert "H2D Latency" not in text and "GPU Compute" not in text and "Enqueue Time" not in text
 
 
+def test_busy_cpu_seconds_reads_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice: idle and iowait are not busy
+    stat.write_text(f"cpu  {3 * hz} {hz} {2 * hz} {50 * hz} {7 * hz} 0 {hz} 0 {4 * hz} 0\ncpu0 1 2 3\n")
+    assert busy_cpu_seconds(str(stat)) == pytest.approx(7.0)  # guest time is already inside user
+    assert busy_cpu_seconds(str(tmp_path / "absent")) is None
+
+
+def test_contention_subtracts_our_own_cpu_time():
+    alone = contention(busy=(100.0, 110.0), own=(5.0, 14.9), wall_s=5.0, cpus=2)  # we used 9.9 of 10 busy s
+    assert alone["other_cores"] == pytest.approx(0.02) and not alone["contended"]
+    shared = contention(busy=(100.0, 110.0), own=(5.0, 10.0), wall_s=5.0, cpus=2)  # someone else used 5 s
+    assert shared["other_cores"] == pytest.approx(1.0) and shared["contended"]
+
+
+def test_format_trtexec_warns_when_other_processes_took_the_cores():
+    clock = FakeClock()
+    result = bench_runner(FakeRunner(clock), [1], warmup_s=0.0, duration_s=0.0, min_iters=2, clock=clock)
+    assert "WARNING" not in format_trtexec(result)
+    result["cpu_contention"] = contention(busy=(0.0, 10.0), own=(0.0, 4.0), wall_s=5.0, cpus=2)
+    assert "WARNING: other processes used 1.2 of 2 cores on average" in format_trtexec(result)
+
+
 def test_is_t4():
     assert is_t4("Tesla T4") and is_t4("NVIDIA T4 via TensorrtExecutionProvider")
     assert not is_t4("NVIDIA H200") and not is_t4("Intel(R) Xeon(R) (2 threads)") and not is_t4("GT40")
@@ -222,8 +249,10 @@ def test_bench_pair_writes_the_latency_json(run_onnx):
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
     for key in ("runtime", "precision", "device", "is_t4", "threads", "latency_definition", "batches", "warmup_s",
-                "model", "date", "versions", "estimate", "input", "load_average_1m"):
+                "model", "date", "versions", "estimate", "input", "cpu_contention"):
         assert key in saved, key
+    others = saved["cpu_contention"]  # this machine has /proc/stat
+    assert others["other_cores"] >= 0 and others["cpus"] >= 1 and others["wall_s"] > 0
     assert saved["threads"] == 1 and saved["is_t4"] is False and saved["input"] == "random normal, seed 0"
     assert saved["latency_definition"] == WALL_LATENCY
     assert saved["model"]["params"] > 0 and saved["model"]["flops_per_image"] > 0

@@ -1,6 +1,8 @@
 """evaluate.bootstrap: the vectorised resampling equals the naive loop; intervals and paired comparisons."""
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 
@@ -69,7 +71,7 @@ def test_bootstrap_centres_on_the_point_estimate_with_rare_tags():
     pred = y.copy()
     pred[:, 20:] = 0
     samples = B.bootstrap_macro_f1(y, pred, B.bootstrap_indices(n, 300, seed=0))
-    lo, hi = B.confidence_interval(samples)
+    lo, hi = B.bca_interval(samples, 0.5, B.jackknife_macro_f1(y, pred))
     assert macro_f1(y, pred)[0] == 0.5 and lo <= 0.5 <= hi and abs(samples.mean() - 0.5) < 0.01
 
 
@@ -85,14 +87,44 @@ def test_no_scored_tag_is_nan():
     assert np.isnan(B.bootstrap_macro_f1(y, y, idx)).all()
 
 
-def test_confidence_interval_percentiles():
+def test_bca_is_the_percentile_interval_without_bias_or_skew():
     samples = np.arange(1001) / 1000
-    assert B.confidence_interval(samples) == pytest.approx((0.025, 0.975))
-    assert B.confidence_interval(samples, level=0.5) == pytest.approx((0.25, 0.75))
-    assert B.confidence_interval(np.append(samples, np.nan)) == pytest.approx((0.025, 0.975))
-    assert np.isnan(B.confidence_interval(np.full(3, np.nan))).all()
+    assert B.bca_interval(samples, 0.5, np.zeros(10)) == pytest.approx((0.025, 0.975))
+    assert B.bca_interval(samples, 0.5, np.zeros(10), level=0.5) == pytest.approx((0.25, 0.75))
+    assert B.bca_interval(np.append(samples, np.nan), 0.5, np.zeros(10)) == pytest.approx((0.025, 0.975))
+    assert np.isnan(B.bca_interval(np.full(3, np.nan), 0.5, np.zeros(3))).all()
     with pytest.raises(ValueError, match="level"):
-        B.confidence_interval(samples, level=95)
+        B.bca_interval(samples, 0.5, np.zeros(10), level=95)
+
+
+def test_bca_corrects_bias_and_skew_by_hand():
+    samples = np.arange(1001) / 1000  # uniform on [0, 1]: percentile q is q / 100
+    # 70% of the resamples lie below the observed 0.6995: z0 = Phi^-1(0.7); skewed jackknife: a != 0
+    jack = np.array([0.0, 0.0, 0.0, 1.0])
+    d = jack.mean() - jack
+    a = np.sum(d ** 3) / (6 * np.sum(d ** 2) ** 1.5)
+    n = NormalDist()
+    z0 = n.inv_cdf(700.5 / 1001)  # 700 below, 1 equal
+    want = [n.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in (n.inv_cdf(0.025), n.inv_cdf(0.975))]
+    assert a != 0 and B.bca_interval(samples, 0.7, jack) == pytest.approx(tuple(want), abs=1e-9)
+
+
+def test_jackknife_is_leave_one_image_out_with_the_bootstrap_tag_rule():
+    rng = np.random.default_rng(3)
+    y = (rng.random((30, 6)) < 0.3).astype(np.uint8)
+    y[:, 5] = 0
+    y[7, 5] = 1  # a single-positive tag: left out, it keeps its full-test F1 (the bootstrap's rule)
+    y[:, 4] = 0  # never positive: not scored
+    pred = (rng.random((30, 6)) < 0.3).astype(np.uint8)
+    pred[7, 5] = 1
+    mask = np.array([1, 1, 0, 1, 1, 1], dtype=bool)
+    full = {t: macro_f1(y[:, [t]], pred[:, [t]])[0] for t in (0, 1, 3, 5)}
+    want = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        f1s = [macro_f1(y[keep][:, [t]], pred[keep][:, [t]])[0] if y[keep, t].any() else full[t] for t in full]
+        want.append(np.mean(f1s))
+    assert B.jackknife_macro_f1(y, pred, mask) == pytest.approx(want, rel=1e-6)
 
 
 def test_paired_bootstrap():

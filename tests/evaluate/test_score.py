@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -225,3 +226,21 @@ def test_current_evaluation_is_kept_unless_forced(scored, tiny_data):
     assert metrics.stat().st_mtime_ns == before and "current, kept" in lines[0]
     S.evaluate_all(runs, tiny_data, "torch", device="cpu", log=lines.append, pairs=["cnn-probe"], force=True)
     assert metrics.stat().st_mtime_ns != before
+
+
+def test_rescore_recomputes_scores_from_saved_predictions_only(tiny_runs, tiny_data, tmp_path, capsys):
+
+    runs = copy_runs(tiny_runs, tmp_path)
+    S.evaluate_all(runs, tiny_data, "torch", device="cpu", log=lambda _: None)
+    out = runs / "cnn-probe" / "eval" / "torch"
+    fresh = read_json(out / "metrics.json")
+    predictions = (out / "predictions.npy").read_bytes()
+    edited = fresh | {"macro_f1": 0.0, "ci": {"macro_f1": [0.0, 0.0]}}  # what old metric code might have left
+    (out / "metrics.json").write_text(json.dumps(edited))
+    (runs / "cnn-ft" / "thresholds.json").write_text((runs / "cnn-ft" / "thresholds.json").read_text() + " ")
+    assert main(["rescore", "--runs", str(runs), "--data", str(tiny_data)]) == 0
+    printed = capsys.readouterr().out
+    again = read_json(out / "metrics.json")
+    assert {k: v for k, v in again.items() if k != "rescored"} == fresh and again["rescored"]
+    assert again["ci"]["method"] == "BCa" and (out / "predictions.npy").read_bytes() == predictions
+    assert "cnn-probe (torch): rescored" in printed and "cnn-ft (torch): left alone: stale" in printed

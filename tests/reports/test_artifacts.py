@@ -15,6 +15,7 @@ from reports.artifacts import (
     ReportError,
     export_eval_name,
     load_pairs,
+    parity_eval_name,
     run_name,
 )
 from reports.longtail import disagreements
@@ -46,6 +47,16 @@ def test_names_match_what_evaluate_and_bench_write(tmp_path):
     assert [export_eval_name(f) for f in ("model.onnx", "model.fp16.onnx", "model.tesla-t4.fp16.engine",
                                           "model.tesla-t4.fp16.engine.json", "parity.json")] == \
         ["onnxruntime", "onnxruntime-fp16", "tensorrt", None, None]
+
+
+def test_parity_results_map_to_the_evaluations_that_score_them(fake_runs):
+    assert [parity_eval_name(k) for k in ("onnx_fp32", "onnx_fp16", "tensorrt_fp16")] == \
+        ["onnxruntime", "onnxruntime-fp16", "tensorrt"]
+    pairs = {p.name: p for p in load_pairs(fake_runs[0])}
+    failed = pairs["dinov2-ft"].parity_failures
+    assert list(failed) == ["onnxruntime"] and failed["onnxruntime"].source == "dinov2-ft/export/parity.json"
+    assert any("decisions flip" in f for f in failed["onnxruntime"].value)
+    assert pairs["clip-ft"].parity_failures == {} and pairs["cnn-ft"].parity_failures == {}
 
 
 @pytest.mark.parametrize("name", ["thresholds.json", "model.safetensors"])
@@ -98,6 +109,21 @@ def test_cli_refuses_an_unknown_or_absent_target_runtime(fake_runs, tmp_path, ca
 def test_signed_never_prints_negative_zero(x, digits, text):
     assert fmt.signed(x, digits) == text
     assert fmt.num(-1e-9) == "0.000"
+
+
+@pytest.mark.parametrize("x, ci, text", [
+    (0.0029, (0.0004, 0.0054), "+0.0029 [+0.0004, +0.0054]"),  # a bound that would print +0.000 gets 4 decimals
+    (0.0123, (0.0051, 0.0201), "+0.012 [+0.005, +0.020]"),
+    (0.014, (-0.001, 0.031), "+0.014 [−0.001, +0.031]"),
+    (0.0001, (0.0, 0.00002), "+0.00010 [+0.00000, +0.00002]"),  # an exact 0 bound stays 0
+])
+def test_signed_ci_never_shows_a_nonzero_bound_as_zero(x, ci, text):
+    assert fmt.signed_ci(x, ci) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(0.46, "0.5 s"), (4.04, "4.0 s"), (47.2, "47 s"), (402, "6.7 min")])
+def test_duration(seconds, text):
+    assert fmt.duration(seconds) == text
 
 
 def test_predictions_shape_is_checked(runs_copy):

@@ -33,10 +33,11 @@ def report(fake_runs, tmp_path_factory):
     return out, json.loads((out / "summary.json").read_text()), (out / "report.md").read_text()
 
 
-def table_rows(md: str) -> dict[str, list[str]]:
-    """Main-table rows of report.md by pair: its cells."""
+def table_rows(md: str, first_column: str = "Macro-F1 [95% CI]") -> dict[str, list[str]]:
+    """Rows by pair of the report.md table whose second column is ``first_column`` (default: the main table)."""
+    table = md.split(f"| Pair | {first_column} |", 1)[1].split("\n\n", 1)[0]
     rows = {}
-    for line in md.splitlines():
+    for line in table.splitlines():
         m = re.match(r"\| \*\*([\w-]+)\*\*", line)
         if m:
             rows[m.group(1)] = [c.strip() for c in line.strip("|").split(" | ")]
@@ -49,9 +50,10 @@ def notes(md: str, marked: str) -> list[str]:
     return [next(line for line in md.splitlines() if line.startswith(m + " ")) for m in marks]
 
 
-def col_training(md: str) -> int:
-    header = next(line for line in md.splitlines() if line.startswith("| Pair"))
-    return [h.strip() for h in header.strip("|").split(" | ")].index("Training time")
+def columns(md: str) -> dict[str, int]:
+    """The main table's column positions by header."""
+    header = next(line for line in md.splitlines() if line.startswith("| Pair | Macro-F1"))
+    return {h.strip(): i for i, h in enumerate(header.strip("|").split(" | "))}
 
 
 def line_with(cell: str, start: str) -> str:
@@ -75,8 +77,7 @@ def test_writes_every_file_and_a_self_contained_html(report):
 def test_table_has_every_pair_with_flags_and_dashes_for_missing_artifacts(report):
     _, _, md = report
     rows = table_rows(md)
-    header = next(line for line in md.splitlines() if line.startswith("| Pair"))
-    col = {h.strip(): i for i, h in enumerate(header.strip("|").split(" | "))}
+    col = columns(md)
     assert list(rows) == ["dinov2-ft", "clip-probe", "clip-ft", "dinov2-probe", "cnn-ft", "cnn-probe"]  # best first
     assert "random init" in rows["cnn-probe"][0] and "random init" not in rows["cnn-ft"][0]
     torch_cell = rows["cnn-ft"][col["PyTorch latency"]]
@@ -85,21 +86,112 @@ def test_table_has_every_pair_with_flags_and_dashes_for_missing_artifacts(report
     assert "cnn-ft" in gap and "PyTorch: not benchmarked" in gap
     cpu = rows["dinov2-ft"][col["PyTorch latency"]]
     assert cpu.startswith("fp32: 80 / 160 ms")
-    where, what = notes(md, line_with(cpu, "fp32"))
+    where, what, busy = notes(md, line_with(cpu, "fp32"))  # another process used the cores during this one
     assert "not a T4: " in where and what.split(" ", 1)[1].startswith("latency = host wall time of one predict call")
-    on_t4 = line_with(rows["clip-probe"][col["TensorRT latency"]], "fp16")
+    assert "other processes used the CPU during the benchmark" in busy and busy.endswith(": dinov2-ft.")
+    assert len(notes(md, line_with(rows["dinov2-probe"][col["PyTorch latency"]], "fp32"))) == 2  # this one ran alone
+    trt = col["TensorRT latency (measured, or T4 ESTIMATE)"]  # the header says estimates may stand in
+    on_t4 = line_with(rows["clip-probe"][trt], "fp16")
     assert on_t4.startswith("fp16: 1.5 / 3 ms")  # on a T4: only what its latency measures is noted
     assert [n.split(" ", 1)[1] for n in notes(md, on_t4)] == [
         "latency = H2D + GPU compute + D2H per query (CUDA events): clip-probe."]
-    estimate = rows["dinov2-probe"][col["TensorRT latency"]]
-    assert estimate.startswith("fp16: ≈ ") and "T4 ESTIMATE" in notes(md, line_with(estimate, "fp16"))[0]
+    estimate = line_with(rows["dinov2-probe"][trt], "T4 ESTIMATE ≈ ")  # the cell itself says it is an estimate
+    assert re.match(r"T4 ESTIMATE ≈ [\d.]+ ms[¹²³⁴⁵⁶⁷⁸⁹]", estimate) and "roofline" in notes(md, estimate)[0]
     deployed = {pair: cells[col["FP16 / engine Δ macro-F1"]] for pair, cells in rows.items()}
     assert "ONNX Runtime fp16: FAILED" in deployed["cnn-ft"]
-    assert "export parity FAILED" in deployed["dinov2-ft"] and "export parity passed" in deployed["clip-ft"]
+    assert "export parity FAILED: ONNX Runtime fp32 (" in deployed["dinov2-ft"]
     assert re.search(r"TensorRT fp16: [+−]0\.\d{4}", deployed["clip-probe"])
     (unevaluated,) = notes(md, line_with(deployed["dinov2-ft"], "ONNX Runtime fp16: not evaluated"))
     assert unevaluated.endswith(" model.fp16.onnx was exported but not evaluated (no eval/onnxruntime-fp16/): "
-                                "dinov2-ft, clip-ft.")
+                                "dinov2-ft.")
+
+
+def test_parity_and_tolerance_in_the_deployed_column(report, fake_runs):
+    runs, _ = fake_runs
+    _, summary, md = report
+    deployed = {pair: cells[columns(md)["FP16 / engine Δ macro-F1"]] for pair, cells in table_rows(md).items()}
+    # the worst graph's decision flips, as counts from parity.json, never a rounded rate behind "≤"
+    worst = max(read_json(runs / "clip-ft/export/parity.json")["results"].values(), key=lambda r: r["flip_rate"])
+    rate = f"{100 * worst['flips'] / worst['decisions']:.2g}%, " if worst["flips"] else ""
+    assert (f"export parity passed on 150 images: at worst {worst['flips']:,} of {worst['decisions']:,} decisions "
+            f"flipped ({rate}ONNX Runtime") in deployed["clip-ft"] and "≤" not in md
+    parity = summary["table"]["pairs"]["clip-ft"]["deployed_delta"]["parity"]
+    assert parity["worst"]["flips"] == worst["flips"] and isinstance(parity["worst"]["decisions"], int)
+    # an evaluation outside the export tolerance is marked in its cell; one whose export failed parity says so
+    fp16 = summary["table"]["pairs"]["clip-ft"]["deployed_delta"]["onnxruntime-fp16"]
+    assert fp16["value"] < -0.005 and fp16["outside_tolerance"] == 0.005
+    assert f"ONNX Runtime fp16: {fmt.signed(fp16['value'], 4)} ⚠ outside ±0.005" in deployed["clip-ft"]
+    assert "ONNX Runtime fp32: +0.0000 (export FAILED parity)" in deployed["dinov2-ft"]
+    assert "⚠" not in deployed["dinov2-ft"] and "±0.002 fp32, ±0.005 fp16 / bf16" in md
+
+
+def test_setup_section_says_what_each_run_trained(report):
+    _, summary, md = report
+    assert md.index("## Setup") < md.index("## Recommendation")
+    rows = table_rows(md, "Model")
+    assert list(rows) == ["cnn-probe", "cnn-ft", "dinov2-probe", "dinov2-ft", "clip-probe", "clip-ft"]
+    pair, model, size, weights, images, schedule, augment = rows["dinov2-ft"]
+    assert pair == "**dinov2-ft**" and model == "DINOV2<br>dinov2_model (timm)" and size == "224 px"
+    assert weights == "pretrained (local file)"
+    assert images == "240 of 360 (67%)" and augment == "off" and rows["clip-ft"][6] == "on"
+    assert schedule == "fine-tune: 3 epochs, from the linear probe's head<br>best epoch 3 = last: may be under-trained"
+    assert rows["clip-ft"][5].endswith("best epoch 2 of 3")  # history.jsonl: its best epoch is not its last
+    assert rows["cnn-ft"][5].endswith("best epoch: — (no history.jsonl)")
+    assert rows["cnn-probe"][3] == "random init"
+    assert rows["cnn-probe"][5] == ("linear probe: 4 (lr, L2) settings × 10 epochs<br>selected at epoch 10 = last: "
+                                    "may be under-trained")
+    assert rows["clip-probe"][5].endswith("selected at epoch 7 of 10")
+    dinov2_ft = next(r for r in summary["setup"]["rows"] if r["pair"] == "dinov2-ft")
+    assert dinov2_ft["schedule"]["best_epoch"] | {"source": None} == {
+        "value": 3, "last_epoch": 3, "source": None, "field": "epoch of the highest val_map"}
+    assert dinov2_ft["schedule"]["best_epoch"]["source"] == "dinov2-ft/history.jsonl"
+    assert dinov2_ft["train_images"] == {"value": 240, "source": "dinov2-ft/config.json",
+                                         "field": "dataset.n_train_used"}
+
+
+def test_a_training_subset_is_said_wherever_training_image_counts_appear(report):
+    _, summary, md = report
+    said = "Training-image counts are the whole train split's (360 images); the runs saw a 240-image stratified " \
+           "subset of it, about 67%."
+    assert summary["setup"]["subset"]["used"] == dict.fromkeys(summary["table"]["pairs"], 240)
+    setup = md.split("## Setup", 1)[1].split("## Recommendation", 1)[0]
+    tail = md.split("## The long tail", 1)[1].split("## Training cost", 1)[0]
+    captions = {f["file"].split("/")[1][0]: f["caption"] for f in summary["figures"]}
+    assert said in setup and said in captions["2"] and said in captions["3"] and said not in captions["1"]
+    paragraphs = tail.split("\n\n")
+    intro = next(para for para in paragraphs if para.startswith("Long-tail tags have fewer than 20 training images "
+                                                                "in the train split"))
+    before_table = next(para for para in paragraphs if para.startswith("The 10 rare tags"))
+    assert said in intro and before_table.endswith(said)
+    assert "| tag | training images in the train split | test positives |" in tail
+
+
+def test_long_tail_leader_is_tested_against_the_runner_up_on_the_tail(report, fake_runs):
+    runs, _ = fake_runs
+    _, summary, md = report
+    tail = summary["long_tail"]
+    lead = tail["leader"]
+    values = {p: v["value"] for p, v in tail["tail_f1"].items()}
+    assert lead["pair"] == max(values, key=values.get) == "dinov2-ft"
+    assert lead["runner_up"] == sorted(values, key=values.get)[-2]
+    res = lead["result"]
+    assert res["bucket"] == "tail" and (res["a"], res["b"]) == (lead["pair"], lead["runner_up"])
+    assert f"the runner-up on the tail is {lead['runner_up']} ({fmt.num(values[lead['runner_up']])}), difference " \
+           f"{fmt.signed_ci(res['observed_diff'], res['ci'])}" in md
+    verdict = "separated: the 95% CI excludes 0" if res["separated"] else "inconclusive: the 95% CI includes 0"
+    assert f"P(dinov2-ft better) = {res['p_a_better']:.2f} — {verdict}." in md
+    metrics = read_json(runs / "dinov2-ft/eval/torch/metrics.json")["buckets"]["tail"]
+    assert f"({metrics['n_tags_scored']} of the {metrics['n_tags']} long-tail tags have a test positive)" in md
+
+
+def test_figure_captions_state_merged_phases_and_tolerances(report):
+    _, summary, _ = report
+    captions = {f["file"].split("/")[1][0]: f["caption"] for f in summary["figures"]}
+    assert "numbered and listed in the legend" in captions["1"]
+    assert ('"other (< 1% each)" sums the phases too short to see (load weights, image cache, threshold fitting): '
+            "0.5 s to 4.0 s per pair." in captions["4"])
+    assert ("Dotted lines: the export tolerance, ±0.002 for fp32, ±0.005 for fp16; outside it: clip-ft on ONNX "
+            "Runtime fp16." in captions["5"])
 
 
 def test_training_time_is_the_sum_of_phases_in_table_figure_and_rule(report, fake_runs):
@@ -107,12 +199,14 @@ def test_training_time_is_the_sum_of_phases_in_table_figure_and_rule(report, fak
     _, summary, md = report
     rows = table_rows(md)
     training = summary["table"]["pairs"]["dinov2-probe"]["training"]
-    assert training["training_seconds"]["value"] == pytest.approx(90)  # its timing.json total says 31.5
-    assert read_json(runs / "dinov2-probe/timing.json")["seconds"]["total"] == pytest.approx(31.5)
-    stale, reused = notes(md, line_with(rows["dinov2-probe"][col_training(md)], "90 s total"))
-    assert "written before the fix" in stale and "dinov2-probe" in stale and "reused cache" in reused
-    ft = rows["dinov2-ft"][col_training(md)]
-    assert ft.startswith("6.7 min total<br>with probe 8.2 min")
+    assert training["training_seconds"]["value"] == pytest.approx(90)  # its timing.json total says 31.95
+    assert read_json(runs / "dinov2-probe/timing.json")["seconds"]["total"] == pytest.approx(31.95)
+    differs, reused = notes(md, line_with(rows["dinov2-probe"][columns(md)["Training time"]], "90 s training time"))
+    assert differs.split(" ", 1)[1].startswith("timing.json's total differs from the sum of its phases")
+    assert "before" not in differs and "fix" not in differs  # said for readers, not for developers
+    assert differs.endswith(": dinov2-probe.") and "reused cache" in reused  # the other totals are the sums
+    ft = rows["dinov2-ft"][columns(md)["Training time"]]
+    assert ft.startswith("6.7 min training time<br>with probe 8.2 min")
     assert "LP-then-FT" in notes(md, line_with(ft, "with probe 8.2 min"))[0]
     assert summary["table"]["pairs"]["dinov2-ft"]["training"]["cost_seconds"]["value"] == pytest.approx(490)
     bars = {r["pair"]: sum(r["phases"].values()) for r in training_rows(load_pairs(runs))}
@@ -170,18 +264,20 @@ def test_every_number_traces_to_its_artifact(report, fake_runs):
             assert point["macro_f1"] == accuracy["macro_f1"]
         if not point["estimate"]:
             assert point["latency_ms"] == latency["batches"][0]["latency_ms"]["p99"]
-    assert deltas == 4
+    assert deltas == 5
     chosen = summary["recommendation"]
     assert f"{read_json(runs / chosen['chosen_eval'])['macro_f1']:.3f}" in chosen["text"][0]
 
 
-def test_long_tail_section_and_provenance(report):
+def test_long_tail_section_and_provenance(report, fake_runs):
+    runs, _ = fake_runs
     _, summary, md = report
     tail = summary["long_tail"]
     assert len(tail["backbones"]) == 6 and len(tail["finetune"]) == 3 and len(tail["disagreements"]) == 10
     verdicts = {c["family"]: c["result"]["separated"] for c in tail["finetune"]}
     assert verdicts["dinov2"] is True and verdicts["clip"] is False
-    assert "DINOv2: fine-tuning **helps** the tail" in md and "CLIP: fine-tuning has **no clear effect**" in md
+    assert "DINOv2: fine-tuning **helps** the tail (dinov2-ft − dinov2-probe +" in md
+    assert "CLIP: fine-tuning's effect on the tail is **inconclusive: the 95% CI includes 0** (clip-ft − " in md
     # the random-init cnn-probe: marked in comparisons, its fine-tuning sentence flagged, left out of the spread
     assert "| linear probe | cnn-probe (random init) − dinov2-probe |" in md
     cnn = next(line for line in md.splitlines() if line.startswith("- CNN: "))
@@ -189,6 +285,10 @@ def test_long_tail_section_and_provenance(report):
                                                                        "backbone.")
     assert tail["left_out_of_disagreements"] == ["cnn-probe"]
     assert all("cnn-probe" not in r["f1"] for r in tail["disagreements"])
+    row = tail["disagreements"][0]
+    assert type(row["train_count"]) is int and type(row["support"]) is int
+    assert row["sources"] == [f"{p}/eval/torch/per_tag.csv" for p in row["f1"]]
+    assert all((runs / source).is_file() for source in row["sources"])
     assert "random-init pairs (cnn-probe) are left out of the spread" in md
     prov = summary["provenance"]
     (dataset,) = prov["datasets"]

@@ -4,16 +4,21 @@ from __future__ import annotations
 from reports.artifacts import load_pairs
 from reports.build import bucket_rows, latency_points
 from reports.figures import (
+    OTHER_PHASES,
     bucket_bars,
     family_labels,
+    front_key,
+    merge_minor_phases,
     pair_tick,
     pareto_front,
     pareto_points,
 )
 
 
-def point(pair: str, latency: float, f1: float | None, accuracy: str = "own", estimate: bool = False) -> dict:
-    return {"pair": pair, "latency_ms": latency, "macro_f1": f1, "accuracy": accuracy, "estimate": estimate}
+def point(pair: str, latency: float, f1: float | None, accuracy: str = "own", estimate: bool = False,
+          parity_failed: bool = False) -> dict:
+    return {"pair": pair, "latency_ms": latency, "macro_f1": f1, "accuracy": accuracy, "estimate": estimate,
+            "parity_failed": parity_failed, "random_init": False, "label": "ONNX Runtime fp32"}
 
 
 def test_pareto_front():
@@ -22,10 +27,27 @@ def test_pareto_front():
 
 
 def test_pareto_points_leave_out_failed_evaluations_and_estimates():
-    points = [point("a", 10, 0.5), point("b", 2, 0.4), point("c", 1, None, "failed"), point("d", 0.5, 0.9, estimate=True),
+    points = [point("a", 10, 0.5), point("b", 2, 0.4), point("c", 1, None, "failed"),
+              point("d", 0.5, 0.9, estimate=True),
               point("e", 5, 0.45, "pytorch"), point("f", 3, 0.3)]
     assert [p["pair"] for p in pareto_points(points)] == ["b", "e", "a"]
+    points.append(point("g", 1.5, 0.6, parity_failed=True))  # would dominate b and e, but its export failed parity
+    assert [p["pair"] for p in pareto_points(points)] == ["b", "e", "a"]
+    assert front_key(pareto_points(points))[:2] == ["1  b · ONNX Runtime fp32: 2 ms, 0.400",
+                                                    "2  e · ONNX Runtime fp32: 5 ms, 0.450"]
 
+
+def test_phases_too_short_to_see_are_merged_into_other():
+    rows = [{"pair": "a", "random_init": False,
+             "phases": {"weights_load": 2.0, "feature_extraction": 500.0, "head_training": 20.0, "thresholds": 1.0}},
+            {"pair": "b", "random_init": False,
+             "phases": {"weights_load": 3.0, "trunk_caching": 300.0, "block_training": 900.0, "thresholds": 0.5}}]
+    merged, minor = merge_minor_phases(rows)  # under 1% of the longest bar (1203.5 s) in every row
+    assert minor == ["weights_load", "thresholds"]
+    assert merged[0]["phases"] == {"feature_extraction": 500.0, "head_training": 20.0, OTHER_PHASES: 3.0}
+    assert merged[1]["phases"][OTHER_PHASES] == 3.5 and rows[1]["phases"]["thresholds"] == 0.5  # input untouched
+    assert [sum(r["phases"].values()) for r in merged] == [sum(r["phases"].values()) for r in rows]
+    assert merge_minor_phases(rows, share=0.002) == (rows, [])  # one short phase alone is left as it is
 
 def test_figure_1_points_take_each_runtimes_own_accuracy(fake_runs):
     runs, _ = fake_runs
@@ -37,7 +59,8 @@ def test_figure_1_points_take_each_runtimes_own_accuracy(fake_runs):
     assert unevaluated["accuracy"] == "pytorch" and unevaluated["sources"][1] == "dinov2-ft/eval/torch/metrics.json"
     own = points["clip-probe", "TensorRT fp16"]
     assert own["accuracy"] == "own" and own["sources"][1] == "clip-probe/eval/tensorrt/metrics.json"
-    assert points["dinov2-probe", "T4 ESTIMATE (TensorRT fp16)"]["sources"][1] == "dinov2-probe/eval/tensorrt/metrics.json"
+    estimate = points["dinov2-probe", "T4 ESTIMATE (TensorRT fp16)"]
+    assert estimate["sources"][1] == "dinov2-probe/eval/tensorrt/metrics.json"
     front = [(p["pair"], p["label"]) for p in pareto_points(list(points.values()))]
     assert front == [("clip-probe", "TensorRT fp16"), ("dinov2-ft", "ONNX Runtime fp16")]
     assert points["cnn-probe", "PyTorch fp32"]["random_init"] is True
