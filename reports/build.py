@@ -176,7 +176,7 @@ def draw(pairs: list[Pair], out_dir: Path, subset: str) -> tuple[dict[str, Figur
             "no latency benchmark (latency/*.json) yet (python -m engines bench)."))
     rows, titles = bucket_rows(pairs)
     add(BUCKET_FIG,
-        "Figure 2. Test macro-F1 by training-frequency bucket for each pair, with 95% bootstrap CI whiskers "
+        "Figure 2. Test macro-F1 by training-frequency bucket for each pair, with 95% BCa bootstrap CI whiskers "
         "(PyTorch fp32; hatched = linear probe)." + (f" {subset}" if subset else ""),
         figures.bucket_bars, rows, titles)
     series, dropped = per_tag_series(pairs)

@@ -171,7 +171,7 @@ def latency_accuracy(points: list[dict], path: Path) -> Path:
 
 def bucket_bars(rows: list[dict], buckets: list[tuple[str, str]], path: Path) -> Path:
     """Figure 2: macro-F1 per frequency bucket, one bar per pair with its 95% CI whisker (clipped at the bar
-    when a percentile interval excludes its point). ``rows``: pair, family, strategy, random_init,
+    when an interval excludes its point). ``rows``: pair, family, strategy, random_init,
     values {bucket: (value, lo, hi) or None}; ``buckets``: (key, title)."""
     fig, axes = _figure(12, 4.6, ncols=len(buckets), sharey=True)
     x = np.arange(len(rows))

@@ -255,7 +255,8 @@ def main_table(pairs: list[Pair]) -> tuple[Table, dict]:
         size, values["size"] = size_cell(pair)
         rows.append([name, *acc, train, *lat_cells, deployed, size])
         summary[pair.name] = values
-    legend = ("Accuracy: test split, PyTorch fp32, 95% bootstrap CIs. Training time: the sum of timing.json's "
+    legend = ("Accuracy: test split, PyTorch fp32, 95% BCa bootstrap CIs over the test images (metrics.json ci). "
+              "Training time: the sum of timing.json's "
               f"phases (every seconds.* entry but {' and '.join(TIMING_TOTALS)}), as in Figure 4. Latency cells: "
               "precision: p50 / p99 ms at batch 1, then images/s at the largest batch benchmarked (@batch). "
               "FP16 / engine Δ: macro-F1 of each exported or reduced-precision evaluation minus PyTorch fp32; ⚠ marks "
