@@ -47,14 +47,18 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+def rescore_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluate rescore", description=rescore_run.__doc__)
+    p.add_argument("--runs", required=True, help="runs directory")
+    p.add_argument("--data", required=True, help="dataset directory the runs were trained on")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["rescore"]:
-            p = argparse.ArgumentParser(prog="python -m evaluate rescore", description=rescore_run.__doc__)
-            p.add_argument("--runs", required=True)
-            p.add_argument("--data", required=True)
-            args = p.parse_args(argv[1:])
+            args = rescore_parser().parse_args(argv[1:])
             ds = load_dataset(args.data)
             for run_dir in run_dirs(args.runs):
                 for name, what in rescore_run(run_dir, ds).items():

@@ -220,16 +220,23 @@ def write_per_tag(path: Path, rows: list[dict]) -> None:
         w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
 
 
-def current_eval(run_dir: Path, name: str, ds: Dataset) -> dict | None:
-    """metrics.json of ``run_dir/eval/name`` when it still describes this checkpoint, thresholds and test split."""
+def run_fingerprint(run_dir: Path, ds: Dataset) -> dict[str, str]:
+    """What an evaluation of ``run_dir`` must match to be current: its checkpoint, thresholds and test rows."""
+    return {"model_sha256": sha256_file(run_dir / MODEL), "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
+            "ids_sha256": test_split(ds)[2]}
+
+
+def current_eval(run_dir: Path, name: str, ds: Dataset, fingerprint: dict[str, str] | None = None) -> dict | None:
+    """metrics.json of ``run_dir/eval/name`` when it still describes this checkpoint, thresholds and test split
+    (``fingerprint``: the run's :func:`run_fingerprint`, when the caller checks several evaluations)."""
     path = run_dir / EVAL / name / METRICS
     if not path.exists():
         return None
     m = read_json(path)
+    fp = fingerprint or run_fingerprint(run_dir, ds)
     run = m.get("run", {})
-    current = (run.get("model_sha256") == sha256_file(run_dir / MODEL)
-               and run.get("thresholds_sha256") == sha256_file(run_dir / THRESHOLDS)
-               and m.get("test", {}).get("ids_sha256") == test_split(ds)[2])
+    current = (run.get("model_sha256") == fp["model_sha256"] and run.get("thresholds_sha256") == fp["thresholds_sha256"]
+               and m.get("test", {}).get("ids_sha256") == fp["ids_sha256"])
     return m if current else None
 
 
@@ -338,9 +345,10 @@ def rescore_run(run_dir: str | Path, ds: Dataset) -> dict[str, str]:
     config = read_json(run_dir / CONFIG)
     thresholds = read_thresholds(run_dir, config["taxonomy"])
     _, y_true, _ = test_split(ds)
+    fingerprint = run_fingerprint(run_dir, ds)  # once: the checkpoint can be hundreds of MB
     done = {}
     for out in sorted(p for p in (run_dir / EVAL).glob("*") if (p / METRICS).exists()):
-        metrics = current_eval(run_dir, out.name, ds)
+        metrics = current_eval(run_dir, out.name, ds, fingerprint)
         if metrics is None or metrics["status"] != "scored" or not (out / PREDICTIONS).exists():
             done[out.name] = "left alone: stale or not scored (re-evaluate it)"
             continue
