@@ -250,7 +250,7 @@ def find_engine(run_dir: Path, precision: str, gpu: str | None) -> Path:
     if gpu is None:
         raise EngineError("no CUDA GPU is visible to torch; the tensorrt runtime needs one")
     export = run_dir / EXPORT
-    path = export / f"model.{trt_export.gpu_slug(gpu)}.{precision}.engine"
+    path = export / trt_export.engine_name({"gpu_slug": trt_export.gpu_slug(gpu)}, precision)
     if path.exists():
         return path
     others = sorted(p.name for p in export.glob(f"model.*.{precision}.engine"))

@@ -50,9 +50,9 @@ def find_eval(run_dir: Path, runtime: str, precision: str | None = None) -> str 
     return None
 
 
-def table_row(metrics: dict) -> dict:
-    """The compare-table fields of one metrics.json."""
-    timing = Path(metrics["run"]["dir"]) / TIMING  # the run's current timing, in case it changed since scoring
+def table_row(metrics: dict, run_dir: Path) -> dict:
+    """The compare-table fields of one metrics.json of ``run_dir``."""
+    timing = run_dir / TIMING  # the run's timing as it is now (metrics.json's copy may predate a fix)
     seconds = training_seconds(read_json(timing)) if timing.exists() else metrics["training"]["seconds"]
     row = {"pair": metrics["pair"], "eval": metrics["eval"], "status": metrics["status"],
            "random_init": metrics["random_init"], "train_seconds": seconds}
@@ -139,7 +139,7 @@ def compare_single(runs_dir: Path, runtime: str, precision: str | None,
     for run_dir in run_dirs(runs_dir):
         name = find_eval(run_dir, runtime, precision)
         if name is not None:
-            rows.append(table_row(read_eval(run_dir, name, predictions=False)[0]))
+            rows.append(table_row(read_eval(run_dir, name, predictions=False)[0], run_dir))
     rows.sort(key=_sort_key)
     label = runtime if precision is None else f"{runtime} {precision}"
     if not rows:

@@ -53,14 +53,15 @@ def wanted_graphs(opts: ExportOptions) -> set[str]:
     return {"onnx_fp32"} | ({"onnx_fp16"} if opts.fp16 else set())
 
 
-def current_onnx(run_dir: Path, opts: ExportOptions) -> dict | None:
-    """The existing parity report when the ONNX export is current: same checkpoint, same files, nothing missing."""
+def current_onnx(run_dir: Path, opts: ExportOptions, source_sha256: str) -> dict | None:
+    """The existing parity report when the ONNX export is current: same checkpoint (``source_sha256``, the run's
+    model.safetensors), same files, nothing missing."""
     out = run_dir / EXPORT_DIR
     if opts.force or not (out / PARITY).exists():
         return None
     rep = read_json(out / PARITY)
     wanted = wanted_graphs(opts)
-    if rep.get("source_sha256") != sha256_file(run_dir / MODEL) or not wanted <= set(rep.get("results", {})):
+    if rep.get("source_sha256") != source_sha256 or not wanted <= set(rep.get("results", {})):
         return None
     if not all((out / rep["results"][k]["file"]).exists() for k in wanted):
         return None
@@ -106,7 +107,8 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
     """
     run_dir = Path(run_dir)
     out = run_dir / EXPORT_DIR
-    done = current_onnx(run_dir, opts)
+    source_sha256 = sha256_file(run_dir / MODEL)  # once: a checkpoint can be hundreds of MB
+    done = current_onnx(run_dir, opts, source_sha256)
     env = trt_export.current_trt_environment() if opts.fp16 else None
     stale = stale_engine(run_dir, env) if done is not None and env is not None else None
     onnx_passed = done is not None and all(done["results"][k]["status"] == "passed" for k in wanted_graphs(opts))
@@ -136,7 +138,7 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
                          "sha256": graphs[name]["sha256"],
                          "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"}
                   for name, (path, prec) in files.items()}
-    info = {"pair": config["pair"], "source_sha256": sha256_file(run_dir / MODEL), "dataset": str(ds.root),
+    info = {"pair": config["pair"], "source_sha256": source_sha256, "dataset": str(ds.root),
             "dataset_matches_run": ds.content_hash() == config["dataset"]["hash"],
             "images": f"{len(rows)} test rows spread evenly over the test split", "graphs": graphs}
 

@@ -121,8 +121,9 @@ def _sm(compute_capability: str) -> str:
     return "sm_" + compute_capability.replace(".", "")
 
 
-def engine_name(env: dict) -> str:
-    return f"model.{env['gpu_slug']}.fp16.engine"
+def engine_name(env: dict, precision: str = "fp16") -> str:
+    """``model.<gpu slug>.<precision>.engine``: one per GPU, so engines for several GPUs sit side by side."""
+    return f"model.{env['gpu_slug']}.{precision}.engine"
 
 
 def timing_cache_path(runs: Path, env: dict) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 
 from train.data.dataset import Dataset, load_dataset
 from train.data.io import read_json, sha256_file
-from train.timing import phase_seconds
+from train.timing import TIMING_TOTALS, phase_seconds, training_seconds
 
 CONFIG, TIMING, THRESHOLDS, MODEL, HISTORY = ("config.json", "timing.json", "thresholds.json", "model.safetensors",
                                               "history.jsonl")
@@ -290,7 +290,8 @@ class Pair:
         """This run's own training time: the sum of its phases (see :func:`phase_seconds`)."""
         if self.timing is None:
             return None
-        return Sourced(round(sum(self.phases.values()), 3), self.timing.rel, "sum of seconds.* (all but total, wall)")
+        return Sourced(training_seconds(self.timing.doc), self.timing.rel,
+                       f"sum of seconds.* (all but {', '.join(TIMING_TOTALS)})")
 
     @property
     def starts_from_probe(self) -> bool:
@@ -368,6 +369,7 @@ class Pair:
 
 RUNTIME_LABELS = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 FAMILY_LABELS = {"cnn": "CNN", "dinov2": "DINOv2", "clip": "CLIP"}
+RANDOM_INIT = " (random init)"  # appended to a pair or backbone name whose weights are random
 STRATEGY_LABELS = {"probe": "linear probe", "ft": "fine-tune"}
 
 

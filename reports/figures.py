@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from reports.artifacts import FAMILY_LABELS
+from reports.artifacts import FAMILY_LABELS, RANDOM_INIT
 from reports.fmt import ms, seconds_unit
 
 OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
@@ -32,9 +32,6 @@ STRATEGY_TITLES = {"probe": "linear probe", "ft": "fine-tune (last 4 blocks)"}
 
 def family_colour(family: str) -> str:
     return FAMILY_COLOURS.get(family, SPARE_COLOURS[sum(map(ord, family)) % len(SPARE_COLOURS)])
-
-
-RANDOM_INIT = " (random init)"
 
 
 def pair_tick(row: dict) -> str:

@@ -10,15 +10,12 @@ from __future__ import annotations
 from itertools import combinations
 
 from reports import fmt
-from reports.artifacts import FAMILY_LABELS, PER_TAG, STRATEGY_LABELS, Pair, ReportError
+from reports.artifacts import FAMILY_LABELS, PER_TAG, RANDOM_INIT, STRATEGY_LABELS, Pair, ReportError
 from reports.document import Block, Bullets, Para, Table
 from reports.paired import Comparer
 
 TAIL = "tail"
 N_DISAGREE = 10
-RANDOM_INIT = " (random init)"
-
-
 INCONCLUSIVE = "inconclusive: the 95% CI includes 0"
 
 

@@ -222,11 +222,12 @@ def test_current_onnx_is_skipped_until_the_checkpoint_changes(cnn_export, tmp_pa
 
     run = tmp_path / "cnn-probe"
     shutil.copytree(cnn_export[3], run)
-    assert current_onnx(run, ExportOptions(fp16=True))["status"] == "passed"
-    assert current_onnx(run, ExportOptions(fp16=True, force=True)) is None
+    source = sha256_file(run / "model.safetensors")
+    assert current_onnx(run, ExportOptions(fp16=True), source)["status"] == "passed"
+    assert current_onnx(run, ExportOptions(fp16=True, force=True), source) is None
     with open(run / "model.safetensors", "ab") as f:  # a retrained checkpoint
         f.write(b" ")
-    assert current_onnx(run, ExportOptions(fp16=True)) is None
+    assert current_onnx(run, ExportOptions(fp16=True), sha256_file(run / "model.safetensors")) is None
 
 
 @pytest.mark.skipif(trt_unavailable_reason() is None, reason="TensorRT and a GPU are present: an engine is built")

@@ -119,9 +119,9 @@ def _content_fingerprint(ds: Dataset, k: int, chunk_rows: int) -> str:
 def _fingerprints(ds: Dataset, chunk_rows: int) -> list[str]:
     """Per chunk: sha256 over (row, path, size, mtime_ns) of its source files."""
     out = []
-    for start in range(0, len(ds), chunk_rows):
+    for k in range(-(-len(ds) // chunk_rows)):
         h = hashlib.sha256()
-        for i in range(start, min(start + chunk_rows, len(ds))):
+        for i in _chunk(ds, k, chunk_rows):
             path = ds.image_path(i)
             try:
                 st = os.stat(path)
