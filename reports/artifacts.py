@@ -141,21 +141,10 @@ class Evaluation(Document):
                               "re-evaluate the run")
         return probs
 
-    def check_current(self, name: str) -> Path:
-        """The run's ``name`` file (thresholds.json, model.safetensors), refused unless it is the one this
-        evaluation recorded (``run.<stem>_sha256`` in metrics.json)."""
-        path = self.dir.parents[1] / name
-        key = f"run.{Path(name).stem}_sha256"
-        if not path.is_file() or sha256_file(path) != dig(self.doc, key):
-            raise ReportError(f"{path}: {'missing' if not path.is_file() else 'changed'} since "
-                              f"{self.dir / METRICS} was scored (its {key} differs); re-evaluate the run")
-        return path
-
     def decisions(self) -> np.ndarray:
-        """Test predictions as tag decisions: probability >= the run's threshold (thresholds.json); refused when
-        the thresholds or the model changed since the evaluation."""
-        self.check_current(MODEL)
-        path = self.check_current(THRESHOLDS)
+        """Test predictions as tag decisions: probability >= the run's threshold (thresholds.json; an evaluation
+        scored with other thresholds or another checkpoint is stale and never gets here, see ``_evaluations``)."""
+        path = self.dir.parents[1] / THRESHOLDS
         doc = read_json(path)
         thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
         if thresholds.shape != (self.doc["n_tags"],):
@@ -263,7 +252,8 @@ class Pair:
     evals: dict[str, Evaluation]
     latencies: list[Latency]
     export: dict[str, Sourced]  # model file name -> size in bytes; parity.json and engine sidecars -> content
-    stale: list[str] = field(default_factory=list)  # evaluations of an earlier version of the run (left out)
+    stale: dict[str, str] = field(default_factory=dict)  # evaluations of an earlier version of the run (left out):
+    # name -> the run files that changed since it was scored
 
     @property
     def family(self) -> str:
@@ -357,7 +347,7 @@ class Pair:
         if not self.complete:
             return f"training incomplete (config.json status {self.config.doc.get('status')!r})"
         if REFERENCE_EVAL in self.stale:
-            return "eval/torch is stale (scored before the run's config.json changed): re-evaluate"
+            return f"eval/torch is stale ({self.stale[REFERENCE_EVAL]} changed since it was scored): re-evaluate"
         ev = self.evals.get(REFERENCE_EVAL)
         return (f"eval/torch {ev.doc.get('status')}: {ev.doc.get('reason', '')}" if ev is not None
                 else "not evaluated (no eval/torch/metrics.json)")
@@ -428,14 +418,19 @@ def _read(path: Path, runs_dir: Path) -> Document:
         raise ReportError(f"{path}: not valid JSON ({e})") from e
 
 
-def _evaluations(run_dir: Path, runs_dir: Path) -> tuple[dict[str, Evaluation], list[str]]:
-    """(evaluations of the run as it is now, names of stale ones: scored before config.json last changed)."""
-    found, stale = {}, []
-    config_sha = sha256_file(run_dir / CONFIG)
+RUN_FILES = {"config_sha256": CONFIG, "model_sha256": MODEL, "thresholds_sha256": THRESHOLDS}  # metrics.json run.*
+
+
+def _evaluations(run_dir: Path, runs_dir: Path) -> tuple[dict[str, Evaluation], dict[str, str]]:
+    """(evaluations of the run as it is now, {name: what changed} of stale ones: scored before the run's
+    config.json, checkpoint or thresholds last changed). Each run file is hashed once."""
+    now = {key: sha256_file(run_dir / name) if (run_dir / name).is_file() else None for key, name in RUN_FILES.items()}
+    found, stale = {}, {}
     for d in sorted((run_dir / EVAL).glob(f"*/{METRICS}")):
         doc = _read(d, runs_dir)
-        if dig(doc.doc, "run.config_sha256") != config_sha:
-            stale.append(d.parent.name)
+        changed = [name for key, name in RUN_FILES.items() if dig(doc.doc, f"run.{key}") != now[key]]
+        if changed:
+            stale[d.parent.name] = ", ".join(changed)
             continue
         found[d.parent.name] = Evaluation(doc.rel, doc.doc, pair=run_dir.name, name=d.parent.name, dir=d.parent)
     return found, stale

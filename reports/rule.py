@@ -192,7 +192,7 @@ class Candidate:
 def _not_evaluated(pair: Pair, c: Constraints) -> str:
     """Why ``pair`` has no evaluation on the target runtime, down to the root cause where the artifacts show it."""
     if c.target in pair.stale:
-        return f"eval/{c.target} is stale (scored before config.json changed)"
+        return f"eval/{c.target} is stale ({pair.stale[c.target]} changed since it was scored)"
     if parse_run_name(c.target)[0] == "tensorrt" and not pair.exported(c.target):
         return f"not evaluated on {c.target_label} because {NO_ENGINE}"
     return f"not evaluated on {c.target_label}"

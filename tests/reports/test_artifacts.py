@@ -60,15 +60,17 @@ def test_parity_results_map_to_the_evaluations_that_score_them(fake_runs):
 
 
 @pytest.mark.parametrize("name", ["thresholds.json", "model.safetensors"])
-def test_paired_bootstrap_refuses_thresholds_or_model_changed_since_scoring(runs_copy, fake_runs, name):
+def test_evaluations_scored_before_the_thresholds_or_model_changed_are_stale(runs_copy, fake_runs, name):
     assert compare_top(runs_copy, fake_runs[1])["separated"]
     path = runs_copy / "dinov2-ft" / name
     if name == "thresholds.json":
         write_json(path, read_json(path) | {"thresholds": [0.3] * len(read_json(path)["thresholds"])})
     else:
         path.write_bytes(b"1" * 1000)
-    with pytest.raises(ReportError, match=rf"dinov2-ft/{name}: changed since .*dinov2-ft/eval/torch/metrics.json"):
-        compare_top(runs_copy, fake_runs[1])
+    pair = {p.name: p for p in load_pairs(runs_copy)}["dinov2-ft"]
+    assert pair.reference is None and "torch" not in pair.evals and pair.stale["torch"] == name
+    assert pair.unscored_reason() == f"eval/torch is stale ({name} changed since it was scored): re-evaluate"
+    assert {p.name: p for p in load_pairs(runs_copy)}["clip-ft"].stale == {}  # the other runs are untouched
 
 
 def test_a_missing_predictions_file_is_named(runs_copy, fake_runs):
