@@ -337,7 +337,8 @@ class TrtRunner(Runner):
         else:
             ok = self.context.set_input_shape(self.input.name, shape)
         if not ok:
-            raise EngineError(f"{self.path}: TensorRT refused input shape {shape} (see its log above)")
+            raise EngineError(f"{self.path}: TensorRT refused input shape {shape}; the profile read at load time "
+                              f"takes batches {self.input.min_batch} to {self.input.max_batch} (see its log above)")
         self._shape = shape
 
     def _enqueue(self, shape: tuple[int, ...]) -> None:

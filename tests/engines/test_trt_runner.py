@@ -337,7 +337,8 @@ def test_a_chunk_below_the_profile_min_is_padded(trt_run, sidecar):
 def test_a_refused_shape_or_bad_input_is_an_error(trt_run, sidecar):
     runner, _ = fake_runner(trt_run)
     runner.context.profile = ((4, 3, SIZE, SIZE),) * 3  # TensorRT disagrees with the profile read at load time
-    with pytest.raises(EngineError, match=r"TensorRT refused input shape \(2, 3, 8, 8\)"):
+    with pytest.raises(EngineError, match=r"TensorRT refused input shape \(2, 3, 8, 8\); the profile read at load "
+                                          r"time takes batches 1 to 8"):
         runner.predict(batch(2))
     with pytest.raises(EngineError, match=r"input of shape \(2, 3, 4, 4\), the engine takes \(N, 3, 8, 8\)"):
         runner.predict(np.zeros((2, 3, 4, 4), np.float32))
