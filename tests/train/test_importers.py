@@ -11,7 +11,7 @@ from PIL import Image
 
 from train.data import images
 from train.data.dataset import MANIFEST, REJECTED, SPLITS, STATS, DatasetError, load_dataset, read_rejected
-from train.data.importers import import_csv, import_fashion_styles
+from train.data.importers import detect_columns, import_csv, import_fashion_styles, resolve_columns
 from train.data.io import read_json, sha256_file
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -211,7 +211,8 @@ def test_summary_counts_reasons_by_kind(mixed):
         ([["1", "a", "top"]], {"tags_column": "tags", "id_column": "sku"}, "missing column 'sku'"),
         ([], {"tags_column": "tags"}, "no data rows (header only: id,name,tags)"),
         ([["1", "a", "top"]], {"tags_column": "tags", "attribute_columns": ["name"]}, "give tags_column or attribute_columns"),
-        ([["1", "a", "top"]], {}, "got neither"),
+        ([["1", "a", "top"]], {"image_column": "name", "image_pattern": "{id}.png"},
+         "give image_column or image_pattern"),
         ([["1", "a", "top"]], {"tags_column": "tags", "image_pattern": "{sku}.jpg"}, "only the field {id}"),
         ([["1", "a", "top"]], {"tags_column": "tags", "taxonomy": ["top", "top"]}, "duplicate tags ['top']"),
     ],
@@ -222,6 +223,82 @@ def test_structural_errors_fail_at_once(tmp_path, rows, kw, message):
         import_csv(src, img, tmp_path / "ds", **kw)
     assert message in str(e.value)
     assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(
+    "header, second, files, picked",
+    [
+        (["id", "image", "tags"], ["a/1.png", "a/2.png"], ["a/1.png", "a/2.png"],
+         "columns: id 'id' (detected), image 'image' (detected), tags 'tags' (detected)"),
+        (["ID", "Path", "Labels"], ["a/1.png", "a/2.png"], ["a/1.png", "a/2.png"],
+         "columns: id 'ID' (detected), image 'Path' (detected), tags 'Labels' (detected)"),
+        (["Product ID", "title", "TAGS"], ["Shirt", "Jeans"], ["1.jpg", "2.jpg"],  # no image column: <id>.jpg
+         "columns: id 'Product ID' (detected), image pattern '{id}.jpg' (no image column found), "
+         "tags 'TAGS' (detected)"),
+    ],
+)
+def test_obvious_columns_are_detected_without_flags(tmp_path, header, second, files, picked):
+    src, img = tmp_path / "catalog.csv", tmp_path / "img"
+    src.write_bytes(_csv([header, ["1", second[0], "top|blue"], ["2", second[1], "top"]]))
+    for name in files:
+        _image(img / name)
+    logged = []
+    result = import_csv(src, img, tmp_path / "ds", log=logged.append, progress=False)
+    assert logged == [picked]
+    assert (result.dataset.ids, result.dataset.tags) == (["1", "2"], [["top", "blue"], ["top"]])
+    assert [result.dataset.image_path(i) for i in (0, 1)] == [(img / name).resolve() for name in files]
+    options = read_json(tmp_path / "ds" / "taxonomy.json")["source"]["options"]
+    assert options["detected_columns"] == ["id", "image", "tags"]
+    assert (options["id_column"], options["tags_column"]) == (header[0], header[2])
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (["id", "image", "path", "tags"], "ambiguous image column (candidates: image, path); "
+         "the header has: id, image, path, tags; pass --image-column NAME or --image-pattern PATTERN"),
+        (["sku", "ID", "tags"], "ambiguous id column (candidates: sku, ID); the header has: sku, ID, tags; "
+         "pass --id-column NAME"),
+        (["id", "name", "colour"], "no tags column found; the header has: id, name, colour; pass --tags-column NAME or "
+                                   "--attribute-columns A,B"),
+        (["name", "tags"], "no id column found; the header has: name, tags; pass --id-column NAME"),
+    ],
+)
+def test_ambiguous_or_missing_columns_fail_naming_file_header_and_flag(tmp_path, header, message):
+    src, img = tmp_path / "catalog.csv", tmp_path / "img"
+    img.mkdir()
+    src.write_bytes(_csv([header, ["1"] * len(header)]))
+    with pytest.raises(DatasetError) as e:
+        import_csv(src, img, tmp_path / "ds")
+    assert f"{src}: {message}" in str(e.value)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_explicit_flags_override_detection(tmp_path):
+    header = ["id", "sku", "image", "path", "tags", "labels"]
+    src, img = tmp_path / "catalog.csv", tmp_path / "img"
+    src.write_bytes(_csv([header, ["1", "s1", "missing.jpg", "p/1.jpg", "nope", "top"]]))
+    _image(img / "p" / "1.jpg")
+    logged = []
+    result = import_csv(src, img, tmp_path / "ds", id_column="sku", image_column="path", tags_column="labels",
+                        log=logged.append, progress=False)
+    assert (result.dataset.ids, result.dataset.tags) == (["s1"], [["top"]])
+    assert result.dataset.image_path(0) == (img / "p" / "1.jpg").resolve()
+    assert logged == ["columns: id 'sku', image 'path', tags 'labels'"]
+    # an explicit pattern replaces the image column; attribute columns replace the tags column
+    _image(img / "s1.png")
+    result = import_csv(src, img, tmp_path / "ds", id_column="sku", image_pattern="{id}.png",
+                        attribute_columns=["tags"], log=logged.append, progress=False)
+    assert result.dataset.image_path(0) == (img / "s1.png").resolve() and result.dataset.tags == [["tags=nope"]]
+    assert logged[-1] == "columns: id 'sku', image pattern '{id}.png', attribute tags 'tags'"
+
+
+def test_detect_columns_and_resolve_columns_are_pure():
+    header = ["Product-ID", "Image Path", "labels", "name", "img"]
+    assert detect_columns(header) == {"id": ["Product-ID"], "image": ["Image Path", "img"], "tags": ["labels"]}
+    cols = resolve_columns(header, "c.csv", image_column="img")
+    assert (cols.id, cols.image, cols.image_pattern, cols.tags, cols.detected) == (
+        "Product-ID", "img", None, "labels", ("id", "tags"))
 
 
 def test_empty_file_and_missing_image_root(tmp_path):

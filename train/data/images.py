@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 MISSING = "image file missing"
 EMPTY = "zero-byte image file"
@@ -55,11 +56,16 @@ def _decode(path: str | os.PathLike) -> None:
         im.load()
 
 
-def check_images(paths: Sequence[str], decode: bool = True, workers: int | None = None) -> list[str | None]:
-    """``check_image`` over ``paths`` (in order) using ``workers`` processes (default: all CPUs)."""
+def check_images(
+    paths: Sequence[str], decode: bool = True, workers: int | None = None, progress: bool = False
+) -> list[str | None]:
+    """``check_image`` over ``paths`` (in order) using ``workers`` processes (default: all CPUs), with a
+    progress bar when ``progress``."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths)))
+    bar = {"total": len(paths), "unit": "img", "desc": "verify images" if decode else "check images",
+           "disable": not progress}
     if workers == 1:
-        return [check_image(p, decode) for p in paths]
-    chunk = math.ceil(len(paths) / (workers * 8))
+        return [check_image(p, decode) for p in tqdm(paths, **bar)]
+    chunk = min(math.ceil(len(paths) / (workers * 8)), 512)  # at most 512 images between progress updates
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_image, paths, [decode] * len(paths), chunksize=chunk))
+        return list(tqdm(pool.map(check_image, paths, [decode] * len(paths), chunksize=chunk), **bar))

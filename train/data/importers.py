@@ -5,6 +5,11 @@ silently. Row problems (a missing value, a duplicate id, a bad tag, non-UTF-8 by
 undecodable or truncated image) reject the row; the import fails when more than ``max_rejected`` of the
 rows are rejected. Structural problems (missing column, no data rows, conflicting options, missing image
 root) fail at once. Reasons read ``"<kind>: <detail>"``; several are joined with ``"; "``.
+
+Columns not given are found by name (``COLUMN_NAMES``, matched case-insensitively, with spaces and hyphens read
+as underscores): the id and tags columns must be found (or, instead of tags, attribute columns given); with no
+image column the image is ``{id}.jpg``. Two candidates for one role, or a required role without any, fail
+with the file, its header and the flag to pass.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from train.data import images
 from train.data.dataset import (
@@ -46,7 +51,43 @@ NON_UTF8 = "non-UTF-8 text"
 FIELD_COUNT = "wrong field count"
 MULTILINE = "multi-line value"
 
+# role -> the column names that fill it when no column is given (compared after _normalise)
+COLUMN_NAMES = {
+    "id": ("id", "sku", "product_id", "item_id"),
+    "image": ("image", "image_path", "image_file", "img", "path", "file", "filename", "file_name", "photo"),
+    "tags": ("tags", "labels", "tag", "label"),
+}
+DEFAULT_IMAGE_PATTERN = "{id}.jpg"
+_FLAGS = {"id": "--id-column NAME", "image": "--image-column NAME or --image-pattern PATTERN",
+          "tags": "--tags-column NAME or --attribute-columns A,B"}
+
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns an import reads; ``detected`` lists the roles not given explicitly."""
+
+    id: str
+    image: str | None  # None: the image is image_pattern.format(id=...)
+    image_pattern: str | None
+    tags: str | None
+    attributes: tuple[str, ...] | None  # instead of tags: each value becomes the tag "column=value"
+    detected: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line: each role's column, marking the detected ones."""
+        def mark(role: str) -> str:
+            return " (detected)" if role in self.detected else ""
+
+        if self.image:
+            image = f"image {self.image!r}{mark('image')}"
+        else:
+            found = " (no image column found)" if "image" in self.detected else ""
+            image = f"image pattern {self.image_pattern!r}{found}"
+        tags = (f"tags {self.tags!r}{mark('tags')}" if self.tags else
+                "attribute tags " + ", ".join(map(repr, self.attributes or ())))
+        return f"columns: id {self.id!r}{mark('id')}, {image}, {tags}"
 
 
 @dataclass
@@ -78,9 +119,9 @@ def import_csv(
     image_root: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    id_column: str = "id",
+    id_column: str | None = None,
     image_column: str | None = None,
-    image_pattern: str = "{id}.jpg",
+    image_pattern: str | None = None,
     tags_column: str | None = None,
     sep: str = "|",
     attribute_columns: Sequence[str] | None = None,
@@ -89,14 +130,19 @@ def import_csv(
     verify_images: bool = True,
     workers: int | None = None,
     join_extra_fields: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> ImportResult:
     """Import a catalog CSV into the dataset directory ``out``.
 
     Tags come from ``tags_column`` (split on ``sep``) or from ``attribute_columns`` (each value becomes the tag
     ``column=value``), never both. The image is ``image_column``'s value, else ``image_pattern.format(id=...)``,
     relative to ``image_root``; the manifest stores it relative to ``out`` when inside it, else absolute.
+    Columns not given are detected from the header (``resolve_columns``); ``log`` receives the line naming
+    the columns used, before the images are checked.
     ``taxonomy`` (tags, or a taxonomy.json path) rejects rows with other tags and fixes the column order.
-    Images are checked in ``workers`` processes (default: all CPUs), decoded when ``verify_images``.
+    Images are checked in ``workers`` processes (default: all CPUs), decoded when ``verify_images``, with a
+    progress bar unless ``progress`` is false.
     ``join_extra_fields`` joins the surplus fields of a row longer than the header into its last column
     (for a last column of unquoted free text); otherwise such a row is rejected.
 
@@ -107,20 +153,26 @@ def import_csv(
     src, out = Path(src_csv), Path(out)
     if not 0.0 <= max_rejected <= 1.0:
         raise ValueError(f"max_rejected must be a fraction in [0, 1], got {max_rejected}")
-    if (tags_column is None) == (attribute_columns is None):
-        raise DatasetError(f"{src}: give tags_column or attribute_columns (got {'both' if tags_column else 'neither'})")
+    if tags_column is not None and attribute_columns is not None:
+        raise DatasetError(f"{src}: give tags_column or attribute_columns, not both")
+    if image_column is not None and image_pattern is not None:
+        raise DatasetError(f"{src}: give image_column or image_pattern, not both")
     if attribute_columns is not None and not attribute_columns:
         raise DatasetError(f"{src}: attribute_columns is empty")
     root = Path(image_root).resolve()
     if not root.is_dir():
         raise DatasetError(f"{image_root}: image root not found (images of {src})")
-    if image_column is None:
+    if image_pattern is not None:
         _check_pattern(image_pattern)
     known = _load_taxonomy(taxonomy)
 
     data = _read_bytes(src)
     header, records = _parse_csv(data, src, join_extra_fields)
-    col = {name: _column(header, name, src) for name in _used_columns(id_column, image_column, tags_column, attribute_columns)}
+    cols = resolve_columns(header, src, id_column=id_column, image_column=image_column, image_pattern=image_pattern,
+                           tags_column=tags_column, attribute_columns=attribute_columns)
+    if log is not None:
+        log(cols.describe())
+    col = {name: _column(header, name, src) for name in _used_columns(cols)}
     known_set = None if known is None else frozenset(known)
 
     parsed: dict[int, tuple[str, list[str]]] = {}  # row -> (id, tags)
@@ -129,29 +181,29 @@ def import_csv(
     first_row: dict[str, int] = {}
     for n, rec, problem in records:
         if problem:
-            id_ = rec[col[id_column]].strip() if col[id_column] < len(rec) else ""
+            id_ = rec[col[cols.id]].strip() if col[cols.id] < len(rec) else ""
             parsed[n], reasons[n] = (id_, []), [problem]
             continue
         problems = [f"{MULTILINE}: column {c!r} (an unbalanced quote?)" for c, j in col.items() if "\n" in rec[j]]
-        id_ = rec[col[id_column]].strip()
+        id_ = rec[col[cols.id]].strip()
         if not id_:
-            problems.append(f"{MISSING_VALUE}: column {id_column!r}")
+            problems.append(f"{MISSING_VALUE}: column {cols.id!r}")
         elif id_ in first_row:
             problems.append(f"{DUPLICATE_ID}: {id_!r} first seen at row {first_row[id_]}")
         else:
             first_row[id_] = n
-        tags, tag_problems = _row_tags(rec, col, tags_column, sep, attribute_columns, known_set)
+        tags, tag_problems = _row_tags(rec, col, cols.tags, sep, cols.attributes, known_set)
         problems += tag_problems
-        rel = rec[col[image_column]].strip() if image_column else (image_pattern.format(id=id_) if id_ else "")
+        rel = rec[col[cols.image]].strip() if cols.image else (cols.image_pattern.format(id=id_) if id_ else "")
         if rel:
             paths[n] = os.path.normpath(os.path.join(root, rel))
-        elif image_column:
-            problems.append(f"{MISSING_VALUE}: column {image_column!r}")
+        elif cols.image:
+            problems.append(f"{MISSING_VALUE}: column {cols.image!r}")
         parsed[n] = (id_, tags)
         if problems:
             reasons[n] = problems
 
-    checked = images.check_images(list(paths.values()), decode=verify_images, workers=workers)
+    checked = images.check_images(list(paths.values()), decode=verify_images, workers=workers, progress=progress)
     for n, why in zip(paths, checked):
         if why:
             reasons.setdefault(n, []).append(why)
@@ -172,9 +224,10 @@ def import_csv(
         "sha256": sha256_bytes(data),
         "image_root": str(root),
         "options": {
-            "id_column": id_column, "image_column": image_column, "image_pattern": image_pattern,
-            "tags_column": tags_column, "sep": sep,
-            "attribute_columns": list(attribute_columns) if attribute_columns is not None else None,
+            "id_column": cols.id, "image_column": cols.image, "image_pattern": cols.image_pattern,
+            "tags_column": cols.tags, "sep": sep,
+            "attribute_columns": list(cols.attributes) if cols.attributes is not None else None,
+            "detected_columns": list(cols.detected),
             "taxonomy": str(taxonomy) if isinstance(taxonomy, (str, os.PathLike)) else (None if known is None else "given"),
             "max_rejected": max_rejected, "verify_images": verify_images, "join_extra_fields": join_extra_fields,
         },
@@ -205,7 +258,8 @@ def import_fashion_styles(src_dir: str | os.PathLike, out: str | os.PathLike, **
     src = Path(src_dir)
     if not (src / "styles.csv").is_file():
         raise DatasetError(f"{src / 'styles.csv'}: not found ({src} is not a Fashion Product Images folder)")
-    kw = {"attribute_columns": FASHION_ATTRIBUTES, "image_pattern": "{id}.jpg", "join_extra_fields": True, **kw}
+    kw = {"attribute_columns": FASHION_ATTRIBUTES, "image_pattern": DEFAULT_IMAGE_PATTERN, "join_extra_fields": True,
+          **kw}
     return import_csv(src / "styles.csv", src / "images", out, **kw)
 
 
@@ -261,11 +315,59 @@ def _printable(s: str) -> str:
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _used_columns(
-    id_column: str, image_column: str | None, tags_column: str | None, attribute_columns: Sequence[str] | None
-) -> list[str]:
-    cols = [id_column, image_column, tags_column, *(attribute_columns or ())]
-    return list(dict.fromkeys(c for c in cols if c is not None))
+def detect_columns(header: Sequence[str]) -> dict[str, list[str]]:
+    """Each role's candidate columns in ``header`` (header order): the names listed for it in ``COLUMN_NAMES``."""
+    return {role: [h for h in header if _normalise(h) in names] for role, names in COLUMN_NAMES.items()}
+
+
+def _normalise(name: str) -> str:
+    """``name`` lower-cased, with runs of spaces and hyphens as one underscore: "Product ID" -> "product_id"."""
+    return re.sub(r"[\s-]+", "_", name.strip().lower())
+
+
+def resolve_columns(
+    header: Sequence[str],
+    src: str | os.PathLike,
+    *,
+    id_column: str | None = None,
+    image_column: str | None = None,
+    image_pattern: str | None = None,
+    tags_column: str | None = None,
+    attribute_columns: Sequence[str] | None = None,
+) -> Columns:
+    """The columns to read from ``src``: the ones given, the rest detected in ``header`` (``detect_columns``).
+
+    The image column is detected only when neither it nor ``image_pattern`` is given; with none found the
+    pattern is ``DEFAULT_IMAGE_PATTERN``. Tags are detected only when neither ``tags_column`` nor
+    ``attribute_columns`` is given. Raises ``DatasetError`` naming ``src``, its header and the flag to pass
+    when a role has two candidates, or when the id or tags role has none.
+    """
+    found = detect_columns(header)
+    given = {"id": id_column is not None, "image": image_column is not None or image_pattern is not None,
+             "tags": tags_column is not None or attribute_columns is not None}
+    id_ = id_column if given["id"] else _only_candidate("id", found["id"], True, header, src)
+    image = image_column if given["image"] else _only_candidate("image", found["image"], False, header, src)
+    tags = tags_column if given["tags"] else _only_candidate("tags", found["tags"], True, header, src)
+    return Columns(
+        id=id_, image=image, image_pattern=None if image is not None else image_pattern or DEFAULT_IMAGE_PATTERN,
+        tags=tags, attributes=tuple(attribute_columns) if attribute_columns is not None else None,
+        detected=tuple(role for role, was_given in given.items() if not was_given),
+    )
+
+
+def _only_candidate(
+    role: str, names: list[str], required: bool, header: Sequence[str], src: str | os.PathLike
+) -> str | None:
+    """The one candidate for ``role``, or None when there is none and it is not ``required``; else DatasetError."""
+    if len(names) == 1 or not (names or required):
+        return names[0] if names else None
+    what = f"ambiguous {role} column (candidates: {', '.join(names)})" if names else f"no {role} column found"
+    raise DatasetError(f"{src}: {what}; the header has: {', '.join(header)}; pass {_FLAGS[role]}")
+
+
+def _used_columns(cols: Columns) -> list[str]:
+    names = [cols.id, cols.image, cols.tags, *(cols.attributes or ())]
+    return list(dict.fromkeys(c for c in names if c is not None))
 
 
 def _column(header: list[str], name: str, src: Path) -> int:
