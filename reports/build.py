@@ -34,7 +34,7 @@ from reports.document import (
 from reports.paired import comparer_for
 from reports.provenance import blocks as provenance_blocks
 from reports.provenance import provenance
-from reports.rule import Constraints, recommend
+from reports.rule import CROSSFIT, OLD_VAL_MAP, SELECTION, VAL_METRICS, Constraints, recommend
 from reports.table import main_table
 from train.data.io import write_text
 
@@ -212,6 +212,52 @@ def draw(pairs: list[Pair], out_dir: Path, subset: str) -> tuple[dict[str, Figur
     return made, skipped, points
 
 
+def selection_table(rec: dict) -> Table:
+    """The recommendation's table: each pair's validation metric (what the rule chose on) beside its test scores
+    (reported only), its judged latency and training cost, and what the rule did with it. Notes are plain
+    sentences (no footnote marks: those number the main table's notes)."""
+    metric = rec["selection_metric"]
+    header = ["Pair", f"Validation {metric}: {VAL_METRICS[metric]} (chooses)" if metric else "Validation (chooses)",
+              "Validation long-tail F1 (cross-fitted)", "Test macro-F1 [95% CI] (reported only)",
+              "Test long-tail F1 [95% CI] (reported only)", "p99 at batch 1 (judged runtime)", "Training cost",
+              "Rule"]
+    rows = []
+    for r in rec["validation"]:
+        val, test, lat = r["validation"], r["test"], r["latency"]
+        pair = [f"**{r['pair']}**"] + (["random init"] if r["random_init"] else [])
+        chosen_on = r["selection_value"]
+        if chosen_on is not None:
+            cell = [fmt.num(chosen_on["value"])]
+            se = val["se"].get(metric) if metric else None
+            cell += [f"± {fmt.num(se['value'])} (SE)"] if se else []
+            if not chosen_on["field"].startswith(SELECTION):  # the validation mAP training selected on
+                cell.append(f"from {chosen_on['field']}" + (" (older run)" if val["tail"] is None else ""))
+        else:
+            cell = [fmt.DASH, f"records only {', '.join(val['scores'])}" if val["scores"] else "none recorded"]
+        tail = val["tail"]
+        tail_cell = ([fmt.DASH, "not recorded"] if tail is None else
+                     [fmt.DASH, "undefined (no long-tail validation positive)"] if tail["value"] is None else
+                     fmt.num(tail["value"]))
+        test_cells = ([[fmt.with_ci(test["macro_f1"]["value"], test["ci"]), test["evaluation"]],
+                       fmt.with_ci(test["tail_f1"]["value"], test["tail_ci"])] if test else [fmt.DASH, fmt.DASH])
+        lat_cell = ([f"{fmt.ms(lat['p99_ms_batch1']['value'])} ms", lat["label"]] if lat else fmt.DASH)
+        cost = fmt.duration(r["cost"]["value"]) if r["cost"] else fmt.DASH
+        outcome = f"**{r['outcome']}**" if r["outcome"] in ("recommended", "runner-up") else r["outcome"]
+        rows.append([pair, cell, tail_cell, *test_cells, lat_cell, cost, [outcome] + ([r["reason"]] if r["reason"]
+                                                                                        else [])])
+    notes = [f"Selected on validation ({metric or 'no candidate'}); test reported once, not used to choose. Rows "
+             "are ordered by the validation metric; test scores are those of the evaluation each pair is judged on "
+             "(named under the value)."]
+    hows = {r["validation"]["how"] for r in rec["validation"] if r["validation"]["how"]}
+    notes += [f"{SELECTION} in words (config.json): {how}." for how in sorted(hows)]
+    if rec["fallback_to_val_map"]:
+        notes.append(f"Judged on validation mAP, not the cross-fitted macro-F1, because "
+                     f"{', '.join(rec['fallback_to_val_map'])} record no {CROSSFIT} in config.json's {SELECTION}; "
+                     f"where {SELECTION}.val_map is absent the mAP is the one training selected on, "
+                     f"{' or '.join(OLD_VAL_MAP)}.")
+    return Table(header, rows, notes)
+
+
 def _title(pairs: list[Pair]) -> str:
     paths = {Path(str(p.config.doc.get("dataset", {}).get("path", ""))).name for p in pairs}
     return "Backbone bake-off" + (f": {paths.pop()}" if len(paths) == 1 and "" not in paths else "")
@@ -230,7 +276,9 @@ def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, figs: dict[s
         out.append(Para(f"**Warning: {', '.join(random)} use random-init weights — not a valid comparison.** "
                         "Their scores measure nothing about the pretrained backbones."))
     out += [Heading("Setup"), *setup.blocks(training["rows"], training["subset"])]
-    out += [Heading("Recommendation"), Code("\n".join(rec["rule"])), *[Para(t) for t in rec["text"]]]
+    out += [Heading("Recommendation"), Code("\n".join(rec["rule"])), *[Para(t) for t in rec["text"]],
+            Para("Validation (what the rule chooses on) beside test (reported once, not used to choose), every pair:"),
+            selection_table(rec)]
     out += [Heading("All pairs"), table]
     for heading, name in (("Accuracy and latency", LATENCY_FIG), ("Accuracy by tag frequency", BUCKET_FIG)):
         out += [Heading(heading), *fig(name)] if name in figs else []

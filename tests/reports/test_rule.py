@@ -1,5 +1,5 @@
-"""reports.rule on the fabricated scenario (tests/reports/conftest.py): runtimes judged, constraints, ties,
-training cost, random init, flags, gaps."""
+"""reports.rule on the fabricated scenario (tests/reports/conftest.py): runtimes judged, constraints, selection on
+validation (never on test), ties, latency and training cost, random init, flags, gaps."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +9,10 @@ import pytest
 
 from reports.artifacts import NO_ENGINE, ReportError, load_pairs
 from reports.paired import Comparer, comparer_for
-from reports.rule import Constraints, candidates, recommend
+from reports.build import selection_table
+from reports.rule import NO_VALIDATION, TEST_ONLY, Constraints, candidates, recommend
+from tests.reports.conftest import pair_probabilities, write_eval
+from train.data.dataset import load_dataset
 from train.data.io import write_json
 
 
@@ -35,7 +38,10 @@ def test_without_constraints_the_most_accurate_pair_wins_and_is_separated(scenar
     r = rec(scenario)
     assert r["chosen"] == "dinov2-ft" and r["runner_up"] == "clip-probe"
     assert r["separable"] is True and r["top_two"]["ci"][0] > 0
-    assert "highest macro-F1" in r["why"] and "no latency budget" in r["rule"][1]
+    assert "highest cross-fitted validation macro-F1 (0.600), more than the margin of 0.005" in r["why"]
+    assert "no latency budget" in r["rule"][1]
+    assert r["rule"][3].startswith("4. Selected on validation (val_macro_f1_crossfit: cross-fitted validation "
+                                   "macro-F1); test reported once, not used to choose.")
     assert "Could not consider" not in " ".join(r["text"])  # without a budget no pair needs a latency
 
 
@@ -68,14 +74,15 @@ def test_latency_budget_excludes_the_most_accurate_pair(scenario):
     assert f"Could not consider: cnn-ft ({reason})." in r["text"]
 
 
-def test_top_two_that_cannot_be_separated_are_said_so_and_training_cost_decides(scenario):
+def test_top_two_tied_on_validation_are_decided_by_latency_and_test_is_only_reported(scenario):
     r = rec(scenario, latency_budget_ms=20)
     assert {r["chosen"], r["runner_up"]} == {"clip-probe", "clip-ft"}
     lo, hi = r["top_two"]["ci"]
     assert lo <= 0 <= hi and r["separable"] is False
-    assert any("**the data cannot separate the top two**" in t for t in r["text"])
-    # tied on macro-F1 and on tail F1: clip-probe costs 70 s; clip-ft 300 s plus the 70 s probe it starts from
-    assert r["chosen"] == "clip-probe" and "lowest training cost (70 s)" in r["why"]
+    assert any(t.startswith(TEST_ONLY) and "**the test data cannot separate the top two**" in t for t in r["text"])
+    # within 0.005 on validation (0.503 vs 0.500): clip-probe is faster (3 ms on TensorRT vs 12 ms on ONNX Runtime)
+    assert r["chosen"] == "clip-probe" and "within the margin of 0.005" in r["why"]
+    assert "clip-probe has the lowest measured p99 latency at batch 1" in r["why"]
     runner = next(t for t in r["text"] if t.startswith("Runner-up: clip-ft"))
     assert "trained in 6.2 min (fine-tune plus the linear probe it starts from)" in runner
     assert "plus the linear probe's for a fine-tune that starts from the probe's head" in r["rule"][3]
@@ -206,11 +213,13 @@ def test_without_any_tensorrt_engine_the_message_gives_the_root_cause(runs_copy,
                              f"(not evaluated on TensorRT fp16 because {NO_ENGINE}).")
 
 
-def test_min_tail_f1_excludes_weak_tails_naming_the_runtime_judged(scenario):
+def test_min_tail_f1_excludes_weak_validation_tails(scenario):
     r = rec(scenario, min_tail_f1=0.1)
     excluded = {e["pair"]: e["reason"] for e in r["excluded"]}
-    assert set(excluded) == {"cnn-probe", "cnn-ft"} and "on PyTorch fp32 is below the 0.1 floor" in excluded["cnn-ft"]
-    assert "long-tail macro-F1 >= 0.1, of the evaluation the pair is judged on" in r["rule"][1]
+    assert set(excluded) == {"cnn-probe", "cnn-ft"}
+    assert excluded["cnn-ft"] == "cross-fitted validation long-tail F1 0.080 is below the 0.1 floor"
+    assert "validation long-tail macro-F1 >= 0.1 (summary.selection.val_tail_f1_crossfit" in r["rule"][1]
+    assert "the test long-tail F1 is not used" in r["rule"][1]
 
 
 def test_no_candidate_left(scenario):
@@ -223,7 +232,9 @@ def test_without_test_labels_the_rule_says_it_fell_back_to_ci_overlap(scenario):
     pairs, _ = scenario
     r = recommend(pairs, Constraints(latency_budget_ms=20), Comparer(None, unavailable="dataset gone"))
     assert r["paired_bootstrap"] is False and r["comparisons"] == []
-    assert any(t.startswith("No paired bootstrap (dataset gone)") and "cannot separate" in t for t in r["text"])
+    assert any(t.startswith(f"{TEST_ONLY}no paired bootstrap (dataset gone)") and "cannot separate" in t
+               for t in r["text"])
+    assert r["chosen"] == "clip-probe"  # the choice does not depend on the test labels being there
 
 
 @pytest.mark.parametrize("kw, match", [({"target_runtime": "tflite"}, "target runtime"),
@@ -237,3 +248,180 @@ def test_bad_constraints_are_refused(kw, match):
 def test_a_target_runtime_absent_from_the_runs_is_refused(scenario):
     with pytest.raises(ReportError, match=r"'torch-bf16'.*present: onnxruntime, onnxruntime-fp16, tensorrt, torch"):
         rec(scenario, target_runtime="torch-bf16")
+
+
+# --- selection on validation, never on test ---------------------------------------------------------------------
+
+def fresh(fake_runs) -> list:
+    """The fabricated pairs, loaded anew so that a test may change their configs in memory (files untouched)."""
+    return load_pairs(fake_runs[0])
+
+
+def selection(pairs, name: str) -> dict:
+    """config.json's summary.selection of pair ``name`` (in memory)."""
+    return next(p for p in pairs if p.name == name).config.doc["summary"]["selection"]
+
+
+def summary_of(pairs, name: str) -> dict:
+    return next(p for p in pairs if p.name == name).config.doc["summary"]
+
+
+def test_changing_only_the_test_predictions_does_not_change_the_recommendation(scenario, runs_copy, fake_runs):
+    before = rec(scenario)
+    ds = load_dataset(fake_runs[1])
+    probs = pair_probabilities(ds.labels()[ds.split_indices("test")])
+    write_eval(runs_copy / "dinov2-ft", ds, probs["cnn-probe"])  # dinov2-ft now scores like the worst pair on test
+    pairs = load_pairs(runs_copy)
+    test_f1 = {p.name: p.reference.doc["macro_f1"] for p in pairs}
+    old_f1 = {p.name: p.reference.doc["macro_f1"] for p in scenario[0]}
+    assert old_f1["dinov2-ft"] == max(old_f1.values()) and test_f1["dinov2-ft"] < test_f1["clip-probe"]  # flipped
+    after = recommend(pairs, Constraints(), comparer_for([p.reference for p in pairs], str(fake_runs[1])))
+    assert (after["chosen"], after["runner_up"]) == (before["chosen"], before["runner_up"]) == ("dinov2-ft",
+                                                                                                "clip-probe")
+    assert after["why"] == before["why"] and after["runner_up_why"] == before["runner_up_why"]
+    assert after["rule"] == before["rule"]
+    # the test numbers are still reported, and the disagreement is said
+    assert f"{test_f1['dinov2-ft']:.3f}" in after["text"][0]
+    top_two = next(t for t in after["text"] if t.startswith(TEST_ONLY))
+    assert "**test disagrees with validation**: clip-probe is better on the test split, outside noise; the choice " \
+           "follows validation" in top_two and after["top_two"]["observed_diff"] < 0
+
+
+def test_the_rule_follows_validation_when_it_ranks_pairs_opposite_to_test(fake_runs, scenario):
+    pairs = fresh(fake_runs)
+    by_test = sorted((p for p in pairs if not p.random_init), key=lambda p: p.reference.doc["macro_f1"], reverse=True)
+    assert [p.name for p in by_test] == ["dinov2-ft", "clip-probe", "clip-ft", "dinov2-probe", "cnn-ft"]
+    for rank, p in enumerate(by_test):  # validation: the exact reverse, 0.1 apart
+        selection(pairs, p.name)["val_macro_f1_crossfit"] = 0.3 + 0.1 * rank
+    r = recommend(pairs, Constraints(), scenario[1])
+    assert (r["chosen"], r["runner_up"]) == ("cnn-ft", "dinov2-probe")  # the two worst on test
+    assert r["why"].startswith("highest cross-fitted validation macro-F1 (0.700)")
+    assert "Selected on validation (val_macro_f1_crossfit: cross-fitted validation macro-F1); test reported once, " \
+           "not used to choose." in r["rule"][3]
+    assert any(t.startswith(TEST_ONLY) and "**test disagrees with validation**" in t for t in r["text"])
+    # every pair's validation metric beside its test scores, best on validation first
+    rows = r["validation"]
+    assert [row["pair"] for row in rows][:5] == ["cnn-ft", "dinov2-probe", "clip-ft", "clip-probe", "dinov2-ft"]
+    assert rows[0]["outcome"] == "recommended" and rows[1]["outcome"] == "runner-up"
+    assert rows[0]["selection_value"] == {"value": 0.7, "source": "cnn-ft/config.json",
+                                          "field": "summary.selection.val_macro_f1_crossfit"}
+    assert rows[0]["test"]["macro_f1"]["source"] == "cnn-ft/eval/torch/metrics.json"
+    table = selection_table(r)
+    assert table.header[1] == "Validation val_macro_f1_crossfit: cross-fitted validation macro-F1 (chooses)"
+    assert table.header[3] == "Test macro-F1 [95% CI] (reported only)"
+    assert table.rows[0][0] == ["**cnn-ft**"] and table.rows[0][1] == ["0.700"] and table.rows[0][-1] == [
+        "**recommended**"]
+    assert table.notes[0].startswith("Selected on validation (val_macro_f1_crossfit); test reported once, not used "
+                                     "to choose.")
+
+
+def test_old_configs_fall_back_to_the_validation_map_training_recorded_and_say_so(fake_runs, scenario):
+    pairs = fresh(fake_runs)
+    for p in pairs:  # every run predates summary.selection
+        del p.config.doc["summary"]["selection"]
+    summary_of(pairs, "clip-ft")["result"]["best_val_map"] = 0.50  # above dinov2-ft's 0.47 (best on test)
+    r = recommend(pairs, Constraints(), scenario[1])
+    assert r["selection_metric"] == "val_map" and r["chosen"] == "clip-ft"
+    assert r["why"].startswith("highest validation mAP (0.500)")
+    assert r["rule"][3].startswith("4. Selected on validation (val_map: validation mAP); test reported once, not used "
+                                   "to choose.")
+    assert "summary.selected.val_map of a probe, summary.result.best_val_map of a fine-tune" in r["rule"][3]
+    rows = {row["pair"]: row for row in r["validation"]}
+    assert rows["clip-ft"]["selection_value"] == {"value": 0.5, "source": "clip-ft/config.json",
+                                                  "field": "summary.result.best_val_map"}
+    assert rows["clip-probe"]["selection_value"]["field"] == "summary.selected.val_map"
+    assert any(t.startswith("Judged on validation mAP, not the cross-fitted validation macro-F1, because ")
+               for t in r["text"])
+    assert "from summary.result.best_val_map (older run)" in selection_table(r).rows[0][1]
+
+
+def test_one_old_config_puts_every_candidate_on_validation_map(fake_runs, scenario):
+    pairs = fresh(fake_runs)
+    del summary_of(pairs, "cnn-ft")["selection"]  # an older run: only its validation mAP
+    selection(pairs, "clip-ft")["val_map"] = 0.50  # clip-ft leads on mAP, dinov2-ft on cross-fitted macro-F1
+    r = recommend(pairs, Constraints(), scenario[1])
+    assert r["selection_metric"] == "val_map" and r["fallback_to_val_map"] == ["cnn-ft"] and r["chosen"] == "clip-ft"
+    assert "used because cnn-ft records no val_macro_f1_crossfit, and every candidate is judged on the same metric" \
+        in r["rule"][3]
+    rows = {row["pair"]: row for row in r["validation"]}
+    assert rows["cnn-ft"]["selection_value"]["field"] == "summary.result.best_val_map"
+    assert rows["clip-ft"]["selection_value"]["field"] == "summary.selection.val_map"
+    # the same runs with cnn-ft's new config: judged on the cross-fitted macro-F1 again
+    assert rec(scenario)["selection_metric"] == "val_macro_f1_crossfit"
+
+
+def test_a_pair_without_any_validation_metric_is_not_recommended(fake_runs, scenario):
+    pairs = fresh(fake_runs)
+    del summary_of(pairs, "dinov2-ft")["selection"]
+    del summary_of(pairs, "dinov2-ft")["result"]["best_val_map"]
+    r = recommend(pairs, Constraints(), scenario[1])
+    assert r["chosen"] == "clip-probe" and "dinov2-ft" not in r["considered"]  # the best on test is not chosen
+    assert {"pair": "dinov2-ft", "reason": NO_VALIDATION} in r["not_considered"]
+    assert any(t.startswith("Could not consider: dinov2-ft (no validation metric in config.json") for t in r["text"])
+    row = next(row for row in r["validation"] if row["pair"] == "dinov2-ft")
+    assert row["selection_value"] is None and row["outcome"] == "not considered"
+    assert row["test"]["macro_f1"]["value"] is not None  # its test score is still reported
+    for p in pairs:  # no pair has one: nothing is recommended, whatever the test scores
+        p.config.doc["summary"].pop("selection", None)
+        p.config.doc["summary"].get("selected", {}).pop("val_map", None)
+        p.config.doc["summary"].get("result", {}).pop("best_val_map", None)
+    r = recommend(pairs, Constraints(), scenario[1])
+    assert r["chosen"] is None and r["text"][0] == ("**No pair can be recommended**: no pair could be considered: "
+                                                    f"for every pair, {NO_VALIDATION}.")
+
+
+def test_min_tail_f1_is_judged_on_the_validation_tail_not_the_test_tail(fake_runs, scenario):
+    pairs = fresh(fake_runs)
+    test_tail = {p.name: p.reference.doc["buckets"]["tail"]["macro_f1"] for p in pairs}
+    assert test_tail["dinov2-ft"] > 0.5 and test_tail["cnn-ft"] < 0.1
+    selection(pairs, "dinov2-ft")["val_tail_f1_crossfit"] = 0.05  # the best test tail, a weak validation one
+    selection(pairs, "cnn-ft")["val_tail_f1_crossfit"] = 0.5  # the reverse
+    selection(pairs, "clip-probe")["val_tail_f1_crossfit"] = float("nan")  # no long-tail validation positive
+    del summary_of(pairs, "dinov2-probe")["selection"]  # an older run: no validation tail metric
+    r = recommend(pairs, Constraints(min_tail_f1=0.1), scenario[1])
+    excluded = {e["pair"]: e["reason"] for e in r["excluded"]}
+    unknown = {u["pair"]: u["reason"] for u in r["not_considered"]}
+    assert excluded["dinov2-ft"] == "cross-fitted validation long-tail F1 0.050 is below the 0.1 floor"
+    assert "cnn-ft" not in excluded and "cnn-ft" in r["considered"]
+    assert unknown["clip-probe"].startswith("validation long-tail F1 undefined (no long-tail tag has a validation "
+                                            "positive)")
+    assert unknown["dinov2-probe"].startswith("no validation long-tail F1 in config.json")
+    assert "test long-tail F1 does not stand in" in unknown["dinov2-probe"]
+    assert r["chosen"] == "clip-ft"  # 0.503 beats cnn-ft's 0.300
+
+
+def test_pairs_within_the_margin_on_validation_are_decided_by_measured_latency(fake_runs, scenario):
+    def with_validation(values: dict, se: float | None = None, **latency_p99):
+        pairs = fresh(fake_runs)
+        for p in pairs:
+            selection(pairs, p.name)["val_macro_f1_crossfit"] = values.get(p.name, 0.4)
+        if se is not None:
+            selection(pairs, max(values, key=values.get))["val_macro_f1_se"] = se
+        for name, ms in latency_p99.items():
+            lat = next(p for p in pairs if p.name == name.replace("_", "-")).measured()[0]
+            lat.doc["batches"][0]["latency_ms"]["p99"] = ms
+        return recommend(pairs, Constraints(), scenario[1])
+
+    # dinov2-probe leads by 0.003 (< 0.005): clip-ft is faster (12 ms on ONNX Runtime vs 24 ms on PyTorch) though
+    # it costs more to train (370 s vs 90 s), and latency comes first
+    tie = {"dinov2-probe": 0.700, "clip-ft": 0.697}
+    r = with_validation(tie)
+    assert (r["chosen"], r["runner_up"]) == ("clip-ft", "dinov2-probe")
+    assert r["why"] == ("cross-fitted validation macro-F1 indistinguishable between dinov2-probe (0.700), clip-ft "
+                        "(0.697): within the margin of 0.005 (fixed: config.json records no standard error); clip-ft "
+                        "has the lowest measured p99 latency at batch 1 (dinov2-probe 24 ms on PyTorch fp32, clip-ft "
+                        "12 ms on ONNX Runtime fp32)")
+    assert r["margin"]["value"] == 0.005
+    assert "indistinguishable on validation; among them the lower measured p99 latency at batch 1" in r["rule"][3]
+    # a recorded standard error is the margin: 0.001 separates them, and validation alone decides
+    r = with_validation(tie, se=0.001)
+    assert r["chosen"] == "dinov2-probe" and r["margin"]["value"] == 0.001
+    assert "more than the margin of 0.001 (1 standard error of dinov2-probe's val_macro_f1_crossfit, " \
+           "summary.selection.val_macro_f1_se)" in r["why"]
+    # latencies within 10% of each other are equal: the cheaper training decides
+    r = with_validation(tie, clip_ft=23.0)
+    assert r["chosen"] == "dinov2-probe" and "are within 10% of each other" in r["why"]
+    assert "dinov2-probe has the lowest training cost (90 s)" in r["why"]
+    # a pair without a measured latency comes last (cnn-ft was never benchmarked)
+    r = with_validation({"cnn-ft": 0.700, "dinov2-probe": 0.698})
+    assert r["chosen"] == "dinov2-probe" and "cnn-ft not measured" in r["why"]
