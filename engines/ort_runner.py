@@ -82,7 +82,7 @@ class OrtRunner(Runner):
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
         run_dir = Path(run_dir)
-        self.config, self.thresholds = read_run(run_dir)
+        self.config, self.decision = read_run(run_dir)
         self.path = onnx_path(run_dir, precision)
         self.precision = precision
         providers = pick_providers(device, ort.get_available_providers())

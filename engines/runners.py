@@ -1,8 +1,11 @@
 """One runner interface over every runtime: ``predict(batch) -> logits``.
 
 A batch is what the registry's preprocessing produces (float32, N x 3 x S x S, normalised; numpy or torch);
-logits come back as float32 numpy N x T. Runtimes: ``torch`` (here), ``onnxruntime`` and ``tensorrt``
-(engines.ort_runner / engines.trt_runner, registered in RUNTIMES).
+logits come back as float32 numpy N x T. A runner over a run carries the run's ``config`` and its ``decision``
+(thresholds.json as a :class:`train.decision.Decision`): tags are ``decision.apply(decision.scores(logits))``,
+arg-max within each softmax group and ``score >= threshold`` elsewhere; runners themselves return logits only.
+Runtimes: ``torch`` (here), ``onnxruntime`` and ``tensorrt`` (engines.ort_runner / engines.trt_runner,
+registered in RUNTIMES).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.decision import Decision
 from train.device import cpu_threads, device_name, pick_device
 from train.run import load_run
 
@@ -42,6 +46,8 @@ class Runner:
     threads: int | None = None  # intra-op CPU threads actually used (None on GPU)
     max_batch: int | None = None  # the largest batch one query may hold (an engine's profile); None: no limit
     last_timing: dict | None = None
+    config: dict | None = None  # the run's config.json (runners over a run)
+    decision: Decision | None = None  # the run's rule: tags = decision.apply(decision.scores(logits))
 
     def prepare(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """The batch in this runner's native input form (layout, dtype, pinned memory); ``predict`` accepts
@@ -79,7 +85,7 @@ class TorchRunner(Runner):
         if not self.cuda:
             torch.set_num_threads(cpu_threads(threads))
         self.threads = None if self.cuda else torch.get_num_threads()
-        self.model, self.config, self.thresholds = load_run(run_dir, device=self.torch_device)
+        self.model, self.config, self.decision = load_run(run_dir, device=self.torch_device)
         self.precision = precision
         self.cuda_graph = cuda_graph
         self.device = device_name(self.torch_device)

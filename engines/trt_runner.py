@@ -281,7 +281,7 @@ class TrtRunner(Runner):
             except ImportError:
                 raise EngineError("tensorrt is not installed: pip install -e .[trt] (on a machine with a GPU)") from None
         run_dir = Path(run_dir)
-        self.config, self.thresholds = read_run(run_dir)
+        self.config, self.decision = read_run(run_dir)
         self.precision = precision
         gpu = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         self.path = Path(engine) if engine else find_engine(run_dir, precision, gpu)

@@ -1,7 +1,8 @@
 """Compare evaluated runs: one table of pairs, and a paired-bootstrap verdict on the top two.
 
 Reads only eval artifacts (metrics.json, predictions.npy, the run's thresholds.json) and, for the verdict, the
-test labels of the dataset the runs were scored on. Two modes:
+test labels of the dataset the runs were scored on. Decisions are made by each run's own rule (thresholds.json as
+a :class:`train.decision.Decision`: arg-max within each group, ``score >= threshold`` elsewhere). Two modes:
 
 - one evaluation (``torch``, or a runtime + precision): pair x {macro-F1 [CI], tail-F1 [CI], head-F1, mAP,
   train time}, best first, random-init runs flagged, then P(top beats runner-up) and the CI of the difference;
@@ -25,8 +26,8 @@ from evaluate.score import (
     N_RESAMPLES,
     fmt,
     prediction_deltas,
+    read_decision,
     read_eval,
-    read_thresholds,
     run_dirs,
     test_split,
 )
@@ -80,7 +81,7 @@ def verdict(runs_dir: Path, a: dict, b: dict, data: str | Path | None = None) ->
         if (m["dataset"]["hash"], m["test"]["ids_sha256"]) != (ds.content_hash(), test_hash):
             raise RunError(f"{runs_dir / m['pair'] / EVAL / m['eval'] / METRICS}: scored on another dataset or test "
                            f"split than {ds.root}; re-evaluate it")
-    preds = [binarize(p, read_thresholds(runs_dir / m["pair"], ds.taxonomy)) for m, p in ((ma, pa), (mb, pb))]
+    preds = [binarize(p, read_decision(runs_dir / m["pair"], ds.taxonomy)) for m, p in ((ma, pa), (mb, pb))]
     res = paired_bootstrap(y_true, *preds, bootstrap_indices(len(y_true), N_RESAMPLES, BOOTSTRAP_SEED), level=LEVEL)
     lo, hi = res["ci"]
     separated = not lo <= 0 <= hi
@@ -165,8 +166,8 @@ def compare_across(runs_dir: Path, evals: Sequence[str]) -> tuple[list[dict], st
         for e in others:
             f = found[e]
             if ref and f and ref[1] is not None and f[1] is not None:
-                thresholds = read_thresholds(run_dir, read_json(run_dir / CONFIG)["taxonomy"])
-                d = row["vs_" + ref_name][e] = prediction_deltas(ref[0], ref[1], f[0], f[1], thresholds)
+                decision = read_decision(run_dir, read_json(run_dir / CONFIG)["taxonomy"])
+                d = row["vs_" + ref_name][e] = prediction_deltas(ref[0], ref[1], f[0], f[1], decision)
                 # round, then + 0.0: a -1e-9 difference prints +0.0000, not -0.0000
                 cells.append(f"{fmt(f[0]['macro_f1'])} ({round(d['macro_f1'], 4) + 0.0:+.4f}; max|dp| {d['max_abs_prob']:.1e}; "
                              f"flipped {d['decisions_flipped']:.2%})")

@@ -12,7 +12,13 @@ Conventions (they match scikit-learn with ``zero_division=0`` on every tag that 
   has no positive, F1 = 2tp / (2tp + fp + fn) is 0 when tp = 0.
 - Micro-F1 pools the counts of every tag (in ``tags_mask`` when given), scored or not: a false positive on a
   tag absent from the test set is still an error. It is NaN only when there is no positive and no prediction.
-- A score is predicted positive when ``score >= threshold`` (the rule ``train.thresholds`` fits to).
+- Decisions follow the run's rule, a :class:`train.decision.Decision` (thresholds.json): the tags of a
+  single-valued field (a softmax *group*) are decided by the arg-max within the field, every other (*free*) tag
+  is predicted when ``score >= threshold`` (the rule ``train.thresholds`` fits to). A run without groups (every
+  thresholds.json written before groups existed) is exactly per-tag ``score >= threshold``; :func:`binarize`
+  also takes plain thresholds (a scalar or one per tag) for that rule.
+- ``macro_f1_at_0.5`` is the fixed rule beside the fitted one: group tags still by arg-max (a group has no
+  threshold to fix), free tags at ``score >= 0.5``.
 """
 from __future__ import annotations
 
@@ -20,9 +26,17 @@ from typing import Sequence
 
 import numpy as np
 
+from train.decision import Decision
+
 BUCKETS = ("tail", "medium", "head")
-PER_TAG_COLUMNS = ("tag", "name", "bucket", "support", "predicted", "train_count", "threshold",
+# ``threshold`` is empty for a group tag (no threshold decides it); ``decided_by`` says what does:
+# ``threshold`` or ``argmax:<field>``
+PER_TAG_COLUMNS = ("tag", "name", "bucket", "support", "predicted", "train_count", "threshold", "decided_by",
                    "precision", "recall", "f1", "ap")
+THRESHOLD_RULE = "score >= threshold"
+GROUP_RULE = "group tags: arg-max within the field; other tags: score >= threshold"
+SCORE_RULE = {False: "sigmoid(logit)", True: "softmax within each group, sigmoid elsewhere"}  # by "has groups"
+FIXED_RULE = "group tags: arg-max within the field; other tags: score >= 0.5"
 
 
 class NonFiniteScores(ValueError):
@@ -99,9 +113,14 @@ def _masked_mean(values: np.ndarray, scored: np.ndarray) -> tuple[np.ndarray | f
     return (float(mean), int(n)) if mean.ndim == 0 else (mean, n)
 
 
-def binarize(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
-    """``scores >= thresholds`` (a scalar, or one threshold per tag) as a bool ``N x T`` array."""
+def binarize(scores: np.ndarray, thresholds: Decision | np.ndarray | float) -> np.ndarray:
+    """Tag decisions as a bool ``N x T`` array: a :class:`Decision`'s rule (arg-max within each group,
+    ``score >= threshold`` elsewhere), or ``scores >= thresholds`` (a scalar, or one threshold per tag)."""
     scores = check_finite(scores)
+    if isinstance(thresholds, Decision):
+        if thresholds.n_tags != scores.shape[1]:
+            raise ValueError(f"decision: {thresholds.n_tags} thresholds for {scores.shape[1]} tags")
+        return thresholds.apply(scores)
     if not np.isscalar(thresholds):
         thresholds = _check_tags(thresholds, scores.shape[1], "thresholds")
     if not np.isfinite(thresholds).all():
@@ -198,33 +217,84 @@ def bucket_masks(train_counts: np.ndarray, tail: int = 50, head: int = 500) -> d
     return {"tail": counts < tail, "medium": (counts >= tail) & (counts < head), "head": counts >= head}
 
 
+def as_decision(rule: Decision | np.ndarray | Sequence[float], n_tags: int) -> Decision:
+    """``rule`` as a :class:`Decision` over ``n_tags`` tags; plain thresholds are a Decision without groups."""
+    if isinstance(rule, Decision):
+        if rule.n_tags != n_tags:
+            raise ValueError(f"decision: expected {n_tags} thresholds (one per tag), got {rule.n_tags}")
+        return rule
+    thresholds = _check_tags(rule, n_tags, "thresholds", dtype=np.float64)
+    if not np.isfinite(thresholds).all():
+        raise ValueError(f"thresholds: {int((~np.isfinite(thresholds)).sum())} NaN/Inf values")
+    return Decision(thresholds)
+
+
+def at_threshold(decision: Decision, threshold: float) -> Decision:
+    """The same groups, every free tag at one fixed ``threshold`` (``macro_f1_at_0.5``'s rule)."""
+    return Decision(np.full(decision.n_tags, float(threshold)), decision.groups)
+
+
+def group_names(decision: Decision, tag_names: Sequence[str] | None = None,
+                fields: dict[str, str] | None = None) -> list[str]:
+    """One name per group: the field its tags share (``fields``: tag -> field, else the part of each tag name
+    before ``=``), or ``group<k>`` when there is no such shared field."""
+    def field(tag: str) -> str:
+        if fields and fields.get(tag):
+            return fields[tag]
+        name, sep, _ = tag.partition("=")
+        return name if sep else ""
+
+    names = []
+    for k, g in enumerate(decision.groups):
+        found = set() if tag_names is None else {field(tag_names[j]) for j in g}
+        names.append(found.pop() if len(found) == 1 and "" not in found else f"group{k}")
+    return names
+
+
+def describe_decision(decision: Decision, names: Sequence[str]) -> dict:
+    """metrics.json's record of the rule: how scores are made and decided, and the groups (field names)."""
+    grouped = bool(decision.groups)
+    return {"score": SCORE_RULE[grouped], "rule": GROUP_RULE if grouped else THRESHOLD_RULE,
+            "groups": list(names), "n_group_tags": int((~decision.free_mask()).sum()), "at_0.5": FIXED_RULE}
+
+
 def _json_float(x: float) -> float | None:
     """A float for metrics.json: NaN (undefined) becomes None (null)."""
     return None if np.isnan(x) else float(x)
 
 
-def score_run(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, train_counts: np.ndarray,
-              tail: int = 50, head: int = 500, *, tag_names: Sequence[str] | None = None) -> dict:
+def score_run(y_true: np.ndarray, scores: np.ndarray, decision: Decision | np.ndarray, train_counts: np.ndarray,
+              tail: int = 50, head: int = 500, *, tag_names: Sequence[str] | None = None,
+              fields: dict[str, str] | None = None) -> dict:
     """Everything a run's ``metrics.json`` and ``per_tag.csv`` need, from test labels and scores.
 
-    ``scores`` are probabilities: ``macro_f1_at_0.5`` applies the fixed threshold 0.5 to them, beside
-    ``macro_f1`` at the per-tag ``thresholds`` fitted on validation. Raises :class:`NonFiniteScores` first
-    if any score is NaN or Inf. Undefined values (no scored tag) are None. Buckets follow
-    :func:`bucket_masks`; ``train_count_range`` is half-open ``[lo, hi)``, ``hi`` None for no bound.
-    ``per_tag`` holds one dict per tag with keys :data:`PER_TAG_COLUMNS`; ``recall``, ``f1`` and ``ap`` are
-    None for tags without a test positive, ``precision`` for tags never predicted.
+    ``scores`` are the run's scores (``decision.scores(logits)``: softmax within groups, sigmoid elsewhere),
+    ``decision`` its rule (plain per-tag thresholds: a rule without groups). ``macro_f1`` applies the rule
+    fitted on validation, ``macro_f1_at_0.5`` the fixed one (group tags by arg-max, free tags at 0.5). Raises
+    :class:`NonFiniteScores` first if any score is NaN or Inf. Undefined values (no scored tag) are None.
+    Buckets follow :func:`bucket_masks`; ``train_count_range`` is half-open ``[lo, hi)``, ``hi`` None for no
+    bound. ``per_tag`` holds one dict per tag with keys :data:`PER_TAG_COLUMNS`; ``recall``, ``f1`` and ``ap``
+    are None for tags without a test positive, ``precision`` for tags never predicted, ``threshold`` for group
+    tags (``decided_by`` names their field: ``argmax:<field>``; ``fields`` maps tag -> field, see
+    :func:`group_names`). ``decision`` records the rule and the groups' names.
     """
     scores = check_finite(scores)
     y_true, scores = _pair(y_true, scores, "scores")
     n_images, n_tags = y_true.shape
-    thresholds = _check_tags(thresholds, n_tags, "thresholds", dtype=np.float64)
+    decision = as_decision(decision, n_tags)
+    thresholds, free = decision.thresholds, decision.free_mask()
     train_counts = _check_tags(train_counts, n_tags, "train_counts")
     if tag_names is not None and len(tag_names) != n_tags:
         raise ValueError(f"tag_names: expected {n_tags} names, got {len(tag_names)}")
+    names = group_names(decision, tag_names, fields)
+    decided_by = ["threshold"] * n_tags
+    for name, g in zip(names, decision.groups):
+        for j in g:
+            decided_by[j] = f"argmax:{name}"
 
-    y_pred = binarize(scores, thresholds)
+    y_pred = binarize(scores, decision)
     precision, recall, f1 = f1_per_tag(y_true, y_pred)
-    f1_half = f1_per_tag(y_true, binarize(scores, 0.5))[2]
+    f1_half = f1_per_tag(y_true, binarize(scores, at_threshold(decision, 0.5)))[2]
     ap = average_precision_per_tag(y_true, scores)
     support = y_true.sum(axis=0)
     predicted = y_pred.sum(axis=0)
@@ -241,7 +311,7 @@ def score_run(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, tr
     per_tag = [
         {"tag": j, "name": None if tag_names is None else tag_names[j], "bucket": str(bucket_of[j]),
          "support": int(support[j]), "predicted": int(predicted[j]), "train_count": int(train_counts[j]),
-         "threshold": float(thresholds[j]),
+         "threshold": float(thresholds[j]) if free[j] else None, "decided_by": decided_by[j],
          "precision": float(precision[j]) if predicted[j] else None,
          "recall": float(recall[j]) if support[j] else None,
          "f1": float(f1[j]) if support[j] else None,
@@ -251,7 +321,8 @@ def score_run(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, tr
         "n_images": n_images,
         **summary(np.ones(n_tags, dtype=bool)),
         "micro_f1": _json_float(micro_f1(y_true, y_pred)),
-        "threshold_rule": "score >= threshold",
+        "threshold_rule": GROUP_RULE if decision.groups else THRESHOLD_RULE,
+        "decision": describe_decision(decision, names),
         "buckets": {b: {"train_count_range": ranges[b], **summary(masks[b])} for b in BUCKETS},
         "per_tag": per_tag,
     }

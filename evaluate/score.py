@@ -3,10 +3,16 @@
 ``<name>`` is the runtime, plus ``-<precision>`` when that is not the runtime's default (``torch``,
 ``torch-bf16``, ``onnxruntime-fp16``). The directory holds:
 
-- ``predictions.npy`` — float32 sigmoid probabilities, N_test x T: rows in ``ds.split_indices("test")``
-  order (the sha256 of their ids is ``test.ids_sha256`` in metrics.json), columns in taxonomy order;
-- ``per_tag.csv`` — one row per tag, columns :data:`evaluate.metrics.PER_TAG_COLUMNS`;
-- ``metrics.json`` — :func:`evaluate.metrics.score_run` (its per-tag rows go to per_tag.csv), bootstrap CIs,
+- ``predictions.npy`` — float32 scores ``decision.scores(logits)`` of the run's rule (thresholds.json, a
+  :class:`train.decision.Decision`): softmax within each group (the tags of a single-valued field), sigmoid
+  elsewhere; a run without groups (every run from before groups existed) has plain sigmoid probabilities. N_test
+  x T: rows in ``ds.split_indices("test")`` order (the sha256 of their ids is ``test.ids_sha256`` in
+  metrics.json), columns in taxonomy order. Decisions are ``decision.apply(scores)``: arg-max within each group,
+  ``score >= threshold`` elsewhere;
+- ``per_tag.csv`` — one row per tag, columns :data:`evaluate.metrics.PER_TAG_COLUMNS` (a group tag has no
+  threshold; its ``decided_by`` is ``argmax:<field>``);
+- ``metrics.json`` — :func:`evaluate.metrics.score_run` (its per-tag rows go to per_tag.csv; ``decision``
+  records the rule and the groups' fields), bootstrap CIs on the rule's decisions,
   deltas vs the fp32 evaluation of the same runtime when that already exists (score fp32 first), training
   and inference time, and provenance. Written last: once it exists the other two are whole. ``status`` is
   ``"scored"``, or ``"failed"`` with a ``reason`` when the outputs hold NaN/Inf (then nothing is scored and
@@ -34,7 +40,9 @@ from evaluate.bootstrap import bca_interval, bootstrap_indices, bootstrap_macro_
 from evaluate.metrics import (
     BUCKETS,
     PER_TAG_COLUMNS,
+    SCORE_RULE,
     NonFiniteScores,
+    as_decision,
     binarize,
     bucket_masks,
     check_finite,
@@ -44,6 +52,7 @@ from evaluate.metrics import (
 from train.data.cache import load_cache
 from train.data.dataset import Dataset, DatasetError, load_dataset
 from train.data.io import atomic_path, read_json, sha256_file, write_json
+from train.decision import Decision
 from train.device import library_versions, pick_device
 from train.preprocess import Preprocess
 from train.run import CONFIG, MODEL, THRESHOLDS, TIMING, RunError, is_complete
@@ -120,6 +129,7 @@ def predict_logits(runner: Runner, images: np.ndarray, rows: np.ndarray, preproc
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """float32 sigmoid; a run's scores are ``decision.scores(logits)`` (sigmoid only for the free tags)."""
     return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
 
 
@@ -136,20 +146,24 @@ def bootstrap_cis(y_true: np.ndarray, y_pred: np.ndarray, masks: dict[str, np.nd
             **{f"{b}_macro_f1": ci(masks[b]) for b in BUCKETS}}
 
 
-def score_predictions(probs: np.ndarray, y_true: np.ndarray, thresholds: np.ndarray, stats: dict,
-                      taxonomy: Sequence[str]) -> tuple[dict, list[dict]]:
-    """(metrics without provenance, per-tag rows) from test probabilities; buckets from the dataset's stats."""
+def score_predictions(probs: np.ndarray, y_true: np.ndarray, decision: Decision | np.ndarray, stats: dict,
+                      taxonomy: Sequence[str], fields: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
+    """(metrics without provenance, per-tag rows) from test scores (predictions.npy) and the run's rule
+    (plain thresholds: a rule without groups); buckets from the dataset's stats, group names from ``fields``
+    (tag -> field, the dataset's) or the tag names."""
+    decision = as_decision(decision, len(taxonomy))
     train_counts = np.asarray([stats["tags"][t]["train"] for t in taxonomy])
     tail, head = stats.get("long_tail_threshold", 50), stats.get("head_threshold", 500)
-    metrics = score_run(y_true, probs, thresholds, train_counts, tail, head, tag_names=list(taxonomy))
+    metrics = score_run(y_true, probs, decision, train_counts, tail, head, tag_names=list(taxonomy), fields=fields)
     per_tag = metrics.pop("per_tag")
-    metrics["ci"] = bootstrap_cis(y_true, binarize(probs, thresholds), bucket_masks(train_counts, tail, head))
+    metrics["ci"] = bootstrap_cis(y_true, binarize(probs, decision), bucket_masks(train_counts, tail, head))
     return metrics, per_tag
 
 
 def prediction_deltas(ref: dict, ref_probs: np.ndarray, other: dict, probs: np.ndarray,
-                      thresholds: np.ndarray) -> dict:
-    """How ``other`` (metrics, probabilities) differs from the reference evaluation of the same run and rows."""
+                      decision: Decision | np.ndarray) -> dict:
+    """How ``other`` (metrics, scores) differs from the reference evaluation of the same run and rows; decisions
+    flip by the run's rule (an arg-max that moves within a group flips the two tags it moves between)."""
     if ref["test"]["ids_sha256"] != other["test"]["ids_sha256"] or ref_probs.shape != probs.shape:
         raise RunError(f"{ref['eval']} and {other['eval']} of {other['pair']}: predictions are for different test "
                        "rows; re-evaluate both")
@@ -158,12 +172,13 @@ def prediction_deltas(ref: dict, ref_probs: np.ndarray, other: dict, probs: np.n
         a, b = key(ref), key(other)
         return None if a is None or b is None else b - a
 
+    decision = as_decision(decision, probs.shape[1])
     delta = np.abs(probs.astype(np.float64) - ref_probs)
     return {"reference": ref["eval"],
             "macro_f1": diff(lambda m: m["macro_f1"]),
             "tail_macro_f1": diff(lambda m: m["buckets"]["tail"]["macro_f1"]),
             "max_abs_prob": float(delta.max()), "mean_abs_prob": float(delta.mean()),
-            "decisions_flipped": float(np.mean(binarize(probs, thresholds) != binarize(ref_probs, thresholds)))}
+            "decisions_flipped": float(np.mean(binarize(probs, decision) != binarize(ref_probs, decision)))}
 
 
 def read_eval(run_dir: str | Path, name: str, predictions: bool = True) -> tuple[dict, np.ndarray | None] | None:
@@ -182,11 +197,37 @@ def read_eval(run_dir: str | Path, name: str, predictions: bool = True) -> tuple
     return metrics, probs
 
 
-def read_thresholds(run_dir: Path, taxonomy: Sequence[str]) -> np.ndarray:
-    doc = read_json(run_dir / THRESHOLDS)
+def read_decision(run_dir: Path, taxonomy: Sequence[str]) -> Decision:
+    """The run's rule from thresholds.json: per-tag thresholds and the softmax groups (none in files written
+    before groups existed: then it is exactly per-tag sigmoid thresholds)."""
+    path = Path(run_dir) / THRESHOLDS
+    doc = read_json(path)
     if doc.get("tags", list(taxonomy)) != list(taxonomy):
-        raise RunError(f"{run_dir / THRESHOLDS}: tags differ from the run's taxonomy; retrain the run")
-    return np.asarray(doc["thresholds"], dtype=np.float64)
+        raise RunError(f"{path}: tags differ from the run's taxonomy; retrain the run")
+    try:
+        decision = Decision.from_json(doc, taxonomy)
+    except KeyError as e:
+        raise RunError(f"{path}: group tag {e} is not in the run's taxonomy; retrain the run") from None
+    except ValueError as e:
+        raise RunError(f"{path}: {e}") from None
+    if decision.n_tags != len(taxonomy):
+        raise RunError(f"{path}: {decision.n_tags} thresholds for {len(taxonomy)} tags; retrain the run")
+    return decision
+
+
+read_thresholds = read_decision  # the name from before groups: it returns the whole rule now
+
+
+def score_kind(metrics: dict) -> str:
+    """How an evaluation's predictions.npy was computed from logits (``decision.score`` in metrics.json); one
+    written before groups existed recorded nothing and holds sigmoid probabilities."""
+    return (metrics.get("decision") or {}).get("score", SCORE_RULE[False])
+
+
+def scores_match(metrics: dict, decision: Decision) -> bool:
+    """Whether an evaluation's saved scores are of the kind ``decision`` makes (sigmoid probabilities of an old
+    evaluation are right only for a rule without groups)."""
+    return score_kind(metrics) == SCORE_RULE[bool(decision.groups)]
 
 
 def provenance(run_dir: Path, config: dict, ds: Dataset, runner: Runner, name: str) -> dict:
@@ -221,14 +262,17 @@ def write_per_tag(path: Path, rows: list[dict]) -> None:
 
 
 def run_fingerprint(run_dir: Path, ds: Dataset) -> dict[str, str]:
-    """What an evaluation of ``run_dir`` must match to be current: its checkpoint, thresholds and test rows."""
+    """What an evaluation of ``run_dir`` must match to be current: its checkpoint, thresholds, test rows, and
+    the kind of scores its rule makes (see :func:`scores_match`)."""
+    grouped = bool(read_json(run_dir / THRESHOLDS).get("groups"))
     return {"model_sha256": sha256_file(run_dir / MODEL), "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
-            "ids_sha256": test_split(ds)[2]}
+            "ids_sha256": test_split(ds)[2], "score": SCORE_RULE[grouped]}
 
 
 def current_eval(run_dir: Path, name: str, ds: Dataset, fingerprint: dict[str, str] | None = None) -> dict | None:
-    """metrics.json of ``run_dir/eval/name`` when it still describes this checkpoint, thresholds and test split
-    (``fingerprint``: the run's :func:`run_fingerprint`, when the caller checks several evaluations)."""
+    """metrics.json of ``run_dir/eval/name`` when it still describes this checkpoint, thresholds and test split,
+    a scored one with scores of the kind the run's rule makes (``fingerprint``: the run's
+    :func:`run_fingerprint`, when the caller checks several evaluations)."""
     path = run_dir / EVAL / name / METRICS
     if not path.exists():
         return None
@@ -236,7 +280,8 @@ def current_eval(run_dir: Path, name: str, ds: Dataset, fingerprint: dict[str, s
     fp = fingerprint or run_fingerprint(run_dir, ds)
     run = m.get("run", {})
     current = (run.get("model_sha256") == fp["model_sha256"] and run.get("thresholds_sha256") == fp["thresholds_sha256"]
-               and m.get("test", {}).get("ids_sha256") == fp["ids_sha256"])
+               and m.get("test", {}).get("ids_sha256") == fp["ids_sha256"]
+               and (m.get("status") != "scored" or score_kind(m) == fp["score"]))
     return m if current else None
 
 
@@ -253,7 +298,7 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
         raise RunError(f"{run_dir}: not a complete run (no {CONFIG} with status 'complete'); train it first")
     config = read_json(run_dir / CONFIG)
     check_run_matches(run_dir, config, ds)
-    thresholds = read_thresholds(run_dir, config["taxonomy"])
+    decision = read_decision(run_dir, config["taxonomy"])
     rows, y_true, test_hash = test_split(ds)
     images = load_cache(ds, config["preprocess"]["cache_size"])
     preprocess = Preprocess.from_config(config["preprocess"], pick_device(runner_kw.get("device", "auto")))
@@ -284,14 +329,16 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
         write_json(out / METRICS, {**metrics, "status": "failed", "reason": str(e), "n_nan": e.n_nan, "n_inf": e.n_inf})
         return read_json(out / METRICS)
 
-    probs = sigmoid(logits)
-    scores, per_tag = score_predictions(probs, y_true, thresholds, ds.stats(), ds.taxonomy)
+    with np.errstate(over="ignore"):  # exp of a huge logit: the sigmoid saturates, as it should
+        probs = decision.scores(logits)
+    scores, per_tag = score_predictions(probs, y_true, decision, ds.stats(), ds.taxonomy, ds.fields)
     metrics |= scores
     fp32 = eval_name(runtime, "fp32")
     if runner.precision != "fp32" and fp32 != name and (ref := read_eval(run_dir, fp32)) and ref[1] is not None:
-        same = all(ref[0][k][f] == metrics[k][f] for k, f in (("run", "model_sha256"), ("test", "ids_sha256")))
-        if same:
-            metrics["vs_fp32"] = prediction_deltas(ref[0], ref[1], metrics, probs, thresholds)
+        same = all(ref[0][k].get(f) == metrics[k][f] for k, f in (
+            ("run", "model_sha256"), ("run", "thresholds_sha256"), ("test", "ids_sha256")))
+        if same and scores_match(ref[0], decision):
+            metrics["vs_fp32"] = prediction_deltas(ref[0], ref[1], metrics, probs, decision)
     write_predictions(out / PREDICTIONS, probs)
     write_per_tag(out / PER_TAG, per_tag)
     write_json(out / METRICS, metrics)
@@ -340,19 +387,22 @@ def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str 
 def rescore_run(run_dir: str | Path, ds: Dataset) -> dict[str, str]:
     """Recompute the scores (metrics, CIs, per-tag table) of every current evaluation of ``run_dir`` from its
     saved predictions, without running the model again (e.g. after a change to the metric code); eval name ->
-    what happened. Stale or failed evaluations are left alone and said so."""
+    what happened. Stale or failed evaluations are left alone and said so; so are evaluations whose saved scores
+    are sigmoid probabilities (written before groups existed) of a run whose rule has groups."""
     run_dir = Path(run_dir)
     config = read_json(run_dir / CONFIG)
-    thresholds = read_thresholds(run_dir, config["taxonomy"])
+    decision = read_decision(run_dir, config["taxonomy"])
     _, y_true, _ = test_split(ds)
     fingerprint = run_fingerprint(run_dir, ds)  # once: the checkpoint can be hundreds of MB
     done = {}
     for out in sorted(p for p in (run_dir / EVAL).glob("*") if (p / METRICS).exists()):
         metrics = current_eval(run_dir, out.name, ds, fingerprint)
         if metrics is None or metrics["status"] != "scored" or not (out / PREDICTIONS).exists():
-            done[out.name] = "left alone: stale or not scored (re-evaluate it)"
+            done[out.name] = ("left alone: stale (checkpoint, thresholds or test rows changed, or its scores are not "
+                              "the kind the run's rule makes) or not scored (re-evaluate it)")
             continue
-        scores, per_tag = score_predictions(np.load(out / PREDICTIONS), y_true, thresholds, ds.stats(), ds.taxonomy)
+        scores, per_tag = score_predictions(np.load(out / PREDICTIONS), y_true, decision, ds.stats(), ds.taxonomy,
+                                            ds.fields)
         write_per_tag(out / PER_TAG, per_tag)
         write_json(out / METRICS, metrics | scores | {
             "rescored": datetime.now(timezone.utc).isoformat(timespec="seconds")})

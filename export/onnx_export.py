@@ -15,7 +15,10 @@ matmul/softmax form rather than fused SDPA. DINOv2's position embedding was resi
 was built (train.weights), so the graph has a fixed spatial size and no interpolation: any Resize node fails.
 
 Model metadata (``metadata_props``, JSON values): pair, family, backbone, weights kind, source checkpoint
-sha256, dataset hash, tags, thresholds, preprocessing, exporter.
+sha256, dataset hash, tags, thresholds, groups (the softmax groups as lists of tag names; ``[]`` for a run
+without groups), preprocessing, the rule that turns the output into tags (``output``), exporter. The graph's
+output stays the logits: the rule (softmax + arg-max within each group, sigmoid + threshold elsewhere,
+:class:`train.decision.Decision`) is applied by whoever reads them, from this metadata or thresholds.json.
 """
 from __future__ import annotations
 
@@ -32,13 +35,21 @@ import torch
 
 from train.data.dataset import Dataset
 from train.data.io import atomic_path, sha256_file
+from train.decision import Decision
 from train.run import MODEL, load_run
 
 OPSET = 18
 INPUT, OUTPUT = "images", "logits"
 EXPORT_DIR, ONNX_FP32, ONNX_FP16, PARITY = "export", "model.onnx", "model.fp16.onnx", "parity.json"
 METADATA_KEYS = ("pair", "family", "backbone", "weights_kind", "source_sha256", "dataset_hash", "tags",
-                 "thresholds", "preprocess", "output", "exporter")
+                 "thresholds", "groups", "preprocess", "output", "exporter")
+JSON_KEYS = ("tags", "thresholds", "groups", "preprocess")
+OUTPUT_RULE = {
+    False: "logits; probability = sigmoid(logit); a tag is predicted when probability >= its threshold",
+    True: "logits; the tags of each group in 'groups' (one single-valued field each): score = softmax of the "
+          "group's logits, the group's arg-max tag is predicted (its threshold is not used); every other tag: "
+          "score = sigmoid(logit), predicted when score >= its threshold",
+}
 INTERPOLATION_OPS = ("Resize", "Upsample")
 
 
@@ -46,17 +57,21 @@ class ExportError(RuntimeError):
     """An exported graph that breaks the export contract; the message names the file and the problem."""
 
 
-def onnx_metadata(config: dict, thresholds: np.ndarray, source_sha256: str) -> dict[str, str]:
-    """The ``metadata_props`` of a run's ONNX (values are strings; structured ones JSON)."""
+def onnx_metadata(config: dict, decision: Decision | np.ndarray, source_sha256: str) -> dict[str, str]:
+    """The ``metadata_props`` of a run's ONNX (values are strings; structured ones JSON); ``decision`` is the
+    run's rule (plain thresholds: one without groups)."""
+    decision = decision if isinstance(decision, Decision) else Decision(np.asarray(decision, dtype=np.float64))
+    taxonomy = config["taxonomy"]
     prep = config["preprocess"]
     meta = {
         "pair": config["pair"], "family": config["family"], "backbone": config["backbone"]["name"],
         "weights_kind": config["weights"]["kind"], "source_sha256": source_sha256,
         "dataset_hash": config["dataset"]["hash"],
         "tags": json.dumps(config["taxonomy"]),
-        "thresholds": json.dumps([float(t) for t in thresholds]),
+        "thresholds": json.dumps([float(t) for t in decision.thresholds]),
+        "groups": json.dumps([[taxonomy[j] for j in g] for g in decision.groups]),
         "preprocess": json.dumps({k: prep[k] for k in ("img_size", "mean", "std", "resize", "cache_size", "input")}),
-        "output": "logits; probability = sigmoid(logit); a tag is predicted when probability >= its threshold",
+        "output": OUTPUT_RULE[bool(decision.groups)],
         "exporter": f"torch {torch.__version__} dynamo exporter, opset {OPSET}",
     }
     if config["weights"].get("warning"):
@@ -67,10 +82,17 @@ def onnx_metadata(config: dict, thresholds: np.ndarray, source_sha256: str) -> d
 def read_metadata(path: str | Path) -> dict:
     """An exported model's metadata with JSON values decoded."""
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    for key in ("tags", "thresholds", "preprocess"):
+    for key in JSON_KEYS:
         if key in props:
             props[key] = json.loads(props[key])
     return props
+
+
+def metadata_decision(meta: dict) -> Decision:
+    """The rule recorded in :func:`read_metadata`'s result; a model exported before groups existed has none
+    (per-tag sigmoid thresholds)."""
+    return Decision.from_json({"thresholds": meta["thresholds"], "tags": meta["tags"],
+                               "groups": meta.get("groups", [])})
 
 
 def _trace(model: torch.nn.Module, img_size: int) -> onnx.ModelProto:
@@ -93,11 +115,11 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, ds: Dataset 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / EXPORT_DIR / ONNX_FP32
     with set_layer_config(exportable=True):  # timm: explicit attention instead of fused SDPA
-        model, config, thresholds = load_run(run_dir, ds)
+        model, config, decision = load_run(run_dir, ds)
     proto = _trace(model.float().eval(), config["preprocess"]["img_size"])
     proto.doc_string = (f"{config['pair']} tagging model: {INPUT} float32 N x 3 x S x S, normalised "
                         f"-> {OUTPUT} float32 N x {len(config['taxonomy'])}")
-    onnx.helper.set_model_props(proto, onnx_metadata(config, thresholds, sha256_file(run_dir / MODEL)))
+    onnx.helper.set_model_props(proto, onnx_metadata(config, decision, sha256_file(run_dir / MODEL)))
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
     return out

@@ -3,7 +3,9 @@
 Writes ``RUNS/<pair>/export/``: ``model.onnx``, ``model.fp16.onnx``, ``parity.json``, and where TensorRT and a
 GPU exist ``model.<gpu>.fp16.engine`` + ``model.<gpu>.fp16.engine.json``. A parity failure writes parity.json
 with status "failed" and raises ``ParityFailed``; no engine is built from a model that failed parity, and an
-engine keeps its own parity verdict in its sidecar, which refuses it unless that verdict is "passed".
+engine keeps its own parity verdict in its sidecar, which refuses it unless that verdict is "passed". Parity
+counts decision flips under the run's rule (thresholds.json as a :class:`train.decision.Decision`), which the
+ONNX metadata also carries; an export is current for the checkpoint and the thresholds.json it was made with.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from export.parity import (
 )
 from train.data.dataset import load_dataset
 from train.data.io import read_json, sha256_file
-from train.run import CONFIG, MODEL, is_complete, load_run
+from train.run import CONFIG, MODEL, THRESHOLDS, is_complete, load_run
 
 
 @dataclass
@@ -55,13 +57,20 @@ def wanted_graphs(opts: ExportOptions) -> set[str]:
 
 def current_onnx(run_dir: Path, opts: ExportOptions, source_sha256: str) -> dict | None:
     """The existing parity report when the ONNX export is current: same checkpoint (``source_sha256``, the run's
-    model.safetensors), same files, nothing missing."""
+    model.safetensors), same thresholds.json (its rule is in the metadata and judged the flips; a report from
+    before this was recorded is current only for a rule without groups, the rule it judged by), same files,
+    nothing missing."""
     out = run_dir / EXPORT_DIR
     if opts.force or not (out / PARITY).exists():
         return None
     rep = read_json(out / PARITY)
     wanted = wanted_graphs(opts)
     if rep.get("source_sha256") != source_sha256 or not wanted <= set(rep.get("results", {})):
+        return None
+    recorded = rep.get("thresholds_sha256")
+    if recorded is None and read_json(run_dir / THRESHOLDS).get("groups"):
+        return None
+    if recorded is not None and recorded != sha256_file(run_dir / THRESHOLDS):
         return None
     if not all((out / rep["results"][k]["file"]).exists() for k in wanted):
         return None
@@ -120,7 +129,7 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
             raise ParityFailed(f"{out / PARITY}: parity {done['status']} (recorded earlier)")
         return done
     ds = load_dataset(opts.data or read_json(run_dir / CONFIG)["dataset"]["path"])
-    model, config, thresholds = load_run(run_dir, ds)
+    model, config, decision = load_run(run_dir, ds)
     n_tags = len(config["taxonomy"])
     files = {"onnx_fp32": (out / ONNX_FP32, "fp32")} | ({"onnx_fp16": (out / ONNX_FP16, "fp16")} if opts.fp16 else {})
     if done is not None:
@@ -138,7 +147,9 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
                          "sha256": graphs[name]["sha256"],
                          "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"}
                   for name, (path, prec) in files.items()}
-    info = {"pair": config["pair"], "source_sha256": source_sha256, "dataset": str(ds.root),
+    info = {"pair": config["pair"], "source_sha256": source_sha256,
+            "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
+            "dataset": str(ds.root),
             "dataset_matches_run": ds.content_hash() == config["dataset"]["hash"],
             "images": f"{len(rows)} test rows spread evenly over the test split", "graphs": graphs}
 
@@ -148,7 +159,8 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
         write_parity(out / PARITY, rep)
         return rep
 
-    result = finish(parity_report(reference, candidates, thresholds, opts.tolerances, **info))
+    group_tags = [[config["taxonomy"][j] for j in g] for g in decision.groups]
+    result = finish(parity_report(reference, candidates, decision, opts.tolerances, group_tags=group_tags, **info))
     if not opts.fp16:
         return result
     _log_engine_notes(config["pair"], opts, env, log)
@@ -164,7 +176,7 @@ def export_run(run_dir: str | Path, opts: ExportOptions, log: Callable[[str], No
     candidates["tensorrt_fp16"] = {"logits": logits, "precision": "fp16", "file": engine.name,
                                    "sha256": side["engine_sha256"], "runtime": f"TensorRT {side['tensorrt']} on {env['gpu']}",
                                    "sidecar": trt_export.sidecar_path(engine).name}
-    rep = parity_report(reference, candidates, thresholds, opts.tolerances, **info)
+    rep = parity_report(reference, candidates, decision, opts.tolerances, group_tags=group_tags, **info)
     verdict = rep["results"]["tensorrt_fp16"]
     trt_export.write_engine_sidecar(engine, side | {"parity": {k: verdict[k] for k in PARITY_SUMMARY}})
     return finish(rep)

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from evaluate.metrics import SCORE_RULE
 from train.data.dataset import Dataset, load_dataset
 from train.data.io import read_json, sha256_file
+from train.decision import Decision
 from train.timing import TIMING_TOTALS, phase_seconds, training_seconds
 
 CONFIG, TIMING, THRESHOLDS, MODEL, HISTORY = ("config.json", "timing.json", "thresholds.json", "model.safetensors",
@@ -129,7 +131,8 @@ class Evaluation(Document):
         return [{k: (None if v == "" else float(v)) if k in numeric else v for k, v in r.items()} for r in rows]
 
     def predictions(self) -> np.ndarray:
-        """Test probabilities (N_test x T, rows in test-split order), checked against metrics.json's shape."""
+        """Test scores (N_test x T, rows in test-split order; softmax within the run's groups, sigmoid elsewhere),
+        checked against metrics.json's shape."""
         path = self.dir / PREDICTIONS
         try:
             probs = np.load(path, mmap_mode="r")
@@ -141,16 +144,25 @@ class Evaluation(Document):
                               "re-evaluate the run")
         return probs
 
-    def decisions(self) -> np.ndarray:
-        """Test predictions as tag decisions: probability >= the run's threshold (thresholds.json; an evaluation
-        scored with other thresholds or another checkpoint is stale and never gets here, see ``_evaluations``)."""
+    def decision(self) -> Decision:
+        """The run's rule (thresholds.json as a :class:`Decision`: arg-max within each softmax group, score >=
+        threshold elsewhere; a file without groups is per-tag thresholds only)."""
         path = self.dir.parents[1] / THRESHOLDS
         doc = read_json(path)
-        thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
-        if thresholds.shape != (self.doc["n_tags"],):
-            raise ReportError(f"{path}: {thresholds.size} thresholds for {self.doc['n_tags']} tags in "
+        try:
+            decision = Decision.from_json(doc, None if "tags" in doc else
+                                          dig(read_json(self.dir.parents[1] / CONFIG), "taxonomy"))
+        except (KeyError, ValueError) as e:
+            raise ReportError(f"{path}: not a valid decision rule ({e}); retrain or re-evaluate the run") from e
+        if decision.n_tags != self.doc["n_tags"]:
+            raise ReportError(f"{path}: {decision.n_tags} thresholds for {self.doc['n_tags']} tags in "
                               f"{self.dir / METRICS}; re-evaluate the run")
-        return np.asarray(self.predictions()) >= thresholds
+        return decision
+
+    def decisions(self) -> np.ndarray:
+        """Test predictions as tag decisions by the run's rule (:meth:`decision`; an evaluation scored with other
+        thresholds or another checkpoint is stale and never gets here, see ``_evaluations``)."""
+        return self.decision().apply(np.asarray(self.predictions()))
 
     def bucket_mask(self, bucket: str) -> np.ndarray:
         """Tags in ``bucket`` (tail / medium / head by training frequency), from per_tag.csv."""
@@ -373,7 +385,10 @@ def eval_label(name: str) -> str:
 
 
 def pair_label(pair: Pair) -> str:
-    return f"{FAMILY_LABELS.get(pair.family, pair.family)} {STRATEGY_LABELS.get(pair.strategy, pair.strategy)}"
+    """``DINOv2 fine-tune``; the weights' recorded label in place of the family where the run has one (a weights
+    file's provenance, e.g. ``DINOv2 ViT-S/14 (derived) fine-tune``)."""
+    backbone = dig(pair.config.doc, "weights.label") or FAMILY_LABELS.get(pair.family, pair.family)
+    return f"{backbone} {STRATEGY_LABELS.get(pair.strategy, pair.strategy)}"
 
 
 def macro_f1_delta(ev: Evaluation, ref: Evaluation) -> Sourced:
@@ -419,16 +434,22 @@ def _read(path: Path, runs_dir: Path) -> Document:
 
 
 RUN_FILES = {"config_sha256": CONFIG, "model_sha256": MODEL, "thresholds_sha256": THRESHOLDS}  # metrics.json run.*
+GROUP_SCORES = SCORE_RULE[True]  # metrics.json decision.score of a rule with groups (none recorded: sigmoid scores)
 
 
 def _evaluations(run_dir: Path, runs_dir: Path) -> tuple[dict[str, Evaluation], dict[str, str]]:
     """(evaluations of the run as it is now, {name: what changed} of stale ones: scored before the run's
-    config.json, checkpoint or thresholds last changed). Each run file is hashed once."""
+    config.json, checkpoint or thresholds last changed, or whose saved scores are sigmoid probabilities (scored
+    before groups existed) while the run's rule has softmax groups). Each run file is hashed once."""
     now = {key: sha256_file(run_dir / name) if (run_dir / name).is_file() else None for key, name in RUN_FILES.items()}
+    grouped = (run_dir / THRESHOLDS).is_file() and bool(read_json(run_dir / THRESHOLDS).get("groups"))
     found, stale = {}, {}
     for d in sorted((run_dir / EVAL).glob(f"*/{METRICS}")):
         doc = _read(d, runs_dir)
         changed = [name for key, name in RUN_FILES.items() if dig(doc.doc, f"run.{key}") != now[key]]
+        if (not changed and grouped and doc.doc.get("status") == "scored"
+                and dig(doc.doc, "decision.score") != GROUP_SCORES):
+            changed = [f"{THRESHOLDS} (its groups)"]
         if changed:
             stale[d.parent.name] = ", ".join(changed)
             continue

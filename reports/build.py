@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reports import figures, fmt, longtail, setup
+from reports import ablation, figures, fmt, longtail, setup
 from reports.artifacts import (
     BUCKETS_TITLE,
     MACRO_F1_TOLERANCE,
@@ -263,8 +263,8 @@ def _title(pairs: list[Pair]) -> str:
     return "Backbone bake-off" + (f": {paths.pop()}" if len(paths) == 1 and "" not in paths else "")
 
 
-def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, figs: dict[str, Figure], skipped: list[str],
-            prov: dict, created: str, training: dict) -> list[Block]:
+def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, abl: dict, figs: dict[str, Figure],
+            skipped: list[str], prov: dict, created: str, training: dict) -> list[Block]:
     def fig(name: str) -> list[Block]:
         return [figs[name]] if name in figs else []
 
@@ -284,7 +284,7 @@ def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, figs: dict[s
         out += [Heading(heading), *fig(name)] if name in figs else []
     subset = setup.subset_sentence(training["subset"])
     out += [Heading("The long tail"), *longtail.blocks(tail, "eval/torch/predictions.npy, per_tag.csv", subset),
-            *fig(TAG_FIG)]
+            *fig(TAG_FIG), Heading("Long-tail methods: ablation"), *ablation.blocks(abl)]
     for heading, name in (("Training cost", TIME_FIG), ("Deployed accuracy", DEPLOYED_FIG)):
         out += [Heading(heading), *fig(name)] if name in figs else []
     gaps = skipped + [f"{u['pair']}: {u['reason']}" for u in rec["not_considered"]]
@@ -316,10 +316,11 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, latency_budget_ms
     training = {"subset": subset, "rows": setup.setup_rows(pairs, subset)}
     figs, skipped, points = draw(pairs, out_dir, setup.subset_sentence(subset))
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    blocks = compose(pairs, table, rec, tail, figs, skipped, prov, created, training)
+    abl = ablation.analyse(pairs)
+    blocks = compose(pairs, table, rec, tail, abl, figs, skipped, prov, created, training)
     summary = {"report": {"runs_dir": str(runs_dir.resolve()), "created": created,
                           "sources_relative_to": str(runs_dir.resolve()), "constraints": rec["constraints"]},
-               "setup": training, "table": table_summary, "recommendation": rec, "long_tail": tail,
+               "setup": training, "table": table_summary, "recommendation": rec, "long_tail": tail, "ablation": abl,
                "figures": [{"file": f.rel, "caption": f.caption} for f in figs.values()], "not_drawn": skipped,
                "latency_vs_macro_f1_points": points, "provenance": prov}
     write_text(out_dir / "report.md", to_markdown(blocks))

@@ -1,8 +1,10 @@
 """Paired-bootstrap comparisons of two evaluations, on the resamples evaluate drew for its intervals.
 
-Both evaluations are scored on the same test images; the difference of their macro-F1 (over every tag, or
-the tags of one frequency bucket) is resampled image-wise with the seed and count recorded in metrics.json
-(``ci.seed``, ``ci.n_resamples``), so these comparisons pair with the intervals shown beside them.
+Both evaluations are scored on the same test images, each run's tags decided by its own rule
+(:meth:`reports.artifacts.Evaluation.decisions`: arg-max within each softmax group, thresholds elsewhere); the
+difference of their macro-F1 (over every tag, or the tags of one frequency bucket) is resampled image-wise
+with the seed and count recorded in metrics.json (``ci.seed``, ``ci.n_resamples``), so these comparisons pair
+with the intervals shown beside them.
 Without the test labels (the dataset is not reachable) no comparison can be made: :meth:`Comparer.compare`
 returns None and callers fall back to, and say, something weaker.
 """

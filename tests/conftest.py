@@ -38,8 +38,8 @@ def tiny_options(family: str, strategy: str, **kw):
 
     name, size = TINY_MODELS[family]
     base = dict(family=family, strategy=strategy, model=name, weights="random", image_size=size, cache_size=TINY_CACHE,
-                epochs=2, batch_size=32, device="cpu", progress=False,
-                probe=ProbeConfig(lrs=(3e-3,), weight_decays=(0.0, 1e-3), epochs=3, batch_size=64, eval_every=1))
+                epochs=2, batch_size=32, device="cpu", progress=False, trials=2,
+                probe=ProbeConfig(lr=3e-3, epochs=3, batch_size=64, eval_every=1))
     return RunOptions(**{**base, **kw})
 
 

@@ -122,3 +122,18 @@ def extraction_seconds(store: FeatureStore) -> float:
     return float(read_json(store.dir / "meta.json").get("seconds", 0.0)) if store.complete else 0.0
 
 
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray, *,
+                   batch_size: int = 64, amp: bool = False, progress: bool = False) -> np.ndarray:
+    """The whole model's logits for image-cache ``rows`` (float32; fp32 unless ``amp``), as evaluation runs it."""
+    model.eval()
+    out = []
+    bar = tqdm(total=len(rows), desc="predict", unit="img", disable=not progress, leave=False)
+    for _, batch in iter_batches(images, rows, batch_size):
+        with autocast(preprocess.device, amp):
+            out.append(model(preprocess(batch)).float().cpu().numpy())
+        bar.update(len(batch))
+    bar.close()
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)

@@ -203,10 +203,11 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
              val_source: Callable[[np.ndarray], torch.Tensor], y_val: np.ndarray, cfg: FinetuneConfig,
              resume_dir: Path, loss_fn: nn.Module | None = None, resume: bool = False,
              log: Callable[[dict], None] = lambda rec: None, progress: bool = True,
-             stop_after_epochs: int | None = None) -> dict:
+             stop_after_epochs: int | None = None, until_epoch: int | None = None) -> dict:
     """Train the last 4 blocks + head; leaves the best-validation weights in ``model``; returns a summary.
 
-    ``stop_after_epochs`` stops early (as an interrupt would) after that many epochs of this call.
+    ``stop_after_epochs`` stops early (as an interrupt would) after that many epochs of this call;
+    ``until_epoch`` stops once the schedule has reached that epoch (a trial: the prefix of a full run).
     """
     device = next(model.head.parameters()).device
     loss_fn = (loss_fn or MultiLabelLoss(cfg.loss)).to(device)
@@ -225,7 +226,8 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
     y_train_t = torch.as_tensor(y_train, dtype=torch.float32)
     epochs_run = 0
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+        if (stop_after_epochs is not None and epochs_run >= stop_after_epochs) or (
+                until_epoch is not None and state["epoch"] >= until_epoch):
             break
         t0 = time.perf_counter()
         epoch = state["epoch"] + 1

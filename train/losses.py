@@ -14,15 +14,20 @@ def class_balanced_pos_weight(train_counts: np.ndarray, n_train: int, max_weight
     return torch.tensor(np.minimum((n_train - pos) / pos, max_weight), dtype=torch.float32)
 
 
-def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
-                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
-    """ASL with the official defaults; returned per element summed over tags and averaged over the batch
-    (the official loss is summed over the batch too: averaging keeps the learning rate batch-size free)."""
+def asymmetric_elementwise(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0,
+                           gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """ASL per (image, tag) element with the official defaults."""
     p = torch.sigmoid(logits.float())
     p_neg = (p - clip).clamp(min=0) if clip > 0 else p
     loss_pos = targets * torch.log(p.clamp(min=eps)) * (1 - p) ** gamma_pos
     loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=eps)) * p_neg ** gamma_neg
-    return -(loss_pos + loss_neg).sum(1).mean()
+    return -(loss_pos + loss_neg)
+
+
+def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, **kw) -> torch.Tensor:
+    """ASL summed over tags and averaged over the batch (the official loss is summed over the batch too:
+    averaging keeps the learning rate batch-size free)."""
+    return asymmetric_elementwise(logits, targets, **kw).sum(1).mean()
 
 
 class MultiLabelLoss(torch.nn.Module):

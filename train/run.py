@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,20 +20,21 @@ from train.data.cache import build_cache, load_cache
 from train.data.dataset import Dataset, load_dataset
 from train.data.io import atomic_path, read_json, write_json
 from train.data.splits import iterative_stratification
+from train.decision import Decision
 from train.device import device_name, library_versions, pick_device, setup_threads
-from train.features import FeatureStore, cache_key, extract, extraction_seconds
-from train.finetune import FinetuneConfig, ImageSource, TrunkSource, finetune, predict_from_trunk
-from train.losses import MultiLabelLoss, class_balanced_pos_weight
+from train.decision import single_valued_groups
+from train.features import cache_key, predict_logits
+from train.heads import HeadLoss, group_log_prior
+from train.losses import class_balanced_pos_weight
 from train.preprocess import Preprocess, preprocess_config
-from train.probe import ProbeConfig, train_probe
+from train.probe import ProbeConfig
 from train.registry import BackboneSpec, TaggingModel, get_spec
-from train.thresholds import fit_thresholds
+from train.selection import fit_decision
+from train.strategies import STRATEGIES, Context
 from train.weights import RANDOM_FLAG, WeightsInfo, create_backbone
 
-STRATEGIES = ("probe", "ft")
+HEADS = ("field", "sigmoid")  # field: softmax per single-valued field (where the data has one); sigmoid: per tag
 CONFIG, MODEL, THRESHOLDS, HISTORY, TIMING = "config.json", "model.safetensors", "thresholds.json", "history.jsonl", "timing.json"
-# Per-family fine-tune learning rates for the last 4 blocks (DINOv2 wants ~1e-5: dinov2 #252).
-BLOCK_LR = {"cnn": 3e-4, "dinov2": 2e-5, "clip": 3e-5}
 
 
 class RunError(RuntimeError):
@@ -50,6 +52,10 @@ class RunOptions:
     cache_size: int = 128
     max_train_images: int | None = None
     loss: str = "bce"
+    head: str = "field"
+    logit_adjust: float | None = None  # tau; None: selected on validation
+    threshold_shrink: float | None = None  # strength; None: selected by cross-fitting on validation
+    trials: int = 8  # hyper-parameter trials per pair (probe: weight decays; fine-tune: learning rates)
     epochs: int | None = None
     batch_size: int = 64
     lr: float | None = None
@@ -101,8 +107,8 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> TaggingMode
     return model.to(device).eval()
 
 
-def read_run(run_dir: str | Path, ds: Dataset | None = None) -> tuple[dict, np.ndarray]:
-    """(config, thresholds) of a complete run without building its model; refuses incomplete runs and
+def read_run(run_dir: str | Path, ds: Dataset | None = None) -> tuple[dict, Decision]:
+    """(config, decision rule) of a complete run without building its model; refuses incomplete runs and
     taxonomy mismatches."""
     run_dir = Path(run_dir)
     if not is_complete(run_dir):
@@ -111,35 +117,44 @@ def read_run(run_dir: str | Path, ds: Dataset | None = None) -> tuple[dict, np.n
     if ds is not None and config["taxonomy"] != ds.taxonomy:
         raise RunError(f"{run_dir / CONFIG}: the checkpoint's taxonomy ({len(config['taxonomy'])} tags) differs from "
                        f"dataset {ds.root} ({len(ds.taxonomy)} tags); it was trained on another dataset")
-    return config, np.asarray(read_json(run_dir / THRESHOLDS)["thresholds"], dtype=np.float64)
+    return config, Decision.from_json(read_json(run_dir / THRESHOLDS), config["taxonomy"])
 
 
-def load_run(run_dir: str | Path, ds: Dataset | None = None, device: torch.device | str = "cpu") -> tuple[TaggingModel, dict, np.ndarray]:
-    """(model, config, thresholds) of a complete run; refuses incomplete runs and taxonomy mismatches."""
-    config, thresholds = read_run(run_dir, ds)
-    return build_model(config, device), config, thresholds
+def load_run(run_dir: str | Path, ds: Dataset | None = None, device: torch.device | str = "cpu") -> tuple[TaggingModel, dict, Decision]:
+    """(model, config, decision rule) of a complete run; refuses incomplete runs and taxonomy mismatches."""
+    config, decision = read_run(run_dir, ds)
+    return build_model(config, device), config, decision
 
 
-def _probe_head_for(out: Path, spec: BackboneSpec, winfo: WeightsInfo, ds: Dataset) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
-    """The head of a complete probe run of the same model, weights and dataset (for LP-then-FT)."""
+def _probe_head_for(out: Path, spec: BackboneSpec, winfo: WeightsInfo, ds: Dataset, head: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """The head of a complete probe run of the same model, weights, dataset and head kind (for LP-then-FT),
+    with its logit adjustment taken back out (the fine-tune trains on plain logits)."""
     run_dir = out / pair_name(spec.family, "probe")
     if not is_complete(run_dir):
         return None
     cfg = read_json(run_dir / CONFIG)
-    if (cfg["backbone"]["name"], cfg["backbone"]["img_size"], cfg["weights"], cfg["dataset"]["hash"]) != (
-            spec.name, spec.img_size, winfo.to_dict(), ds.content_hash()):
+    if (cfg["backbone"]["name"], cfg["backbone"]["img_size"], cache_weights(cfg["weights"]), cfg["dataset"]["hash"],
+            cfg.get("options", {}).get("head", "sigmoid")) != (spec.name, spec.img_size, cache_weights(winfo.to_dict()),
+                                                              ds.content_hash(), head):
         return None
     state = load_file(str(run_dir / MODEL))
-    return cfg, state["head.weight"], state["head.bias"]
+    shift = np.asarray(cfg.get("decision", {}).get("bias_shift", np.zeros(len(ds.taxonomy))), dtype=np.float32)
+    return state["head.weight"], state["head.bias"] - torch.from_numpy(shift), f"linear probe ({run_dir})"
+
+
+def cache_weights(weights: dict) -> dict:
+    """The part of a weights record that decides what a cache holds (not its human-readable notes)."""
+    return {k: weights.get(k) for k in ("kind", "source", "sha256")}
 
 
 def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
     """Train one (backbone, strategy) pair into ``out/<family>-<strategy>``; returns the run directory."""
     if opts.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {opts.strategy!r}; choose from {STRATEGIES}")
+        raise ValueError(f"unknown strategy {opts.strategy!r}; choose from {tuple(STRATEGIES)}")
+    if opts.head not in HEADS:
+        raise ValueError(f"unknown head {opts.head!r}; choose from {HEADS}")
     t_start = time.perf_counter()
-    timing: dict[str, float] = {}
-    reused: dict[str, bool] = {}  # caches found complete: their timing is the compute time recorded when made
     setup_threads()
     device = pick_device(opts.device)
     ds = load_dataset(data)
@@ -148,15 +163,19 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
     run_dir = out / pair_name(opts.family, opts.strategy)
     spec = get_spec(opts.family, opts.model, opts.image_size)
     if run_dir.exists() and not opts.resume:
-        for name in (CONFIG, MODEL, THRESHOLDS, HISTORY, TIMING, "resume/resume.json", "resume/resume.safetensors"):
+        for name in (CONFIG, MODEL, THRESHOLDS, HISTORY, TIMING):
             (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "resume", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
 
     t = time.perf_counter()
     backbone, winfo = create_backbone(spec, opts.weights, opts.weights_dir, opts.seed)
     timing["weights_load"] = time.perf_counter() - t
     if winfo.is_random:
         print(f"WARNING {pair_name(opts.family, opts.strategy)}: {spec.name} with {RANDOM_FLAG}")
+    if opts.strategy == "ft":
+        print(f"{pair_name(opts.family, opts.strategy)}: {spec.name}: last 4 blocks = {backbone.describe_split()}")
     model = TaggingModel(backbone, len(ds.taxonomy)).to(device)
     prep_cfg = preprocess_config(spec, opts.cache_size)
     preprocess = Preprocess.from_config(prep_cfg, device)
@@ -171,11 +190,13 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
     y = ds.labels()
     y_train, y_val = y[rows_train], y[rows_val]
     train_counts = np.asarray([stats["tags"][tg]["train"] for tg in ds.taxonomy])
+    groups = single_valued_groups(y[ds.split_indices("train")], [ds.fields.get(tg, "") for tg in ds.taxonomy]) \
+        if opts.head == "field" else []
     pos_weight = class_balanced_pos_weight(train_counts, len(ds.split_indices("train"))) if opts.loss == "balanced" else None
-    loss_fn = MultiLabelLoss(opts.loss, pos_weight)
+    loss_fn = HeadLoss(groups, opts.loss, pos_weight, n_tags=len(ds.taxonomy))
     rows = np.concatenate([rows_train, rows_val])
-    key_parts = dict(model=spec.to_dict(), weights=winfo.to_dict(), preprocess=prep_cfg, dataset=ds.content_hash(),
-                     rows=cache_key(rows=rows.tolist()))
+    key_parts = dict(model=spec.to_dict(), weights=cache_weights(winfo.to_dict()), preprocess=prep_cfg,
+                     dataset=ds.content_hash(), rows=cache_key(rows=rows.tolist()))
     config = {
         "status": "running",
         "pair": pair_name(opts.family, opts.strategy),
@@ -184,80 +205,54 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
         "backbone": spec.to_dict(),
         "weights": winfo.to_dict(),
         "preprocess": prep_cfg,
-        "last_blocks": "last 4 blocks + final norm/conv are trained" if opts.strategy == "ft" else "frozen",
+        "last_blocks": backbone.describe_split() if opts.strategy == "ft" else "frozen",
         "dataset": {"path": str(ds.root.resolve()), "hash": ds.content_hash(), "n_images": len(ds),
                     "n_train_used": int(len(rows_train)), "n_val": int(len(rows_val)),
                     "split_seed": ds.split_meta.get("seed")},
         "taxonomy": ds.taxonomy,
+        "head": {"kind": opts.head, "groups": {ds.fields[ds.taxonomy[g[0]]]: len(g) for g in groups},
+                 "loss": opts.loss},
         "options": {k: v for k, v in asdict(opts).items() if k not in ("probe", "progress")},
         "device": device_name(device),
         "versions": library_versions(),
     }
     write_json(run_dir / CONFIG, config)
 
-    if opts.strategy == "probe":
-        store = FeatureStore(out / ".cache", "features-" + cache_key(**key_parts, what="features"))
-        reused["features"] = store.complete
-        feats = extract(backbone, preprocess, images, rows, store, ("features",), batch_size=opts.batch_size,
-                        progress=opts.progress, describe={"model": spec.name, "rows": len(rows)})["features"]
-        timing["feature_extraction"] = extraction_seconds(store)
-        x = np.asarray(feats, dtype=np.float32)
-        probe_cfg = ProbeConfig(**{**asdict(opts.probe), "loss": opts.loss, "seed": opts.seed})
-        result = train_probe(x[:len(rows_train)], y_train, x[len(rows_train):], y_val, probe_cfg, loss_fn, device)
-        timing["head_training"] = result.seconds
-        model.head.load_state_dict(result.head.state_dict())
-        for rec in result.history:
-            _append_history(run_dir, rec)
-        with torch.no_grad():
-            val_scores = torch.sigmoid(result.head(torch.from_numpy(x[len(rows_train):]))).numpy()
-        summary = {"probe": asdict(probe_cfg), "sweep": result.sweep, "selected": result.best}
-        n_trained = sum(p.numel() for p in model.head.parameters())
-    else:
-        cfg = FinetuneConfig(epochs=opts.epochs or FinetuneConfig.epochs, batch_size=opts.batch_size,
-                             lr=opts.lr or BLOCK_LR[spec.family], augment=opts.augment, loss=opts.loss, seed=opts.seed)
-        lp = _probe_head_for(out, spec, winfo, ds)
-        if lp is not None:
-            with torch.no_grad():
-                model.head.weight.copy_(lp[1])
-                model.head.bias.copy_(lp[2])
-        if opts.augment:
-            train_src = ImageSource(model, images, rows_train, preprocess, augment=True, seed=opts.seed)
-            val_src = ImageSource(model, images, rows_val, preprocess)
-        else:
-            store = FeatureStore(out / ".cache", "trunk-" + cache_key(**key_parts, what="trunk", dtype=opts.trunk_cache_dtype))
-            reused["trunk"] = store.complete
-            trunk = extract(backbone, preprocess, images, rows, store, ("trunk",), batch_size=opts.batch_size,
-                            dtype=opts.trunk_cache_dtype, progress=opts.progress,
-                            describe={"model": spec.name, "rows": len(rows)})["trunk"]
-            train_src = TrunkSource(trunk[:len(rows_train)], device)
-            val_src = TrunkSource(trunk[len(rows_train):], device)
-            timing["trunk_caching"] = extraction_seconds(store)
-        ft = finetune(model, train_src, y_train, val_src, y_val, cfg, run_dir / "resume", loss_fn, opts.resume,
-                      log=lambda rec: _append_history(run_dir, rec), progress=opts.progress)
-        if not ft["finished"]:
-            raise RunError(f"{run_dir}: fine-tune stopped before finishing; rerun with --resume")
-        timing["block_training"] = ft["seconds"]
-        val_scores = predict_from_trunk(model, val_src, len(rows_val))
-        summary = {"finetune": asdict(cfg), "result": ft,
-                   "init_head": f"linear probe ({out / pair_name(spec.family, 'probe')})" if lp else "zeros+prior"}
-        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ctx = Context(model=model, family=spec.family, preprocess=preprocess, images=images, rows_train=rows_train,
+                  rows_val=rows_val, y_train=y_train, y_val=y_val, loss=loss_fn, cache_root=out / ".cache",
+                  key_parts=key_parts, run_dir=run_dir, device=device, trials=opts.trials, batch_size=opts.batch_size,
+                  epochs=opts.epochs, lr=opts.lr, augment=opts.augment, trunk_cache_dtype=opts.trunk_cache_dtype,
+                  seed=opts.seed, resume=opts.resume, progress=opts.progress, probe=opts.probe,
+                  init_head=_probe_head_for(out, spec, winfo, ds, opts.head) if opts.strategy == "ft" else None,
+                  log=lambda rec: _append_history(run_dir, rec), describe={"model": spec.name, "rows": len(rows)})
+    outcome = STRATEGIES[opts.strategy](ctx)
+    timing |= outcome.timing
 
+    # Validation logits exactly as evaluation computes test logits (whole model, fp32, from the image cache):
+    # the decision rule is fitted on these, and the training-time (cached, bf16) scores are compared to them.
     t = time.perf_counter()
-    thresholds = fit_thresholds(y_val, val_scores)
+    val_logits = predict_logits(model, preprocess, images, rows_val, batch_size=opts.batch_size, progress=opts.progress)
+    timing["validation_pass"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fitted = fit_decision(y_val, val_logits, groups, train_counts, stats.get("long_tail_threshold", 50),
+                          stats.get("head_threshold", 500), opts.logit_adjust, opts.threshold_shrink, opts.seed)
+    shift = -fitted.tau * group_log_prior(train_counts, groups, len(ds.taxonomy))
+    with torch.no_grad():  # logit adjustment folded into the bias: every runtime outputs adjusted logits
+        model.head.bias.add_(torch.as_tensor(shift, dtype=model.head.bias.dtype, device=model.head.bias.device))
     timing["thresholds"] = time.perf_counter() - t
     save_model(run_dir / MODEL, model)
-    write_json(run_dir / THRESHOLDS, {"thresholds": thresholds.tolist(), "tags": ds.taxonomy, "score": "sigmoid",
-                                      "rule": "score >= threshold", "fitted_on": "val"})
+    write_json(run_dir / THRESHOLDS, fitted.decision.to_json(ds.taxonomy, fitted_on="val", val_scores="whole model, fp32, from the image cache (as evaluation scores test)"))
     # total = the compute this run cost, reused caches counted at their recorded cost; wall = this process
     timing["total"] = sum(timing.values())
     timing["wall"] = time.perf_counter() - t_start
-    n_seen = len(rows)
     extraction = timing.get("feature_extraction") or timing.get("trunk_caching") or 0.0
     write_json(run_dir / TIMING, {"seconds": {k: round(v, 3) for k, v in timing.items()}, "device": device_name(device),
-                                  "extraction_images_per_s": round(n_seen / extraction, 1) if extraction > 0.5 else None,
+                                  "extraction_images_per_s": round(len(rows) / extraction, 1) if extraction > 0.5 else None,
                                   "images": {"train": int(len(rows_train)), "val": int(len(rows_val))},
-                                  "caches_reused": reused})
-    config |= {"status": "complete", "summary": summary, "params_trained": int(n_trained),
+                                  "caches_reused": outcome.reused})
+    summary = outcome.summary | {"selection": fitted.report.pop("selection")}
+    config |= {"status": "complete", "summary": summary, "decision": {**fitted.report, "bias_shift": shift.tolist()},
+               "params_trained": int(outcome.params_trained),
                "params_total": int(sum(p.numel() for p in model.parameters()))}
     write_json(run_dir / CONFIG, config)
     return run_dir

@@ -70,3 +70,32 @@ def fit_thresholds(y_val: np.ndarray, scores_val: np.ndarray, grid: np.ndarray |
         f1 = np.divide(2 * tp, den, out=np.zeros(den.shape), where=den > 0)
         thresholds = grid[np.argmax(f1, axis=0)]
     return np.where(npos > 0, thresholds, default)
+
+
+def pooled_threshold(y_val: np.ndarray, scores_val: np.ndarray) -> float:
+    """One F1-optimal threshold for several tags at once (their (image, tag) pairs pooled as one tag)."""
+    y, s = _check(y_val, scores_val)
+    return float(fit_thresholds(y.reshape(-1, 1), s.reshape(-1, 1))[0])
+
+
+def fit_shrunk_thresholds(y_val: np.ndarray, scores_val: np.ndarray, buckets: np.ndarray, strength: float) -> np.ndarray:
+    """Per-tag thresholds shrunk towards their bucket's pooled threshold: ``(n t + k t_b) / (n + k)``.
+
+    ``n`` is the tag's number of validation positives and ``k = strength``: a tag with 1 positive keeps
+    1 / (1 + k) of its own (noisy) threshold, a tag with hundreds keeps nearly all of it; a tag with none
+    gets ``t_b``. ``buckets[j]`` is tag j's bucket id (e.g. tail / medium / head by training count); the pooled
+    threshold uses the bucket's tags that have a validation positive. ``strength = 0`` is :func:`fit_thresholds`.
+    """
+    y, s = _check(y_val, scores_val)
+    own = fit_thresholds(y, s)
+    if strength == 0:
+        return own
+    npos = y.sum(0).astype(np.float64)
+    buckets = np.asarray(buckets)
+    out = own.copy()
+    for b in np.unique(buckets):
+        cols = np.flatnonzero(buckets == b)
+        seen = cols[npos[cols] > 0]
+        tb = pooled_threshold(y[:, seen], s[:, seen]) if seen.size else DEFAULT_THRESHOLD
+        out[cols] = (npos[cols] * own[cols] + strength * tb) / (npos[cols] + strength)
+    return out

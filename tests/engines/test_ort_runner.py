@@ -18,6 +18,7 @@ from engines.ort_runner import (
     with_options,
 )
 from engines.runners import MissingExport, TorchRunner
+from train.decision import Decision
 from train.device import cpu_threads
 
 
@@ -148,3 +149,19 @@ def test_export_of_another_checkpoint_is_refused(run_onnx, tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(ValueError, match="exported from another checkpoint .*the export is stale"):
         OrtRunner(stale)
+
+
+def test_runners_carry_the_runs_decision_rule(run_onnx, batch):
+    """Each runner holds thresholds.json as a Decision (arg-max within each group, thresholds elsewhere), and the
+    rule applied to the ONNX logits gives the PyTorch model's tag decisions."""
+    from train.run import read_run
+
+    _, decision = read_run(run_onnx)
+    torch_runner, ort = TorchRunner(run_onnx, device="cpu"), OrtRunner(run_onnx, threads=1)
+    for runner in (torch_runner, ort):
+        assert isinstance(runner.decision, Decision) and runner.decision.groups == decision.groups
+        np.testing.assert_array_equal(runner.decision.thresholds, decision.thresholds)
+    tags = [decision.apply(decision.scores(r.predict(batch))) for r in (torch_runner, ort)]
+    np.testing.assert_array_equal(*tags)
+    for g in decision.groups:  # one tag per group and image
+        assert (tags[1][:, list(g)].sum(axis=1) == 1).all()

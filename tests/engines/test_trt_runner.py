@@ -24,6 +24,7 @@ from engines.trt_runner import (
     version_tuple,
 )
 from export import tensorrt as T
+from train.run import read_run
 
 SIZE, TAGS = 8, 30
 
@@ -292,6 +293,7 @@ def test_predict_through_either_api(trt_run, sidecar, version, api):
     assert runner.context.shapes_set == [(n, 3, SIZE, SIZE) for n in (3, 8, 1)]  # set only when it changes
     assert runner.last_timing == {"h2d_ms": 1.0, "gpu_compute_ms": 5.0, "d2h_ms": 2.0, "enqueue_ms": pytest.approx(0, abs=50)}
     assert runner.describe()["api"] == api and runner.describe()["tensorrt"] == version
+    assert runner.decision.groups == read_run(trt_run)[1].groups  # the run's rule, thresholds.json's groups
     runner.close()
     assert cuda.mem == {}
 

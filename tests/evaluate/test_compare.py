@@ -5,11 +5,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
 from evaluate import score as S
 from evaluate.__main__ import main
 from evaluate.compare import compare_table
-from tests.evaluate.test_score import copy_runs, held_out_labels, register_fixed
+from tests.evaluate.test_score import (
+    copy_runs,
+    expected_decisions,
+    expected_scores,
+    held_out_labels,
+    register_fixed,
+)
+from train.data.dataset import load_dataset
 from train.data.io import read_json, write_json
 from train.run import RunError
 from train.weights import RANDOM_FLAG
@@ -22,12 +30,15 @@ def noisy_logits(y: np.ndarray, flip: float, seed: int) -> np.ndarray:
     return (6.0 * (2.0 * agree - 1) + rng.normal(0, 0.5, y.shape)).astype(np.float32)
 
 
-def fake_runs(tiny_runs: Path, tiny_data: Path, dst: Path, monkeypatch, logits: dict[str, np.ndarray]) -> Path:
-    """Copies of cnn-probe named after ``logits``' keys, threshold 0.5 everywhere, scored by runtime ``fixed``."""
+def fake_runs(tiny_runs: Path, tiny_data: Path, dst: Path, monkeypatch, logits: dict[str, np.ndarray],
+              groups: list[list[str]] | None = None, threshold: float = 0.5) -> Path:
+    """Copies of cnn-probe named after ``logits``' keys, ``threshold`` everywhere and ``groups`` (tag names; none
+    by default: the plain threshold rule), scored by runtime ``fixed``."""
     runs = copy_runs(tiny_runs, dst, [("cnn-probe", name) for name in logits])
     for name in logits:
-        doc = read_json(runs / name / "thresholds.json")
-        write_json(runs / name / "thresholds.json", doc | {"thresholds": [0.5] * len(doc["thresholds"])})
+        doc = {k: v for k, v in read_json(runs / name / "thresholds.json").items() if k != "groups"}
+        write_json(runs / name / "thresholds.json", doc | {"thresholds": [threshold] * len(doc["thresholds"])}
+                   | ({"groups": groups} if groups else {}))
     register_fixed(monkeypatch, {(name, "fp32"): v for name, v in logits.items()})
     S.evaluate_all(runs, tiny_data, "fixed", log=lambda _: None)
     return runs
@@ -92,7 +103,7 @@ def test_across_runtimes_reports_deltas_vs_the_reference(tiny_runs, tiny_data, t
     d = row["vs_fixed"]["fixed-fp16"]
     assert d == m16["vs_fp32"]  # the same comparison recorded at scoring time
     assert d["macro_f1"] == pytest.approx(m16["macro_f1"] - m32["macro_f1"])
-    p32, p16 = S.sigmoid(ref), S.sigmoid(half)
+    p32, p16 = (expected_scores(z, []).astype(np.float32) for z in (ref, half))  # float32 sigmoid probabilities
     assert d["max_abs_prob"] == pytest.approx(np.abs(p16.astype(float) - p32).max())
     assert d["decisions_flipped"] == pytest.approx(np.mean((p16 >= 0.5) != (p32 >= 0.5)))
     assert read_json(runs / "compare-runtimes.json")["rows"] == rows
@@ -104,3 +115,42 @@ def test_compare_without_evaluations_says_so(tmp_path, tiny_runs):
     assert main(["compare", str(runs)]) == 2
     with pytest.raises(RunError, match="no run has a torch evaluation"):
         compare_table(runs)
+
+
+def test_verdict_and_runtime_deltas_decide_groups_by_argmax(tiny_runs, tiny_data, tmp_path, monkeypatch):
+    """With every tag in a group (one per field) and a threshold no score reaches, decisions are the fields'
+    arg-maxes: the verdict's macro-F1 and the runtime comparison's flips are those of the arg-max rule."""
+    ds = load_dataset(tiny_data)
+    _, y = held_out_labels(tiny_data)
+    fields: dict[str, list[int]] = {}
+    for j, t in enumerate(ds.taxonomy):
+        fields.setdefault(ds.fields[t], []).append(j)
+    groups = [cols for cols in fields.values() if len(cols) >= 2]
+    logits = {"one-probe": noisy_logits(y, 0.1, 31), "two-probe": noisy_logits(y, 0.3, 32)}
+    runs = fake_runs(tiny_runs, tiny_data, tmp_path, monkeypatch, logits,
+                     groups=[[ds.taxonomy[j] for j in g] for g in groups], threshold=0.999)
+    thr = np.full(len(ds.taxonomy), 0.999)
+    has_pos = y.sum(axis=0) > 0
+
+    def macro(pred):
+        return f1_score(y[:, has_pos], pred[:, has_pos], average="macro", zero_division=0)
+
+    pred = {k: expected_decisions(expected_scores(v, groups), thr, groups) for k, v in logits.items()}
+    _, text = compare_table(runs, "fixed")
+    v = read_json(runs / "compare-fixed.json")["verdict"]
+    assert (v["a"], v["b"]) == ("one-probe", "two-probe")
+    assert v["macro_f1_a"] == pytest.approx(macro(pred["one-probe"]))
+    assert v["macro_f1_b"] == pytest.approx(macro(pred["two-probe"]))
+    plain = macro(expected_scores(logits["one-probe"], []) >= 0.999)  # the threshold alone predicts little
+    assert v["macro_f1_a"] > plain + 0.1
+
+    # an fp16 "runtime" that swaps the first group's arg-max on image 0: two flipped decisions, no more
+    g = groups[0]
+    half = logits["one-probe"].copy()
+    order = np.argsort(half[0, g])
+    half[0, [g[order[-1]], g[order[-2]]]] = half[0, [g[order[-2]], g[order[-1]]]]
+    register_fixed(monkeypatch, {("one-probe", "fp32"): logits["one-probe"], ("one-probe", "fp16"): half})
+    m16 = S.evaluate_run(runs / "one-probe", tiny_data, "fixed", precision="fp16")
+    assert m16["vs_fp32"]["decisions_flipped"] == pytest.approx(2 / y.size)
+    rows, _ = compare_table(runs, runtimes=["fixed", "fixed-fp16"])
+    assert next(r for r in rows if r["pair"] == "one-probe")["vs_fixed"]["fixed-fp16"] == m16["vs_fp32"]

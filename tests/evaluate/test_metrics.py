@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
 
 from evaluate import metrics as M
+from train.decision import Decision
 
 
 def random_case(seed: int, n: int = 300, t: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,3 +215,69 @@ def test_score_run_empty_bucket_is_null():
     assert out["buckets"]["tail"] == {"train_count_range": [0, 50], "n_tags": 0, "n_tags_scored": 0,
                                       "macro_f1": None, "macro_f1_at_0.5": None, "macro_ap": None}
     assert out["buckets"]["head"]["macro_f1"] == pytest.approx(out["macro_f1"])
+
+
+def test_binarize_with_a_decision_decides_groups_by_argmax():
+    """A 3-tag group: its arg-max is predicted even below its threshold, and two tags above their thresholds
+    give one prediction; the free tag keeps ``score >= threshold``."""
+    d = Decision(np.array([0.8, 0.5, 0.5, 0.6]), ((0, 1, 2),))
+    s = np.array([[0.66, 0.24, 0.10, 0.6],   # arg-max 0.66 < its threshold 0.8: still predicted
+                  [0.30, 0.55, 0.15, 0.59],  # arg-max tag 1; the free tag is under its threshold
+                  [0.45, 0.45, 0.10, 0.9]])  # a tie: the first tag of the group
+    want = [[True, False, False, True], [False, True, False, False], [True, False, False, True]]
+    np.testing.assert_array_equal(M.binarize(s, d), want)
+    two_above = np.array([[0.9, 0.85, 0.0, 0.0]])  # both above their thresholds
+    assert M.binarize(two_above, d)[0, :3].tolist() == [True, False, False]
+    assert M.binarize(two_above, 0.5)[0, :3].tolist() == [True, True, False]  # the plain rule would give two
+    with pytest.raises(ValueError, match="decision: 4 thresholds for 3 tags"):
+        M.binarize(s[:, :3], d)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_decision_without_groups_is_exactly_the_threshold_rule(seed):
+    """Old thresholds.json files (no groups): every number equals the plain per-tag threshold rule's."""
+    y, s, thr = random_case(seed)
+    train_counts = np.random.default_rng(seed).integers(0, 1500, size=y.shape[1])
+    names = [f"f{j % 3}=v{j}" for j in range(y.shape[1])]
+    np.testing.assert_array_equal(M.binarize(s, Decision(thr)), s >= thr)
+    with_decision = M.score_run(y, s, Decision(thr), train_counts, tag_names=names)
+    assert with_decision == M.score_run(y, s, thr, train_counts, tag_names=names)
+    pred, scored = s >= thr, y.sum(0) > 0
+    assert with_decision["macro_f1"] == pytest.approx(
+        f1_score(y, pred, average="macro", labels=np.flatnonzero(scored), zero_division=0), abs=1e-15)
+    assert with_decision["macro_f1_at_0.5"] == pytest.approx(
+        f1_score(y, s >= 0.5, average="macro", labels=np.flatnonzero(scored), zero_division=0), abs=1e-15)
+    assert with_decision["threshold_rule"] == "score >= threshold"
+    assert with_decision["decision"] == {"score": "sigmoid(logit)", "rule": "score >= threshold", "groups": [],
+                                         "n_group_tags": 0, "at_0.5": M.FIXED_RULE}
+    assert [r["threshold"] for r in with_decision["per_tag"]] == thr.tolist()
+    assert {r["decided_by"] for r in with_decision["per_tag"]} == {"threshold"}
+
+
+def test_score_run_with_a_group_marks_its_tags_and_decides_by_argmax():
+    y, s, thr = random_case(3, t=12)
+    group = (4, 5, 6)
+    y[:, group] = 0
+    y[np.arange(len(y)), np.random.default_rng(0).choice(group, size=len(y))] = 1  # one value per image
+    z = s[:, group] * 4
+    s[:, group] = np.exp(z) / np.exp(z).sum(1, keepdims=True)  # softmax scores, as decision.scores makes
+    d = Decision(thr, (group,))
+    names = [f"colour=c{j}" if j in group else f"tag{j}" for j in range(12)]
+    out = M.score_run(y, s, d, np.full(12, 100), tag_names=names)
+
+    pred = s >= thr
+    pred[:, group] = np.eye(3, dtype=bool)[np.argmax(s[:, group], axis=1)]  # one per image, by arg-max
+    scored = np.flatnonzero(y.sum(0) > 0)
+    assert out["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=scored, zero_division=0))
+    half = s >= 0.5
+    half[:, group] = pred[:, group]  # at the fixed rule the group is still decided by arg-max
+    assert out["macro_f1_at_0.5"] == pytest.approx(f1_score(y, half, average="macro", labels=scored, zero_division=0))
+    rows = out["per_tag"]
+    assert [r["decided_by"] for r in rows] == ["argmax:colour" if j in group else "threshold" for j in range(12)]
+    assert [r["threshold"] for r in rows] == [None if j in group else thr[j] for j in range(12)]
+    assert sum(rows[j]["predicted"] for j in group) == len(y)
+    assert out["threshold_rule"] == M.GROUP_RULE and out["decision"]["groups"] == ["colour"]
+    assert out["decision"]["n_group_tags"] == 3 and out["decision"]["score"].startswith("softmax")
+    assert M.group_names(d, names, {"colour=c4": "hue", "colour=c5": "hue", "colour=c6": "hue"}) == ["hue"]
+    assert M.group_names(d) == ["group0"]
+    json.dumps(out, allow_nan=False)

@@ -59,6 +59,31 @@ def held_out_labels(data: Path) -> tuple[np.ndarray, np.ndarray]:
     return rows, ds.labels()[rows]
 
 
+def rule_of(run_dir: Path) -> tuple[np.ndarray, list[list[int]]]:
+    """(thresholds, groups as tag columns) read straight from thresholds.json (no groups in an old file)."""
+    doc = read_json(run_dir / "thresholds.json")
+    col = {t: j for j, t in enumerate(doc["tags"])}
+    return np.array(doc["thresholds"]), [[col[t] for t in g] for g in doc.get("groups", [])]
+
+
+def expected_scores(logits: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """Sigmoid of each logit, softmax over each group's logits (written out here, not train.decision's)."""
+    z = np.asarray(logits, np.float64)
+    out = 1 / (1 + np.exp(-z))
+    for g in groups:
+        e = np.exp(z[:, g] - z[:, g].max(1, keepdims=True))
+        out[:, g] = e / e.sum(1, keepdims=True)
+    return out
+
+
+def expected_decisions(scores: np.ndarray, thresholds: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """score >= threshold, but exactly one tag per group per image: the group's arg-max."""
+    pred = scores >= thresholds
+    for g in groups:
+        pred[:, g] = np.eye(len(g), dtype=bool)[np.argmax(scores[:, g], axis=1)]
+    return pred
+
+
 @pytest.fixture(scope="module")
 def scored(tiny_runs, tiny_data, tmp_path_factory):
     runs = copy_runs(tiny_runs, tmp_path_factory.mktemp("scored"))
@@ -81,7 +106,15 @@ def test_writes_eval_files_in_test_order(scored, tiny_data):
         with open(out / "per_tag.csv", newline="") as f:
             table = list(csv.DictReader(f))
         assert tuple(table[0]) == PER_TAG_COLUMNS and [r["name"] for r in table] == ds.taxonomy
+        thr, groups = rule_of(runs / pair)
+        for g in groups:  # softmax scores within each group, one field per group
+            np.testing.assert_allclose(probs[:, g].sum(axis=1), 1.0, atol=1e-5)
+            assert {table[j]["decided_by"] for j in g} == {f"argmax:{ds.fields[ds.taxonomy[g[0]]]}"}
+            assert {table[j]["threshold"] for j in g} == {""}
+        free = [j for j in range(len(thr)) if not any(j in g for g in groups)]
+        assert all(table[j]["decided_by"] == "threshold" and float(table[j]["threshold"]) == thr[j] for j in free)
         m = read_json(out / "metrics.json")
+        assert m["decision"]["groups"] == [ds.fields[ds.taxonomy[g[0]]] for g in groups]
         assert m == results[pair]
         assert (m["status"], m["pair"], m["eval"], m["precision"]) == ("scored", pair, "torch", "fp32")
         assert "per_tag" not in m
@@ -114,8 +147,7 @@ def test_metrics_match_sklearn_recomputation(scored, tiny_data):
     for pair in PAIRS:
         out = runs / pair / "eval" / "torch"
         probs = np.load(out / "predictions.npy")
-        thr = np.array(read_json(runs / pair / "thresholds.json")["thresholds"])
-        pred = probs >= thr
+        pred = expected_decisions(probs, *rule_of(runs / pair))
         m = read_json(out / "metrics.json")
         assert m["macro_f1"] == pytest.approx(f1_score(y[:, has_pos], pred[:, has_pos], average="macro", zero_division=0))
         assert m["buckets"]["tail"]["macro_f1"] == pytest.approx(
@@ -140,7 +172,7 @@ def test_prediction_rows_are_the_test_rows_in_order(scored, tiny_data):
     runner = open_runner(runs / "cnn-ft", "torch", device="cpu")
     logits = runner.predict(Preprocess.from_config(config["preprocess"])(images[rows[pick]]))
     probs = np.load(runs / "cnn-ft" / "eval" / "torch" / "predictions.npy")
-    np.testing.assert_allclose(S.sigmoid(logits), probs[pick], atol=1e-5)
+    np.testing.assert_allclose(expected_scores(logits, rule_of(runs / "cnn-ft")[1]), probs[pick], atol=1e-5)
 
 
 def test_eval_names_follow_the_runtime_default():
@@ -157,12 +189,13 @@ def test_reduced_precision_records_deltas_vs_fp32(scored, tiny_data):
     fp32 = read_json(runs / "cnn-probe" / "eval" / "torch" / "metrics.json")
     p32 = np.load(runs / "cnn-probe" / "eval" / "torch" / "predictions.npy")
     p16 = np.load(runs / "cnn-probe" / "eval" / "torch-bf16" / "predictions.npy")
-    thr = np.array(read_json(runs / "cnn-probe" / "thresholds.json")["thresholds"])
+    thr, groups = rule_of(runs / "cnn-probe")
     d = m["vs_fp32"]
     assert d["reference"] == "torch"
     assert d["macro_f1"] == pytest.approx(m["macro_f1"] - fp32["macro_f1"])
     assert d["max_abs_prob"] == pytest.approx(np.abs(p16.astype(float) - p32).max()) and d["max_abs_prob"] > 0
-    assert d["decisions_flipped"] == pytest.approx(np.mean((p16 >= thr) != (p32 >= thr)))
+    assert d["decisions_flipped"] == pytest.approx(
+        np.mean(expected_decisions(p16, thr, groups) != expected_decisions(p32, thr, groups)))
 
 
 def test_incomplete_run_is_skipped(tiny_runs, tiny_data, tmp_path, monkeypatch):
@@ -244,3 +277,116 @@ def test_rescore_recomputes_scores_from_saved_predictions_only(tiny_runs, tiny_d
     assert {k: v for k, v in again.items() if k != "rescored"} == fresh and again["rescored"]
     assert again["ci"]["method"] == "BCa" and (out / "predictions.npy").read_bytes() == predictions
     assert "cnn-probe (torch): rescored" in printed and "cnn-ft (torch): left alone: stale" in printed
+
+
+def confident_logits(y: np.ndarray, seed: int) -> np.ndarray:
+    """Logits that mostly agree with ``y``, with enough noise for errors."""
+    return (3.0 * (2.0 * y - 1) + np.random.default_rng(seed).normal(0, 2.0, y.shape)).astype(np.float32)
+
+
+def brand_group(ds) -> list[int]:
+    return [j for j, t in enumerate(ds.taxonomy) if ds.fields[t] == "brand"][:3]
+
+
+@pytest.fixture
+def grouped_run(tiny_runs, tiny_data, tmp_path, monkeypatch) -> tuple[Path, np.ndarray, np.ndarray, list[int]]:
+    """A copy of cnn-probe whose thresholds.json has one 3-tag group (three brand tags), scored by runtime
+    ``fixed`` on preset logits: (run dir, logits, thresholds, group). Image 0's arg-max tag in the group is below
+    its threshold; image 1 has two group tags above their thresholds."""
+    runs = copy_runs(tiny_runs, tmp_path / "runs", [("cnn-probe", "grouped-probe")])
+    run = runs / "grouped-probe"
+    ds = load_dataset(tiny_data)
+    group = brand_group(ds)
+    thr = np.full(len(ds.taxonomy), 0.5)
+    thr[group[0]] = 0.8
+    write_json(run / "thresholds.json", {"thresholds": thr.tolist(), "tags": ds.taxonomy,
+                                         "groups": [[ds.taxonomy[j] for j in group]]})
+    _, y = held_out_labels(tiny_data)
+    logits = confident_logits(y, 7)
+    logits[0, group] = [-3.0, -4.0, -5.0]  # softmax 0.67 < threshold 0.8 (sigmoid 0.05): still the field's value
+    logits[1, group] = [2.0, 1.5, -5.0]  # sigmoid 0.88 >= 0.8 and 0.82 >= 0.5: still one value
+    register_fixed(monkeypatch, {("grouped-probe", "fp32"): logits})
+    return run, logits, thr, group
+
+
+def test_a_group_is_decided_by_argmax_within_the_field(grouped_run, tiny_data):
+    run, logits, thr, group = grouped_run
+    ds = load_dataset(tiny_data)
+    _, y = held_out_labels(tiny_data)
+    m = S.evaluate_run(run, ds, "fixed")
+    out = run / "eval" / "fixed"
+    probs = np.load(out / "predictions.npy")
+    np.testing.assert_allclose(probs, expected_scores(logits, [group]), rtol=1e-6, atol=1e-7)
+    pred = expected_decisions(probs, thr, [group])
+    assert pred[0, group].tolist() == [True, False, False] and pred[1, group].tolist() == [True, False, False]
+    assert pred[:, group].sum(axis=1).tolist() == [1] * len(y)  # one value per image
+    has_pos = y.sum(axis=0) > 0
+    assert m["macro_f1"] == pytest.approx(f1_score(y[:, has_pos], pred[:, has_pos], average="macro", zero_division=0))
+    with open(out / "per_tag.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    masks = {b: np.array([r["bucket"] == b for r in table]) for b in S.BUCKETS}
+    assert m["ci"] == S.bootstrap_cis(y, pred, masks)  # the intervals resample these decisions
+    for j, row in enumerate(table):
+        want = ("", "argmax:brand") if j in group else (str(thr[j]), "threshold")
+        assert (row["threshold"], row["decided_by"]) == want
+        assert int(row["predicted"]) == pred[:, j].sum()
+    assert m["threshold_rule"] == "group tags: arg-max within the field; other tags: score >= threshold"
+    assert m["decision"]["groups"] == ["brand"] and m["decision"]["n_group_tags"] == 3
+    assert m["decision"]["score"] == "softmax within each group, sigmoid elsewhere"
+
+    # rescore works from the saved scores with the same rule; scores saved as sigmoids (an evaluation from
+    # before groups existed) are not this rule's and are left alone, and evaluate does them again
+    assert S.rescore_run(run, ds)["fixed"].startswith("rescored")
+    again = read_json(out / "metrics.json")
+    assert {k: v for k, v in again.items() if k != "rescored"} == m
+    write_json(out / "metrics.json", {k: v for k, v in m.items() if k != "decision"})
+    assert S.rescore_run(run, ds)["fixed"].startswith("left alone")
+    assert S.current_eval(run, "fixed", ds) is None
+    lines: list[str] = []
+    redone = S.evaluate_all(run.parent, ds, "fixed", log=lines.append)["grouped-probe"]
+    assert "current, kept" not in lines[0] and redone["decision"] == m["decision"]
+    assert redone["macro_f1"] == m["macro_f1"]
+
+
+def test_a_run_without_groups_scores_exactly_as_before(tiny_runs, tiny_data, tmp_path, monkeypatch):
+    """thresholds.json as written before groups existed: sigmoid scores and ``score >= threshold`` for every tag,
+    the numbers the plain threshold rule gives."""
+    runs = copy_runs(tiny_runs, tmp_path, [("cnn-probe", "old-probe")])
+    ds = load_dataset(tiny_data)
+    thr = np.random.default_rng(3).uniform(0.2, 0.8, len(ds.taxonomy))
+    write_json(runs / "old-probe" / "thresholds.json", {"thresholds": thr.tolist(), "tags": ds.taxonomy})
+    _, y = held_out_labels(tiny_data)
+    logits = confident_logits(y, 8)
+    register_fixed(monkeypatch, {("old-probe", "fp32"): logits})
+    m = S.evaluate_run(runs / "old-probe", ds, "fixed")
+    out = runs / "old-probe" / "eval" / "fixed"
+    probs = np.load(out / "predictions.npy")
+    # the old float32 sigmoid, to the last bit of float32 (the rule computes in float64, then rounds)
+    np.testing.assert_allclose(probs, S.sigmoid(logits), rtol=0, atol=6e-8)
+    old, _ = S.score_predictions(S.sigmoid(logits), y, thr, ds.stats(), ds.taxonomy)  # plain thresholds
+    assert {k: m[k] for k in old} == old
+    has_pos = y.sum(axis=0) > 0
+    assert m["macro_f1"] == pytest.approx(
+        f1_score(y[:, has_pos], (probs >= thr)[:, has_pos], average="macro", zero_division=0))
+    assert m["macro_f1_at_0.5"] == pytest.approx(
+        f1_score(y[:, has_pos], (probs >= 0.5)[:, has_pos], average="macro", zero_division=0))
+    with open(out / "per_tag.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["threshold"]) for r in table] == thr.tolist() and {r["decided_by"] for r in table} == {"threshold"}
+    assert m["threshold_rule"] == "score >= threshold" and m["decision"]["groups"] == []
+    assert S.current_eval(runs / "old-probe", "fixed", ds) == m
+    # an evaluation written before groups existed (no "decision" record) of such a run is still current
+    write_json(out / "metrics.json", {k: v for k, v in m.items() if k != "decision"})
+    assert S.current_eval(runs / "old-probe", "fixed", ds) is not None
+    assert S.rescore_run(runs / "old-probe", ds)["fixed"].startswith("rescored")
+    assert {k: v for k, v in read_json(out / "metrics.json").items() if k != "rescored"} == m
+
+
+def test_read_decision_refuses_a_group_of_unknown_tags(tiny_runs, tmp_path):
+    runs = copy_runs(tiny_runs, tmp_path, [("cnn-probe", "cnn-probe")])
+    path = runs / "cnn-probe" / "thresholds.json"
+    taxonomy = read_json(runs / "cnn-probe" / "config.json")["taxonomy"]
+    write_json(path, read_json(path) | {"groups": [["colour=mauve", taxonomy[0]]]})
+    with pytest.raises(RunError, match="group tag 'colour=mauve' is not in the run's taxonomy"):
+        S.read_decision(runs / "cnn-probe", taxonomy)
+    assert S.read_thresholds is S.read_decision

@@ -18,6 +18,7 @@ from export.onnx_export import (
     ExportError,
     check_onnx,
     export_onnx,
+    metadata_decision,
     read_metadata,
 )
 from export.parity import (
@@ -35,8 +36,10 @@ from export.parity import (
 )
 from export.tensorrt import trt_unavailable_reason
 from tests.conftest import tiny_options
+from export.pipeline import ExportOptions, current_onnx
 from train.data.dataset import load_dataset
-from train.data.io import sha256_file
+from train.data.io import read_json, sha256_file, write_json
+from train.decision import Decision
 from train.run import load_run, train_pair
 
 
@@ -60,6 +63,10 @@ def test_cli_exports_checks_and_reports(cnn_export):
     report = json.loads((run / "export" / "parity.json").read_text())
     assert report["status"] == "passed" and report["failures"] == [] and report["n_images"] == 48
     assert report["n_tags"] == 30 and report["dataset_matches_run"]
+    _, config, decision = load_run(run)
+    assert report["thresholds_sha256"] == sha256_file(run / "thresholds.json")
+    assert report["decision"]["groups"] == [[config["taxonomy"][j] for j in g] for g in decision.groups]
+    assert report["decision"]["n_groups"] == len(decision.groups)
     for name, precision in (("onnx_fp32", "fp32"), ("onnx_fp16", "fp16")):
         r = report["results"][name]
         assert r["precision"] == precision and r["decisions"] == 48 * 30 and r["status"] == "passed"
@@ -82,14 +89,18 @@ def test_cli_says_once_per_run_that_no_engine_was_built(cnn_export):
 
 def test_metadata_and_graph_contract(cnn_export):
     *_, run = cnn_export
-    _, config, thresholds = load_run(run)
+    _, config, decision = load_run(run)
     meta = read_metadata(run / "export" / ONNX_FP32)
     assert meta["pair"] == "cnn-probe" and meta["family"] == "cnn" and meta["weights_kind"] == "random"
-    assert meta["tags"] == config["taxonomy"] and meta["thresholds"] == pytest.approx(thresholds.tolist())
+    assert meta["tags"] == config["taxonomy"] and meta["thresholds"] == pytest.approx(decision.thresholds.tolist())
+    assert meta["groups"] == read_json(run / "thresholds.json").get("groups", [])
+    assert metadata_decision(meta).groups == decision.groups
+    assert ("arg-max" in meta["output"]) == bool(decision.groups)
     assert meta["preprocess"]["img_size"] == 32 and meta["preprocess"]["mean"] == config["preprocess"]["mean"]
     assert meta["source_sha256"] == sha256_file(run / "model.safetensors")
     half = read_metadata(run / "export" / ONNX_FP16)
     assert half["thresholds"] == meta["thresholds"] and half["precision"].startswith("fp16")
+    assert half["groups"] == meta["groups"] and half["output"] == meta["output"]
 
 
 def test_check_rejects_a_static_batch_and_interpolation(cnn_export, tmp_path):
@@ -118,7 +129,9 @@ def test_tampered_model_fails_parity_loudly(cnn_export, cli, tmp_path, monkeypat
     shutil.copytree(run, runs / "cnn-probe")
     model = onnx.load(str(run / "export" / ONNX_FP32))
     (bias,) = [t for t in model.graph.initializer if t.name == "head.bias"]
-    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 0.5, bias.name))
+    b = onnx.numpy_helper.to_array(bias)
+    shift = np.where(np.arange(b.size) % 2, -0.5, 0.5).astype(b.dtype)  # not one constant: softmax groups ignore that
+    bias.CopyFrom(onnx.numpy_helper.from_array(b + shift, bias.name))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(model, str(tampered))
 
@@ -147,7 +160,7 @@ def test_cli_refuses_unknown_pairs_and_bad_profiles(cnn_export, cli, capsys):
 @pytest.mark.parametrize("family, n_ln", [("dinov2", 25), ("clip", 26)])
 def test_vit_export(vit_exports, family, n_ln):
     run, path, fp16 = vit_exports[family]
-    model, config, thresholds = load_run(run)
+    model, config, decision = load_run(run)
     graph = check_onnx(path, n_tags=len(config["taxonomy"]))
     assert "Resize" not in graph["ops"] and graph["ops"]["LayerNormalization"] == n_ln
     assert isinstance(graph["input"]["shape"][0], str)
@@ -159,9 +172,9 @@ def test_vit_export(vit_exports, family, n_ln):
     # fp32 ONNX matches PyTorch (tight) on real test images
     _, x = parity_inputs(load_dataset(config["dataset"]["path"]), config, 16)
     ref = torch_logits(model, x)
-    stats = compare(ref, ort_logits(path, x), thresholds)
+    stats = compare(ref, ort_logits(path, x), decision)
     assert judge(stats, DEFAULT_TOLERANCES["fp32"]) == [] and stats["flips"] == 0
-    half = compare(ref, ort_logits(path.with_name(ONNX_FP16), x), thresholds)
+    half = compare(ref, ort_logits(path.with_name(ONNX_FP16), x), decision)
     assert half["finite"]
     if family == "clip":  # random-init DINOv2 (LayerScale 1e-5) is too ill-conditioned to judge fp16 on
         assert half["max_abs_prob"] < 1e-2
@@ -238,3 +251,55 @@ def test_a_current_export_still_says_why_no_engine_was_built(cnn_export, cli, tm
     assert code == 0, err
     assert out.splitlines() == ["cnn-probe: export is current (same checkpoint), parity passed; skipped (--force redoes it)",
                                 f"cnn-probe: no TensorRT engine built: {trt_unavailable_reason()}"]
+
+
+def test_compare_counts_an_argmax_swap_within_a_group_as_flips():
+    """Two tags of a 3-tag group trade places at the top: two decisions flip (the tag the arg-max leaves and the
+    one it takes), though both stay above 0.5 under a plain sigmoid threshold; |Δprob| is on the softmax scores."""
+    d = Decision(np.full(4, 0.5), ((0, 1, 2),))
+    ref = np.array([[1.0, 0.9, -3.0, 2.0], [0.0, 2.0, 1.0, -2.0]])
+    out = ref.copy()
+    out[0, :2] = [0.9, 1.0]
+    stats = compare(ref, out, d)
+    assert stats["flips"] == 2 and stats["flip_rate"] == 2 / 8
+    assert compare(ref, out, np.full(4, 0.5))["flips"] == 0  # the same logits under the sigmoid threshold rule
+    soft = np.exp(ref[0, :3]) / np.exp(ref[0, :3]).sum()
+    assert stats["max_abs_prob"] == pytest.approx(soft[0] - soft[1], rel=1e-5)
+    nudged = ref.copy()
+    nudged[1, 2] = 1.9  # closer to, but under, the top of its group: no flip
+    assert compare(ref, nudged, d)["flips"] == 0
+    report = parity_report(ref, {"onnx_fp16": {"logits": out, "precision": "fp16"}}, d, group_tags=[["a"]])
+    assert report["status"] == "failed" and "2 of 8 decisions flip" in report["failures"][0]
+    assert report["decision"] == {"rule": "group tags: arg-max within the field; other tags: score >= threshold",
+                                  "score": "softmax within each group, sigmoid elsewhere", "n_groups": 1,
+                                  "n_group_tags": 3, "groups": [["a"]]}
+
+
+def test_a_rule_without_groups_gives_the_old_parity_numbers():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 3, (64, 10))
+    out = ref + rng.normal(0, 0.05, ref.shape)
+    thr = rng.uniform(0.2, 0.8, 10)
+    stats = compare(ref, out, Decision(thr))
+    assert stats == compare(ref, out, thr)
+    p_ref, p = 1 / (1 + np.exp(-ref)), 1 / (1 + np.exp(-out))
+    assert stats["flips"] == ((p_ref >= thr) != (p >= thr)).sum() > 0
+    assert stats["max_abs_prob"] == pytest.approx(np.abs(p - p_ref).max(), abs=1e-7)
+    assert parity_report(ref, {"onnx_fp32": {"logits": out, "precision": "fp32"}}, thr)["decision"]["n_groups"] == 0
+
+
+def test_an_export_is_stale_once_the_runs_rule_changes(cnn_export, tmp_path):
+    *_, run = cnn_export
+    copy = Path(shutil.copytree(run, tmp_path / "cnn-probe"))
+    opts, source = ExportOptions(fp16=True), sha256_file(copy / "model.safetensors")
+    assert current_onnx(copy, opts, source) is not None
+    doc = read_json(copy / "thresholds.json")
+    write_json(copy / "thresholds.json", doc | {"thresholds": [0.3] * len(doc["thresholds"])})
+    assert current_onnx(copy, opts, source) is None  # its metadata and parity verdict hold the old rule
+    parity = copy / "export" / "parity.json"
+    old = {k: v for k, v in read_json(parity).items() if k != "thresholds_sha256"}  # from before it was recorded
+    write_json(parity, old)
+    write_json(copy / "thresholds.json", {k: v for k, v in doc.items() if k != "groups"})
+    assert current_onnx(copy, opts, source) is not None  # judged by the rule it had: thresholds only
+    write_json(copy / "thresholds.json", doc | {"groups": [doc["tags"][:2]]})
+    assert current_onnx(copy, opts, source) is None

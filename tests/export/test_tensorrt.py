@@ -8,6 +8,7 @@ import shutil
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from export import tensorrt as T
@@ -414,8 +415,12 @@ def fake_gpu(cnn_export, tmp_path, monkeypatch):
 
 
 def fake_engine_logits(shift: float):
-    """The FP16 ONNX's logits through onnxruntime, plus ``shift``: what a (good or broken) engine returns."""
-    return lambda path, inputs, batch_size: ort_logits(path.with_name("model.fp16.onnx"), inputs, batch_size) + shift
+    """The FP16 ONNX's logits through onnxruntime, plus ``shift`` on even tags and minus it on odd ones: what a
+    (good or broken) engine returns (one constant shift would be invisible to a softmax group)."""
+    def logits(path, inputs, batch_size):
+        z = ort_logits(path.with_name("model.fp16.onnx"), inputs, batch_size)
+        return z + np.where(np.arange(z.shape[1]) % 2, -shift, shift).astype(z.dtype)
+    return logits
 
 
 def test_pipeline_builds_checks_and_records_an_engine(fake_gpu, monkeypatch):

@@ -145,6 +145,7 @@ def write_eval(run: Path, ds, probs: np.ndarray, runtime: str = "torch", precisi
         PREDICTIONS,
         eval_name,
         provenance,
+        read_decision,
         score_predictions,
         test_split,
         write_per_tag,
@@ -166,8 +167,8 @@ def write_eval(run: Path, ds, probs: np.ndarray, runtime: str = "torch", precisi
     if not np.isfinite(probs).all():
         write_json(out / METRICS, metrics | {"status": "failed", "reason": "NaN logits", "n_nan": 1, "n_inf": 0})
         return
-    thresholds = np.asarray(read_json(run / "thresholds.json")["thresholds"])
-    scores, per_tag = score_predictions(probs, y_true, thresholds, ds.stats(), ds.taxonomy)
+    decision = read_decision(run, ds.taxonomy)  # thresholds.json's rule (groups, where it has them)
+    scores, per_tag = score_predictions(probs, y_true, decision, ds.stats(), ds.taxonomy, ds.fields)
     write_predictions(out / PREDICTIONS, probs)
     write_per_tag(out / PER_TAG, per_tag)
     write_json(out / METRICS, metrics | scores)

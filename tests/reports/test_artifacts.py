@@ -134,3 +134,39 @@ def test_predictions_shape_is_checked(runs_copy):
     (clip_ft,) = [p for p in load_pairs(runs_copy) if p.name == "clip-ft"]
     with pytest.raises(ReportError, match=r"shape \(3, 3\)"):
         clip_ft.reference.predictions()
+
+
+def test_decisions_follow_the_runs_rule_groups_by_argmax(runs_copy, fake_runs):
+    """A run whose thresholds.json has a group (re-scored with softmax scores there): its tags are decided by the
+    group's arg-max, one per image, in the paired comparisons too; runs without groups keep score >= threshold."""
+    from tests.reports.conftest import write_eval
+    from train.data.dataset import load_dataset
+
+    ds = load_dataset(fake_runs[1])
+    run, group = runs_copy / "clip-ft", [0, 1, 2]
+    probs = np.load(run / "eval" / "torch" / "predictions.npy").astype(np.float64)
+    doc = read_json(run / "thresholds.json")
+    write_json(run / "thresholds.json", doc | {"groups": [[ds.taxonomy[j] for j in group]]})
+    assert "torch" in {p.name: p for p in load_pairs(runs_copy)}["clip-ft"].stale  # scored by the old rule
+    z = np.log(probs[:, group] / (1 - probs[:, group]))
+    scores = probs.copy()
+    scores[:, group] = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    write_eval(run, ds, scores.astype(np.float32))
+
+    pairs = {p.name: p for p in load_pairs(runs_copy)}
+    ev = pairs["clip-ft"].reference
+    assert ev is not None and ev.decision().groups == (tuple(group),)
+    want = scores.astype(np.float32) >= np.asarray(doc["thresholds"])
+    want[:, group] = np.eye(3, dtype=bool)[np.argmax(scores[:, group], axis=1)]
+    np.testing.assert_array_equal(ev.decisions(), want)
+    assert (ev.decisions()[:, group].sum(axis=1) == 1).all()
+    assert [(r["threshold"], r["decided_by"]) for r in ev.per_tag[:4]] == \
+        [(None, "argmax:tag")] * 3 + [(0.5, "threshold")]
+    other = pairs["dinov2-ft"].reference  # no groups: the plain rule on its sigmoid scores
+    np.testing.assert_array_equal(other.decisions(), np.asarray(other.predictions()) >= 0.5)
+    res = compare_top(runs_copy, fake_runs[1], "clip-ft", "dinov2-ft")
+    assert res["observed_diff"] == pytest.approx(ev.doc["macro_f1"] - other.doc["macro_f1"])
+
+    metrics = run / "eval" / "torch" / "metrics.json"  # the same files without the record of softmax scores
+    write_json(metrics, {k: v for k, v in read_json(metrics).items() if k != "decision"})
+    assert "torch" in {p.name: p for p in load_pairs(runs_copy)}["clip-ft"].stale

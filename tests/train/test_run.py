@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_options
+from tests.conftest import TINY_CACHE, tiny_options
 from train import run as R
 from train.__main__ import per_family
 from train.data.dataset import load_dataset, write_dataset
@@ -34,7 +34,7 @@ def test_rebuilt_model_reproduces_training_outputs(tiny_runs, tiny_data):
     state = load_file(str(tiny_runs / "cnn-probe" / "model.safetensors"))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k])
-    assert thr.shape == (len(ds.taxonomy),)
+    assert thr.thresholds.shape == (len(ds.taxonomy),)
     assert model(torch.zeros(2, 3, cfg["preprocess"]["img_size"], cfg["preprocess"]["img_size"])).shape == (2, len(ds.taxonomy))
 
 
@@ -49,7 +49,7 @@ def test_interrupted_run_is_never_complete(tiny_data, tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(R, "fit_thresholds", crash)
+    monkeypatch.setattr(R, "fit_decision", crash)
     with pytest.raises(KeyboardInterrupt):
         R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "probe"))
     d = tmp_path / "cnn-probe"
@@ -88,3 +88,26 @@ def test_per_family_flags():
     assert per_family(["random", "cnn=pretrained"], "--weights") == {"cnn": "pretrained", "dinov2": "random", "clip": "random"}
     with pytest.raises(SystemExit, match="unknown family"):
         per_family(["vgg=random"], "--weights")
+
+
+def test_decision_is_fitted_on_the_models_own_fp32_validation_logits(tiny_runs, tiny_data):
+    """thresholds.json and the folded logit adjustment describe the saved model as evaluation runs it."""
+    from train.data.cache import load_cache
+    from train.features import predict_logits
+    from train.preprocess import Preprocess
+    from train.selection import fit_decision
+
+    ds = load_dataset(tiny_data)
+    model, cfg, decision = R.load_run(tiny_runs / "cnn-probe", ds)
+    groups = [list(g) for g in decision.groups]
+    assert cfg["head"]["kind"] == "field" and len(groups) == len(cfg["head"]["groups"]) > 0
+    rows = ds.split_indices("val")
+    logits = predict_logits(model, Preprocess.from_config(cfg["preprocess"]), load_cache(ds, TINY_CACHE), rows)
+    train_counts = np.asarray([ds.stats()["tags"][t]["train"] for t in ds.taxonomy])
+    # the saved model already outputs adjusted logits: refitting with tau = 0 gives the same thresholds
+    refit = fit_decision(ds.labels()[rows], logits, groups, train_counts, logit_adjust=0.0,
+                         shrink=cfg["decision"]["threshold_shrink"])
+    np.testing.assert_allclose(refit.decision.thresholds, decision.thresholds, rtol=1e-5)
+    sel = cfg["summary"]["selection"]
+    assert sel["metric"] == "val_macro_f1_crossfit" and 0 <= sel["val_macro_f1_crossfit"] <= 1
+    assert cfg["summary"]["tuning"]["trials"] == 2

@@ -1,0 +1,148 @@
+"""The two transfer strategies behind one interface: ``STRATEGIES[name](ctx) -> Outcome``.
+
+Both train the run's ``TaggingModel`` in place with the same head loss (:class:`train.heads.HeadLoss`) and
+the same budget of hyper-parameter *trials*, each scored on validation mAP:
+- ``probe``: a linear head on cached frozen features; the trials are the weight decays of the batched sweep.
+- ``ft``: the last 4 blocks + head from the frozen-trunk cache (or from images when augmenting), started
+  from the probe's head when a matching probe run exists (LP-then-FT). The trials are block learning rates
+  on a log grid around the family's default; each trial runs the first ``trial_epochs`` of the full
+  schedule, and the best one continues to the end (its trial is the prefix of its own full run).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.data.dataset import Dataset
+from train.features import FeatureStore, cache_key, extract, extraction_seconds
+from train.finetune import FinetuneConfig, ImageSource, TrunkSource, finetune
+from train.heads import HeadLoss
+from train.preprocess import Preprocess
+from train.probe import DECAY_RANGE, ProbeConfig, log_grid, train_probe
+from train.registry import TaggingModel
+
+# Per-family fine-tune learning rates for the last 4 blocks (DINOv2 wants ~1e-5: dinov2 #252).
+BLOCK_LR = {"cnn": 3e-4, "dinov2": 2e-5, "clip": 3e-5}
+FT_LR_SPAN = 10.0  # the fine-tune's learning-rate grid spans default / sqrt(span) .. default * sqrt(span)
+
+
+@dataclass
+class Context:
+    """What a strategy needs: the model, its inputs, the rows and labels, the loss, where to write."""
+
+    model: TaggingModel
+    family: str
+    preprocess: Preprocess
+    images: np.ndarray
+    rows_train: np.ndarray
+    rows_val: np.ndarray
+    y_train: np.ndarray
+    y_val: np.ndarray
+    loss: HeadLoss
+    cache_root: Path
+    key_parts: dict
+    run_dir: Path
+    device: torch.device
+    trials: int
+    batch_size: int = 64
+    epochs: int | None = None
+    lr: float | None = None
+    augment: bool = False
+    trunk_cache_dtype: str = "float16"
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    init_head: tuple[torch.Tensor, torch.Tensor, str] | None = None  # LP-then-FT: (weight, bias, source)
+    log: Callable[[dict], None] = lambda rec: None
+    describe: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    summary: dict
+    params_trained: int
+    timing: dict[str, float]
+    reused: dict[str, bool]
+
+
+def _store(ctx: Context, what: str, **extra) -> FeatureStore:
+    return FeatureStore(ctx.cache_root, f"{what}-" + cache_key(**ctx.key_parts, what=what, **extra))
+
+
+def run_probe(ctx: Context) -> Outcome:
+    """Extract (or reuse) frozen features, fit the weight-decay sweep, keep the best head."""
+    rows = np.concatenate([ctx.rows_train, ctx.rows_val])
+    store = _store(ctx, "features")
+    reused = {"features": store.complete}
+    feats = extract(ctx.model.backbone, ctx.preprocess, ctx.images, rows, store, ("features",),
+                    batch_size=ctx.batch_size, progress=ctx.progress, describe=ctx.describe)["features"]
+    x = np.asarray(feats, dtype=np.float32)
+    n = len(ctx.rows_train)
+    cfg = replace(ctx.probe, weight_decays=log_grid(*DECAY_RANGE, ctx.trials), seed=ctx.seed)
+    result = train_probe(x[:n], ctx.y_train, x[n:], ctx.y_val, cfg, ctx.loss, ctx.device)
+    ctx.model.head.load_state_dict(result.head.state_dict())
+    for rec in result.history:
+        ctx.log(rec)
+    summary = {"probe": asdict(cfg), "sweep": result.sweep, "selected": result.best, "feature_cache": store.key,
+               "tuning": {"trials": len(cfg.weight_decays), "searched": "weight decay (AdamW, decoupled)",
+                          "grid": list(cfg.weight_decays), "selected_by": "validation macro mAP"}}
+    return Outcome(summary, sum(p.numel() for p in ctx.model.head.parameters()),
+                   {"feature_extraction": extraction_seconds(store), "head_training": result.seconds}, reused)
+
+
+def finetune_lrs(family: str, lr: float | None, trials: int) -> tuple[float, ...]:
+    """The block learning rates tried: ``lr`` (or the family default) at the grid's centre."""
+    base = lr or BLOCK_LR[family]
+    return log_grid(base / FT_LR_SPAN ** 0.5, base * FT_LR_SPAN ** 0.5, trials) if trials > 1 else (base,)
+
+
+def run_finetune(ctx: Context) -> Outcome:
+    """Fine-tune the last 4 blocks + head: ``trials`` learning rates for ``trial_epochs``, the best to the end."""
+    model, timing, reused = ctx.model, {}, {}
+    if ctx.init_head is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(ctx.init_head[0])
+            model.head.bias.copy_(ctx.init_head[1])
+    if ctx.augment:
+        train_src = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess, augment=True, seed=ctx.seed)
+        val_src = ImageSource(model, ctx.images, ctx.rows_val, ctx.preprocess)
+    else:
+        rows = np.concatenate([ctx.rows_train, ctx.rows_val])
+        store = _store(ctx, "trunk", dtype=ctx.trunk_cache_dtype)
+        reused["trunk"] = store.complete
+        trunk = extract(model.backbone, ctx.preprocess, ctx.images, rows, store, ("trunk",), batch_size=ctx.batch_size,
+                        dtype=ctx.trunk_cache_dtype, progress=ctx.progress, describe=ctx.describe)["trunk"]
+        n = len(ctx.rows_train)
+        train_src, val_src = TrunkSource(trunk[:n], ctx.device), TrunkSource(trunk[n:], ctx.device)
+        timing["trunk_caching"] = extraction_seconds(store)
+    base = FinetuneConfig(epochs=ctx.epochs or FinetuneConfig.epochs, batch_size=ctx.batch_size,
+                          augment=ctx.augment, seed=ctx.seed)
+    lrs = finetune_lrs(ctx.family, ctx.lr, ctx.trials)
+    trial_epochs = 1 if len(lrs) > 1 else base.epochs
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def trial(k: int, until: int | None) -> dict:
+        model.load_state_dict(start)
+        cfg = replace(base, lr=lrs[k])
+        return finetune(model, train_src, ctx.y_train, val_src, ctx.y_val, cfg, ctx.run_dir / "resume" / f"trial-{k}",
+                        ctx.loss, resume=True, log=lambda rec: ctx.log({"trial": k, "lr": lrs[k], **rec}),
+                        progress=ctx.progress, until_epoch=until)
+
+    sweep = [trial(k, trial_epochs) for k in range(len(lrs))] if len(lrs) > 1 else []
+    best = int(np.argmax([s["best_val_map"] for s in sweep])) if sweep else 0
+    result = trial(best, None)
+    timing["block_training"] = sum(s["seconds"] for j, s in enumerate(sweep) if j != best) + result["seconds"]
+    summary = {"finetune": asdict(replace(base, lr=lrs[best])), "result": result,
+               "sweep": [{"lr": lr, "val_map": s["best_val_map"], "epochs": s["epochs"]} for lr, s in zip(lrs, sweep)],
+               "tuning": {"trials": len(lrs), "searched": "block learning rate", "grid": list(lrs),
+                          "trial_epochs": trial_epochs, "selected_by": "validation macro mAP after the trial epochs"},
+               "init_head": ctx.init_head[2] if ctx.init_head else "zeros+prior"}
+    return Outcome(summary, sum(p.numel() for p in model.parameters() if p.requires_grad), timing, reused)
+
+
+STRATEGIES: dict[str, Callable[[Context], Outcome]] = {"probe": run_probe, "ft": run_finetune}
