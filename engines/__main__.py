@@ -1,10 +1,11 @@
-"""python -m engines bench --runs RUNS --runtime torch|onnxruntime|tensorrt [--precision P] --batch 1,8,32
+"""python -m engines bench [--runs RUNS] [--runtime torch|onnxruntime|tensorrt] [--precision P] [--batch 1,8,32]
     [--warmup 2.0] [--duration 10.0] [--iterations 10] [--threads N] [--device D] [--cuda-graph]
     [--data DATASET] [--project t4] [--pairs a,b]
 
 Benchmarks every complete run under RUNS (or the named pairs): prints trtexec-style performance summaries
 (Latency = H2D + GPU compute + D2H on GPU, the wall time of one call on CPU) and writes
-RUNS/<pair>/latency/<runtime>[-<precision>].json.
+RUNS/<pair>/latency/<runtime>[-<precision>].json. --runs defaults to ./bakeoff.json's (written by python -m
+reports.pipeline), --runtime to torch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from engines import RUNTIMES
 from engines.bench import bench_pair, format_trtexec, latency_path
 from engines.projection import TARGETS
+from train.project import PROJECT_FILE, fill
 from train.run import is_complete
 
 # the runner options each runtime takes
@@ -30,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engines", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="trtexec-style latency benchmark")
-    b.add_argument("--runs", required=True, type=Path, help="directory of run directories (<family>-<strategy>)")
-    b.add_argument("--runtime", required=True, choices=sorted(RUNTIMES))
+    b.add_argument("--runs", type=Path, help=f"directory of run directories (<family>-<strategy>; default: "
+                                             f"./{PROJECT_FILE}'s)")
+    b.add_argument("--runtime", default="torch", choices=sorted(RUNTIMES), help="(default: %(default)s)")
     b.add_argument("--precision", help="torch: fp32|fp16|bf16; onnxruntime: fp32|fp16; tensorrt: fp16")
     b.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
     b.add_argument("--warmup", type=float, default=2.0, help="warm-up duration, seconds")
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pairs", help="only these pairs, comma-separated (default: every complete run)")
     b.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-
+    fill(b, args, {"runs": "runs"})
+    args.runs = Path(args.runs)
     if not args.runs.is_dir():
         ap.error(f"{args.runs}: no such directory")
     wanted = _csv(args.pairs) if args.pairs else None

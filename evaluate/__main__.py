@@ -1,9 +1,11 @@
 """Score runs on the test split, or compare scored runs.
 
-    python -m evaluate --runs RUNS --data DATASET [--runtime torch] [--precision bf16] [--pairs cnn-probe,...]
-    python -m evaluate compare RUNS [--runtime torch] [--precision P] [--data DATASET]
-    python -m evaluate compare RUNS --runtimes torch,onnxruntime,onnxruntime-fp16
-    python -m evaluate rescore --runs RUNS --data DATASET   (scores again from saved predictions, no model run)
+    python -m evaluate [--runs RUNS --data DATASET] [--runtime torch] [--precision bf16] [--pairs cnn-probe,...]
+    python -m evaluate compare [RUNS] [--runtime torch] [--precision P] [--data DATASET]
+    python -m evaluate compare [RUNS] --runtimes torch,onnxruntime,onnxruntime-fp16
+    python -m evaluate rescore [--runs RUNS --data DATASET]   (scores again from saved predictions, no model run)
+
+RUNS and DATASET default to ./bakeoff.json's (written by python -m reports.pipeline).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from evaluate.compare import compare_table
 from evaluate.score import evaluate_all, rescore_run, run_dirs
 from train.data.dataset import DatasetError, load_dataset
 from train.device import setup_threads
+from train.project import PROJECT_FILE, fill
 from train.run import RunError
 
 
@@ -24,8 +27,8 @@ def split_list(value: str) -> list[str]:
 def score_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
-    p.add_argument("--data", required=True, help="dataset directory the runs were trained on")
+    p.add_argument("--runs", help=f"runs directory (python -m train --out; default: ./{PROJECT_FILE}'s)")
+    p.add_argument("--data", help=f"dataset directory the runs were trained on (default: ./{PROJECT_FILE}'s)")
     p.add_argument("--runtime", default="torch", help="torch | onnxruntime | tensorrt (engines.runners.RUNTIMES)")
     p.add_argument("--precision", help="fp32 | bf16 | fp16 (default: the runtime's own)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -38,7 +41,7 @@ def score_parser() -> argparse.ArgumentParser:
 
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluate compare", description="One table of the evaluated runs.")
-    p.add_argument("runs", help="runs directory")
+    p.add_argument("runs", nargs="?", help=f"runs directory (default: ./{PROJECT_FILE}'s)")
     p.add_argument("--runtime", default="torch")
     p.add_argument("--precision", help="compare this precision of --runtime (default: the runtime's own)")
     p.add_argument("--data", help="dataset for the verdict's test labels (default: the one recorded in metrics.json)")
@@ -49,26 +52,33 @@ def compare_parser() -> argparse.ArgumentParser:
 
 def rescore_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluate rescore", description=rescore_run.__doc__)
-    p.add_argument("--runs", required=True, help="runs directory")
-    p.add_argument("--data", required=True, help="dataset directory the runs were trained on")
+    p.add_argument("--runs", help=f"runs directory (default: ./{PROJECT_FILE}'s)")
+    p.add_argument("--data", help=f"dataset directory the runs were trained on (default: ./{PROJECT_FILE}'s)")
     return p
+
+
+def parsed(p: argparse.ArgumentParser, argv: list[str], defaults: dict[str, str]) -> argparse.Namespace:
+    """``argv`` parsed, with what it leaves unset of ``defaults`` taken from the project file."""
+    args = p.parse_args(argv)
+    fill(p, args, defaults)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["rescore"]:
-            args = rescore_parser().parse_args(argv[1:])
+            args = parsed(rescore_parser(), argv[1:], {"runs": "runs", "data": "data"})
             ds = load_dataset(args.data)
             for run_dir in run_dirs(args.runs):
                 for name, what in rescore_run(run_dir, ds).items():
                     print(f"{run_dir.name} ({name}): {what}")
             return 0
         if argv[:1] == ["compare"]:
-            args = compare_parser().parse_args(argv[1:])
+            args = parsed(compare_parser(), argv[1:], {"runs": "runs"})
             print(compare_table(args.runs, args.runtime, args.precision, data=args.data, runtimes=args.runtimes)[1])
             return 0
-        args = score_parser().parse_args(argv)
+        args = parsed(score_parser(), argv, {"runs": "runs", "data": "data"})
         setup_threads()
         kw = {"device": args.device} | ({"precision": args.precision} if args.precision else {})
         results = evaluate_all(args.runs, args.data, args.runtime, pairs=args.pairs, batch_size=args.batch_size,

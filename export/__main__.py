@@ -1,10 +1,10 @@
-"""python -m export --fp16 --runs RUNS [--data DATASET] [--pairs cnn-probe ...] [--target t4]
+"""python -m export --fp16 [--runs RUNS] [--data DATASET] [--pairs cnn-probe ...] [--target t4]
 
 Exports every complete run (ONNX fp32; with --fp16 also the FP16 ONNX and, where TensorRT and a CUDA GPU
 exist, an FP16 engine for this GPU), checks parity against PyTorch on test images, and exits non-zero when any
 run fails. A current export is skipped; with --fp16, this GPU's engine is (re)built when it is absent or its
 sidecar check refuses it (another TensorRT version, changed sources, no passed parity check), reusing a current
-ONNX export.
+ONNX export. --runs defaults to ./bakeoff.json's (written by python -m reports.pipeline).
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import sys
 from export.parity import Tolerance
 from export.pipeline import ExportOptions, export_run, find_runs
 from export.tensorrt import TARGETS, EngineOptions, profile_shapes
+from train.project import PROJECT_FILE, fill
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
+    p.add_argument("--runs", help=f"runs directory (python -m train --out; default: ./{PROJECT_FILE}'s)")
     p.add_argument("--fp16", action="store_true", help="also the FP16 ONNX and the FP16 TensorRT engine")
     p.add_argument("--data", help="dataset for the parity images (default: each run's own dataset)")
     p.add_argument("--pairs", nargs="+", help="only these runs, e.g. cnn-probe dinov2-ft")
@@ -40,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
+    fill(p, a, {"runs": "runs"})
     try:
         profile_shapes(1, a.min_batch, a.opt_batch, a.max_batch)
     except ValueError as e:

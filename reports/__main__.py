@@ -1,8 +1,9 @@
-"""python -m reports --runs RUNS --out REPORT_DIR [--latency-budget-ms MS] [--target-runtime RT]
+"""python -m reports [--runs RUNS] [--out REPORT_DIR] [--latency-budget-ms MS] [--target-runtime RT]
     [--min-tail-f1 F] [--data DATASET]
 
 Writes REPORT_DIR/report.md, report.html (self-contained), figures/*.png and summary.json from the artifacts
-under RUNS, and prints the recommendation.
+under RUNS, and prints the recommendation. --runs and --out default to ./bakeoff.json's (written by python -m
+reports.pipeline).
 """
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ import sys
 
 from reports.artifacts import ReportError
 from reports.build import build_report
+from train.project import PROJECT_FILE, fill
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reports", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", required=True, help="runs directory (python -m train --out)")
-    p.add_argument("--out", required=True, help="report directory to write")
+    p.add_argument("--runs", help=f"runs directory (python -m train --out; default: ./{PROJECT_FILE}'s)")
+    p.add_argument("--out", help=f"report directory to write (default: ./{PROJECT_FILE}'s)")
     p.add_argument("--latency-budget-ms", type=float, help="p99 latency at batch 1 a pair must meet")
     p.add_argument("--target-runtime", help="judge every pair on this runtime's own latency and evaluation: torch | "
                    "onnxruntime | tensorrt (at its default precision: fp32, fp32, fp16), or <runtime>-<precision>")
     p.add_argument("--min-tail-f1", type=float, help="minimum long-tail macro-F1")
     p.add_argument("--data", help="dataset directory for the test labels (default: the one the evaluations record)")
     args = p.parse_args(argv)
+    fill(p, args, {"runs": "runs", "out": "report"})
     try:
         summary = build_report(args.runs, args.out, latency_budget_ms=args.latency_budget_ms,
                                target_runtime=args.target_runtime, min_tail_f1=args.min_tail_f1, data=args.data)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reports import ablation, figures, fmt, longtail, setup
+from reports import ablation, figures, fmt, longtail, protocol, setup
 from reports.artifacts import (
     BUCKETS_TITLE,
     MACRO_F1_TOLERANCE,
@@ -275,7 +275,9 @@ def compose(pairs: list[Pair], table: Table, rec: dict, tail: dict, abl: dict, f
     if random:
         out.append(Para(f"**Warning: {', '.join(random)} use random-init weights — not a valid comparison.** "
                         "Their scores measure nothing about the pretrained backbones."))
-    out += [Heading("Setup"), *setup.blocks(training["rows"], training["subset"])]
+    out += [Heading("Setup"), *setup.blocks(training["rows"], training["subset"],
+                                            [protocol.resolution_note(protocol.configs_of(pairs)),
+                                             protocol.budget_note(protocol.configs_of(pairs))])]
     out += [Heading("Recommendation"), Code("\n".join(rec["rule"])), *[Para(t) for t in rec["text"]],
             Para("Validation (what the rule chooses on) beside test (reported once, not used to choose), every pair:"),
             selection_table(rec)]

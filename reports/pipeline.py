@@ -1,13 +1,22 @@
 """The whole chain in one command, resumable: catalog -> dataset -> runs -> exports -> scores -> latency -> report.
 
-    python -m reports.pipeline                       # the embedded synthetic default, CPU-sized
-    python -m reports.pipeline --data data/fashion --runs runs/fashion --out report/fashion --skip-data
+    python -m reports.pipeline                       # the embedded synthetic default (profile demo)
+    python -m reports.pipeline --data data/fashion --skip-data [--profile cpu]   # your catalog (profile full)
 
 Each stage is its own CLI, run as a subprocess (this module imports no model code); every stage skips or
-resumes work already done, so rerunning after an interrupt continues where it stopped. Weights: ``auto`` takes
-pretrained weights wherever reachable offline (``--weights-dir`` / ``$BAKEOFF_WEIGHTS``, the hub cache) and
-runs the other families with explicit random init: the first stage (``python -m train --plan-weights``) prints
-where each family's weights will come from, and every artifact flags random init.
+resumes work already done, so rerunning after an interrupt continues where it stopped, and a run trained with
+other options is retrained. Training options come from a profile (``train.profiles``): ``demo`` without
+``--data``, ``full`` (native input sizes, default schedules) with it, ``--profile`` to choose; explicit flags
+override it. The first stage (``python -m train --all --plan-weights``) prints the profile, every reduction
+against ``full`` and where each family's weights will come from. Weights: ``auto`` takes pretrained weights
+wherever reachable offline (``--weights-dir`` / ``$BAKEOFF_WEIGHTS``, the hub cache) and runs the other
+families with explicit random init, flagged in every artifact.
+
+It writes ``./bakeoff.json`` (``train.project``) first: the dataset, runs and report directories, the profile
+and its settings, so each stage's own command works as typed afterwards (``python -m train --backbone clip
+--strategy ft``, ``python -m export --fp16``, ``python -m evaluate``, ``python -m engines bench``, ``python -m
+reports``). Checks that fail in export, evaluate or bench are recorded and the chain goes on; ``--strict`` makes
+them a non-zero exit.
 """
 from __future__ import annotations
 
@@ -20,15 +29,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DEMO = {  # the embedded default: small enough for 2 CPU cores in minutes
-    "images": 2000, "tags": 250, "synth_size": 64, "cache_size": 64, "test_size": "0.2",
-    "image_size": ["cnn=64", "dinov2=56", "clip=64"], "epochs": 2, "probe_epochs": 12,
-    "model": ["cnn=efficientnet_lite0"],  # the CPU-friendly CNN (and the one with offline weights here)
-}
+from train.profiles import PROFILES, Settings, settings_from_flags
+from train.project import PROJECT_FILE, Project, write_project
+
+# The embedded default dataset: a synthetic catalog small enough for 2 CPU cores in minutes (profile demo).
+DEMO_DATA = {"data": "data/demo", "images": 2000, "tags": 250, "synth_size": 64, "test_size": "0.2"}
 
 
 # Stages whose exit code 1 means "some run failed a check" (parity, a NaN evaluation, a runtime that could not
-# be benchmarked): recorded in that run's artifacts and shown in the report, so the chain goes on.
+# be benchmarked): recorded in that run's artifacts and shown in the report, so the chain goes on (--strict: and
+# the pipeline's exit is 1).
 SOFT = ("export", "evaluate", "bench")
 
 # A stage's name, and what runs it, decided just before it would run (a stage may depend on what earlier
@@ -46,8 +56,7 @@ def stages(a: argparse.Namespace) -> list[Stage]:
     py = [sys.executable, "-m"]
     data, runs, out = str(a.data), str(a.runs), str(a.out)
     weights = ["--weights", a.weights] + (["--weights-dir", a.weights_dir] if a.weights_dir else [])
-    sizes = [x for s in a.image_size for x in ("--image-size", s)]
-    models = [x for m in a.model for x in ("--model", m)]
+    options = ["--profile", a.profile, *weights, *a.explicit.argv()]
     evaluate = py + ["evaluate", "--runs", runs, "--data", data, "--no-progress", "--runtime"]
     bench = py + ["engines", "bench", "--runs", runs, "--batch", "1,8,32", "--warmup", "0.5", "--duration",
                   str(a.bench_seconds), "--project", "t4", "--runtime"]
@@ -65,16 +74,12 @@ def stages(a: argparse.Namespace) -> list[Stage]:
                                      ("--target-runtime", a.target_runtime), ("--min-tail-f1", a.min_tail_f1))
                    if v is not None for x in (flag, str(v))]
     return [
-        ("weights", lambda: py + ["train", "--all", "--plan-weights"] + weights + models),
+        ("weights", lambda: py + ["train", "--all", "--plan-weights"] + options),
         ("synth", unless(a.data / "manifest.csv",
                          py + ["train.data", "synth", "--out", data, "--images", str(a.images), "--tags", str(a.tags),
                                "--image-size", str(a.synth_size)])),
-        ("prepare", unless(a.data / "splits.json",
-                           py + ["train.data", "prepare", data, "--test-size", a.test_size, "--cache-size",
-                                 str(a.cache_size)])),
-        ("train", lambda: py + ["train", "--all", "--data", data, "--out", runs, "--cache-size", str(a.cache_size),
-                                "--epochs", str(a.epochs), "--probe-epochs", str(a.probe_epochs), "--no-progress"]
-         + weights + sizes + models),
+        ("prepare", unless(a.data / "splits.json", py + ["train.data", "prepare", data, "--test-size", a.test_size])),
+        ("train", lambda: py + ["train", "--all", "--data", data, "--out", runs, "--no-progress"] + options),
         ("export", lambda: py + ["export", "--fp16", "--runs", runs, "--data", data]),
         ("evaluate torch", lambda: evaluate + ["torch"]),
         ("evaluate onnxruntime", lambda: evaluate + ["onnxruntime"]),
@@ -90,33 +95,66 @@ def stages(a: argparse.Namespace) -> list[Stage]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m reports.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("data/demo"))
-    p.add_argument("--runs", type=Path, default=Path("runs/demo"))
-    p.add_argument("--out", type=Path, default=Path("report/demo"))
+    p.add_argument("--data", type=Path, help=f"your prepared (or imported) dataset; default: the synthetic "
+                                             f"{DEMO_DATA['data']}, made by the first stages")
+    p.add_argument("--runs", type=Path, help="runs directory (default: runs/<name of --data>)")
+    p.add_argument("--out", type=Path, help="report directory (default: report/<name of --data>)")
+    p.add_argument("--profile", choices=PROFILES, help="training profile (default: demo without --data, full with "
+                   "it): " + "; ".join(f"{n}: {q.summary}" for n, q in PROFILES.items()))
     p.add_argument("--skip-data", action="store_true", help="the dataset exists and is prepared: start at training")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any check fails (export parity, an "
+                   "evaluation, a benchmark); without it they are recorded, reported and the chain goes on")
     p.add_argument("--weights", default="auto", help="auto | pretrained | random (per family: FAMILY=VALUE)")
     p.add_argument("--weights-dir", default=os.environ.get("BAKEOFF_WEIGHTS"))
-    p.add_argument("--model", action="append", default=None, help="FAMILY=NAME registry variant")
-    p.add_argument("--image-size", action="append", default=None, help="FAMILY=PX")
-    p.add_argument("--images", type=int, default=DEMO["images"])
-    p.add_argument("--tags", type=int, default=DEMO["tags"])
-    p.add_argument("--synth-size", type=int, default=DEMO["synth_size"])
-    p.add_argument("--cache-size", type=int, default=DEMO["cache_size"])
-    p.add_argument("--test-size", default=DEMO["test_size"])
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
-    p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"])
+    g = p.add_argument_group("training options (override the profile; listed among its reductions)")
+    g.add_argument("--model", action="append", help="FAMILY=NAME registry variant")
+    g.add_argument("--image-size", action="append", help="FAMILY=PX (or PX for every family)")
+    g.add_argument("--epochs", type=int, help="fine-tune epochs")
+    g.add_argument("--probe-epochs", type=int, help="linear-probe epochs")
+    g.add_argument("--max-train-images", type=int, help="stratified subset of train")
+    g.add_argument("--cache-size", type=int, help="image cache px (default: the largest input size)")
+    d = p.add_argument_group("the synthetic catalog (without --data)")
+    d.add_argument("--images", type=int, default=DEMO_DATA["images"])
+    d.add_argument("--tags", type=int, default=DEMO_DATA["tags"])
+    d.add_argument("--synth-size", type=int, default=DEMO_DATA["synth_size"])
+    p.add_argument("--test-size", default=DEMO_DATA["test_size"], help="prepare's test split: images or a fraction")
     p.add_argument("--bench-seconds", type=float, default=1.0)
     p.add_argument("--latency-budget-ms", type=float, help="passed to python -m reports")
     p.add_argument("--target-runtime", help="passed to python -m reports (torch | onnxruntime | tensorrt[-PRECISION])")
     p.add_argument("--min-tail-f1", type=float, help="passed to python -m reports")
     a = p.parse_args(argv)
-    a.image_size = a.image_size or DEMO["image_size"]
-    a.model = a.model or DEMO["model"]
+    a.synthetic = a.data is None
+    a.data = a.data or Path(DEMO_DATA["data"])
+    a.runs = a.runs or Path("runs") / a.data.name
+    a.out = a.out or Path("report") / a.data.name
+    a.profile = a.profile or ("demo" if a.synthetic else "full")
+    a.explicit = settings_from_flags(a.model, a.image_size, a.epochs, a.probe_epochs, a.max_train_images,
+                                     a.cache_size)
     return a
+
+
+def project(a: argparse.Namespace) -> Project:
+    """What ./bakeoff.json records for the stage commands typed afterwards."""
+    settings: Settings = PROFILES[a.profile].settings.merged(a.explicit)
+    return Project(str(a.data), str(a.runs), str(a.out), a.profile, settings, [a.weights], a.weights_dir)
+
+
+def data_problem(a: argparse.Namespace) -> str | None:
+    """Why the chain cannot start on ``a.data`` (None when it can): only the demo makes a synthetic catalog."""
+    if a.synthetic or a.profile == "demo" or (a.data / "manifest.csv").exists():
+        return None
+    return (f"{a.data}: no dataset (no manifest.csv). Import your catalog first (python -m train.data import csv ... "
+            f"--out {a.data}), or pass --profile demo to make the synthetic one there")
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    if problem := data_problem(a):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    write_project(project(a))
+    print(f"wrote ./{PROJECT_FILE}: the defaults of every stage command typed from here (profile {a.profile}, "
+          f"--data {a.data}, --runs {a.runs}, report {a.out})")
     t0 = time.perf_counter()
     plan = stages(a)
     soft_failures = []
@@ -137,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return rc
     print(f"pipeline done in {time.perf_counter() - t0:.0f} s: {a.out / 'report.html'}"
           + (f"; checks failed in: {', '.join(soft_failures)} (see the report)" if soft_failures else ""))
-    return 0
+    return 1 if a.strict and soft_failures else 0
 
 
 if __name__ == "__main__":

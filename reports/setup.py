@@ -1,13 +1,17 @@
 """The Setup section: what each run trained, from its config.json and history.jsonl and the dataset's splits.json.
 
-Per pair: the model, its input size and weights, the training images used against the train split, the
-schedule (fine-tune epochs and the best epoch, or the probe's sweep), and whether augmentation was on.
+First the training profile (config.json ``profile`` = {"name", "reductions"}: every reduction against the full
+profile; runs trained before profiles were recorded say so), then per pair: the model, its input size and
+weights, the training images used against the train split, the schedule (fine-tune epochs and the best epoch,
+or the probe's sweep), and whether augmentation was on.
 """
 from __future__ import annotations
 
-from reports import fmt
+import json
+
+from reports import fmt, protocol
 from reports.artifacts import Pair, Sourced, dig
-from reports.document import Block, Para, Table
+from reports.document import Block, Bullets, Para, Table
 
 WEIGHTS = {"file": "pretrained (local file)", "hub": "pretrained (hub cache)", "random": "random init"}
 UNDER_TRAINED = "= last: may be under-trained"
@@ -60,7 +64,7 @@ def schedule(pair: Pair) -> tuple[list[str], dict]:
         sweep, epochs, chosen = (cfg.get("summary.sweep"), cfg.get("summary.probe.epochs"),
                                  cfg.get("summary.selected.epoch"))
         n = len(sweep.value) if sweep.value is not None else None
-        lines = [f"linear probe: {n if n is not None else fmt.DASH} (lr, L2) settings × {epochs.value} epochs",
+        lines = [f"linear probe: {n if n is not None else fmt.DASH} settings × {epochs.value} epochs",
                  f"selected at epoch {chosen.value}" + (f" {UNDER_TRAINED}"
                                                         if chosen.value is not None and chosen.value == epochs.value
                                                         else f" of {epochs.value}")]
@@ -95,10 +99,36 @@ def setup_rows(pairs: list[Pair], sub: dict | None) -> list[dict]:
         lines, values = schedule(p)
         rows.append({"pair": p.name, "model": cfg.get("backbone.name").to_json(),
                      "label": cfg.get("backbone.label").value, "library": cfg.get("backbone.library").value,
-                     "input_px": cfg.get("preprocess.img_size").to_json(), "weights": cfg.get("weights.kind").to_json(),
+                     "input_px": cfg.get("preprocess.img_size").to_json(), "grid": protocol.token_grid(cfg.doc),
+                     "head": protocol.head_text(cfg.doc), "tuning": protocol.tuning_text(cfg.doc),
+                     "weights_label": cfg.get("weights.label").value, "weights": cfg.get("weights.kind").to_json(),
                      "train_images": cfg.get("dataset.n_train_used").to_json(), "train_split": split,
-                     "schedule": values, "schedule_text": lines, "augment": cfg.get("options.augment").to_json()})
+                     "schedule": values, "schedule_text": lines, "augment": cfg.get("options.augment").to_json(),
+                     "profile": cfg.get("profile").to_json()})
     return rows
+
+
+def profile_blocks(rows: list[dict]) -> list[Block]:
+    """The profile(s) the runs trained with, each with its reductions against the full profile."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        groups.setdefault(json.dumps(r["profile"]["value"], sort_keys=True), []).append(r["pair"])
+    out: list[Block] = []
+    for key, pairs in groups.items():
+        profile = json.loads(key)
+        which = "" if len(groups) == 1 else f" ({', '.join(pairs)})"
+        if not isinstance(profile, dict):
+            out.append(Para(f"Profile{which}: not recorded (config.json has no \"profile\": trained before "
+                            f"profiles were recorded), so any reductions are not listed here."))
+            continue
+        reductions = profile.get("reductions") or []
+        out.append(Para(f"Profile{which}: **{profile.get('name', fmt.DASH)}**; "
+                        + (f"{len(reductions)} reductions against the full profile (native input sizes, default "
+                           f"schedules, the whole train split):" if reductions
+                           else "no reductions against the full profile.")))
+        if reductions:
+            out.append(Bullets(list(reductions)))
+    return out
 
 
 def _images(row: dict) -> str:
@@ -108,14 +138,17 @@ def _images(row: dict) -> str:
     return f"{n:,}" + (f" of {split:,} ({n / split:.0%})" if split and n < split else "")
 
 
-def blocks(rows: list[dict], sub: dict | None) -> list[Block]:
-    """The section: the subset sentence, then one table row per pair."""
-    table = [[f"**{r['pair']}**", [r["label"] or fmt.DASH, f"{r['model']['value']} ({r['library']})"],
-              f"{r['input_px']['value']} px", WEIGHTS.get(r["weights"]["value"], str(r["weights"]["value"])),
-              _images(r), r["schedule_text"],
+def blocks(rows: list[dict], sub: dict | None, notes: list[str] = ()) -> list[Block]:
+    """The section: the subset sentence, then one table row per pair, then ``notes`` (resolution, budgets)."""
+    table = [[f"**{r['pair']}**", [r["weights_label"] or r["label"] or fmt.DASH,
+                                   f"{r['model']['value']} ({r['library']})"],
+              [f"{r['input_px']['value']} px", r["grid"]],
+              WEIGHTS.get(r["weights"]["value"], str(r["weights"]["value"])),
+              _images(r), r["head"], [*r["schedule_text"], r["tuning"]],
               {True: "on", False: "off"}.get(r["augment"]["value"], fmt.DASH)]
              for r in rows]
     intro = ("What each run trained, from its config.json (fine-tune best epoch: history.jsonl; train split size: "
              "the dataset's splits.json). " + subset_sentence(sub))
-    return [Para(intro.strip()),
-            Table(["Pair", "Model", "Input", "Weights", "Training images", "Schedule", "Augmentation"], table)]
+    return [*profile_blocks(rows), Para(intro.strip()),
+            Table(["Pair", "Model", "Input", "Weights", "Training images", "Head and decision rule",
+                   "Schedule and tuning budget", "Augmentation"], table), *[Para(n) for n in notes if n]]

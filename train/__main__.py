@@ -1,31 +1,32 @@
 """python -m train --backbone clip --strategy ft --data DATASET --out RUNS   (or --all for the 3x2 grid)
-python -m train --all --plan-weights [--weights auto] [--weights-dir DIR]   (where the weights would come from)"""
+python -m train --all --plan-weights [--profile P] [--weights auto] [--weights-dir DIR]   (profile, reductions, weights)
+
+Options come from a profile (full by default: native input sizes, default schedules; cpu; demo), explicit flags
+on top. After python -m reports.pipeline, ./bakeoff.json supplies --data, --out, the profile, its settings and the
+weights (when the command names no other --data/--out). A complete run trained with the same options is current
+and left alone; one trained with other options is retrained (--force retrains any). The image cache is, unless
+--cache-size, the largest input size of the grid (all three families as set, whichever pairs this command
+trains): one pair and --all share one cache, and no model sees an upsampled image.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from train.current import requested_weights, run_changes
+from train.data.dataset import DatasetError, load_dataset
+from train.data.io import read_json
 from train.probe import ProbeConfig
-from train.registry import FAMILIES, REGISTRY, get_spec
-from train.run import STRATEGIES, RunError, RunOptions, is_complete, pair_name, train_pair
+from train.profiles import (PROFILES, Profile, Settings, cache_warning, describe, per_family, reductions, resolve,
+                            settings_from_flags)
+from train.project import PROJECT_FILE, Project, ProjectError, missing, project_for
+from train.registry import FAMILIES, REGISTRY, BackboneSpec, get_spec
+from train.losses import LOSSES
+from train.run import CONFIG, HEADS, STRATEGIES, RunError, RunOptions, is_complete, pair_name, train_pair
 from train.weights import WeightsNotFound, plan_weights
-
-
-def per_family(values: list[str] | None, flag: str) -> dict[str, str]:
-    """``["cnn=efficientnet_lite0", "random"]`` -> {"cnn": "efficientnet_lite0", "dinov2": "random", ...}."""
-    out: dict[str, str] = {}
-    default = None
-    for v in values or []:
-        fam, sep, val = v.partition("=")
-        if sep and fam in FAMILIES:
-            out[fam] = val
-        elif sep and fam not in FAMILIES and not val.startswith("/"):
-            raise SystemExit(f"{flag} {v}: unknown family {fam!r}; families: {', '.join(FAMILIES)}")
-        else:
-            default = v
-    return {f: out.get(f, default) for f in FAMILIES if out.get(f, default) is not None}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,28 +34,84 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", choices=FAMILIES, help="backbone family")
     p.add_argument("--strategy", choices=STRATEGIES, help="probe = linear probe on frozen features; ft = last 4 blocks")
-    p.add_argument("--all", action="store_true", help="run the whole 3x2 grid, skipping finished pairs")
-    p.add_argument("--data", help="dataset directory (python -m train.data ...); required unless --plan-weights")
+    p.add_argument("--all", action="store_true", help="run the whole 3x2 grid, skipping current pairs")
+    p.add_argument("--data", help=f"dataset directory (python -m train.data ...); default: ./{PROJECT_FILE}'s")
     p.add_argument("--plan-weights", action="store_true",
-                   help="print where each family's weights would come from (file / hub / random init) and exit")
-    p.add_argument("--out", default="runs", help="runs directory")
-    p.add_argument("--model", action="append", help=f"registry variant; with --all also FAMILY=NAME. Known: {', '.join(REGISTRY)}")
-    p.add_argument("--weights", action="append", help="pretrained | random | FILE; with --all also FAMILY=VALUE")
+                   help="print the profile, its reductions and where each family's weights would come from, and exit")
+    p.add_argument("--out", help=f"runs directory (default: ./{PROJECT_FILE}'s, else runs)")
+    p.add_argument("--profile", choices=PROFILES,
+                   help=f"named settings: {'; '.join(f'{n}: {q.summary}' for n, q in PROFILES.items())} "
+                        f"(default: ./{PROJECT_FILE}'s, else full); the flags below override it")
+    p.add_argument("--model", action="append",
+                   help="registry name, or any timm model (ARCH, ARCH.TAG, hf-hub:ORG/REPO) or open_clip model "
+                        f"(MODEL:TAG, hf-hub:ORG/REPO); with --all FAMILY=NAME. Registry: {', '.join(REGISTRY)}")
+    p.add_argument("--weights", action="append", help="pretrained | random | auto | FILE; with --all also FAMILY=VALUE "
+                                                      "(default: pretrained)")
     p.add_argument("--weights-dir", help="local timm/open_clip weight files (<arch>.<tag>.safetensors); env BAKEOFF_WEIGHTS")
-    p.add_argument("--image-size", action="append", help="model input size (px); with --all also FAMILY=PX")
-    p.add_argument("--cache-size", type=int, default=128, help="image cache resolution (px)")
+    p.add_argument("--image-size", action="append", help="model input size (px); with --all also FAMILY=PX "
+                                                         "(default: the model's native size)")
+    p.add_argument("--cache-size", type=int, help="image cache resolution (px) (default: the largest input size of "
+                                                  "the grid, so no model sees an upsampled image)")
     p.add_argument("--max-train-images", type=int, help="stratified subset of train (val/test untouched)")
-    p.add_argument("--loss", choices=("bce", "balanced", "asl"), default="bce")
+    p.add_argument("--loss", choices=LOSSES, default="bce",
+                   help="per-tag loss for tags outside single-valued fields (balanced: class-balanced BCE; asl: "
+                        "asymmetric loss)")
+    p.add_argument("--head", choices=HEADS, default="field",
+                   help="field: a softmax over each single-valued field's tags (found in the training split), "
+                        "decided by arg-max, sigmoid elsewhere; sigmoid: one sigmoid per tag")
+    p.add_argument("--logit-adjust", type=float, metavar="TAU",
+                   help="logit adjustment tau for the softmax fields (default: selected on validation)")
+    p.add_argument("--threshold-shrink", type=float, metavar="K",
+                   help="shrink each sigmoid tag's threshold towards its bucket's with strength K (default: "
+                        "selected by cross-fitting on validation; 0 = per-tag thresholds)")
+    p.add_argument("--trials", type=int, default=RunOptions.trials,
+                   help="hyper-parameter trials per pair, the same for every pair (probe: weight decays; "
+                        "fine-tune: block learning rates)")
     p.add_argument("--epochs", type=int, help="fine-tune epochs (default 5; early stopping on val mAP)")
-    p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default 30)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--probe-epochs", type=int, help=f"linear-probe epochs (default {ProbeConfig.epochs})")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (extraction and fine-tune)")
     p.add_argument("--lr", type=float, help="fine-tune learning rate for the last 4 blocks (per-family default)")
     p.add_argument("--augment", action="store_true", help="light augmentation (disables the frozen-trunk cache)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, subsets, shuffling and folds")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true", help="retrain runs that are current")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def train_settings(args: argparse.Namespace, project: Project | None,
+                   families: tuple[str, ...]) -> tuple[Profile, Settings]:
+    """The profile and the settings: --profile's (else the project file's, else full), explicit flags on top (a
+    --model or --image-size without FAMILY= sets ``families``)."""
+    explicit = settings_from_flags(args.model, args.image_size, args.epochs, args.probe_epochs, args.max_train_images,
+                                   args.cache_size, families)
+    if args.profile or project is None:
+        profile = PROFILES[args.profile or "full"]
+        return profile, profile.settings.merged(explicit)
+    return PROFILES[project.profile], project.settings.merged(explicit)
+
+
+def plan_run(run_dir: Path, opts: RunOptions, spec: BackboneSpec, weights: str, dataset_hash: str,
+             force: bool) -> tuple[bool, bool, str]:
+    """(train it?, resume?, what to say) for one pair: a current run is left alone, a complete run trained with
+    other options is retrained, an interrupted one resumes only when its options are unchanged."""
+    if not (run_dir / CONFIG).is_file():
+        return True, False, ""
+    if force:
+        return True, False, "retraining (--force)"
+    config = read_json(run_dir / CONFIG)
+    try:
+        changed = run_changes(config, opts, spec, weights, dataset_hash)
+    except (KeyError, TypeError, AttributeError) as e:
+        changed = [f"unreadable {CONFIG} ({type(e).__name__}: {e})"]
+    if is_complete(run_dir):
+        if not changed:
+            return False, False, f"current, nothing to do ({run_dir}; use --force to retrain)"
+        return True, False, f"options changed ({', '.join(changed)}): retraining"
+    if changed:
+        return True, False, f"options changed since it was interrupted ({', '.join(changed)}): starting over"
+    return True, opts.resume, "resuming" if opts.resume else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,39 +122,67 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--backbone and --strategy go together")
     families = FAMILIES if args.all else (args.backbone,)
     strategies = STRATEGIES if args.all else (args.strategy,)
-    models = per_family(args.model, "--model")
-    weights = per_family(args.weights, "--weights")
+    bare = [m for m in args.model or [] if m.partition("=")[0] not in FAMILIES]
+    if args.all and bare:
+        raise SystemExit(f"--all --model {bare[0]}: name the family (FAMILY=NAME, e.g. cnn={bare[0]}): a bare name "
+                         "would train the same model under all three families")
+    try:
+        project = project_for({"data": args.data, "runs": args.out})
+    except ProjectError as e:
+        raise SystemExit(str(e)) from None
+    if project is not None:
+        print(f"defaults from ./{PROJECT_FILE}: profile {project.profile}, --data {project.data}, "
+              f"--out {project.runs}", file=sys.stderr)
+    profile, settings = train_settings(args, project, families)
+    try:
+        resolved = resolve(settings)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(describe(profile, resolved, reductions(profile, resolved)))
+    weights = per_family(args.weights or (project.weights if project else None), "--weights", families)
+    weights_dir = args.weights_dir or (project.weights_dir if project else None)
+    specs = {fam: get_spec(fam, resolved.model[fam], resolved.image_size[fam]) for fam in families}
+    for fam, spec in specs.items():
+        if warning := cache_warning(spec.img_size, resolved.cache_size):
+            print(f"WARNING {fam}: {warning}")
     if args.plan_weights:
-        for fam in families:
-            spec = get_spec(fam, models.get(fam))
-            print(plan_weights(spec, weights.get(fam, "pretrained"), args.weights_dir).describe(spec))
+        for fam, spec in specs.items():
+            print(plan_weights(spec, weights.get(fam, "pretrained"), weights_dir).describe(spec))
         return 0
-    if not args.data:
-        raise SystemExit("--data is required (the dataset directory)")
-    sizes = per_family(args.image_size, "--image-size")
+    data = args.data or (project.data if project else None)
+    if not data:
+        raise SystemExit(missing("--data", "the dataset directory"))
+    out = args.out or (project.runs if project else "runs")
+    try:
+        dataset_hash = load_dataset(data).content_hash()
+    except (DatasetError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     failures = []
-    for fam in families:
+    for fam, spec in specs.items():
+        label = requested_weights(plan_weights(spec, weights.get(fam, "pretrained"), weights_dir))
         for strat in strategies:  # probe first: fine-tune starts from the probe's head (LP-then-FT)
             name = pair_name(fam, strat)
-            run_dir = Path(args.out) / name
-            if args.all and is_complete(run_dir):
-                print(f"{name}: already complete, skipped ({run_dir})")
+            opts = RunOptions(family=fam, strategy=strat, model=spec.name, weights=weights.get(fam, "pretrained"),
+                              weights_dir=weights_dir, image_size=spec.img_size, cache_size=resolved.cache_size,
+                              max_train_images=resolved.max_train_images, loss=args.loss, epochs=resolved.epochs,
+                              batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
+                              device=args.device, resume=args.resume or args.all, progress=not args.no_progress,
+                              head=args.head, logit_adjust=args.logit_adjust, threshold_shrink=args.threshold_shrink,
+                              trials=args.trials, probe=ProbeConfig(epochs=resolved.probe_epochs),
+                              profile={"name": profile.name, "reductions": reductions(profile, resolved)})
+            train, resume, say = plan_run(Path(out) / name, opts, spec, label, dataset_hash, args.force)
+            if say:
+                print(f"{name}: {say}")
+            if not train:
                 continue
-            opts = RunOptions(family=fam, strategy=strat, model=models.get(fam), weights=weights.get(fam, "pretrained"),
-                              weights_dir=args.weights_dir, image_size=int(sizes[fam]) if fam in sizes else None,
-                              cache_size=args.cache_size, max_train_images=args.max_train_images, loss=args.loss,
-                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,
-                              seed=args.seed, device=args.device, resume=args.resume or args.all,
-                              progress=not args.no_progress,
-                              probe=ProbeConfig(**({"epochs": args.probe_epochs} if args.probe_epochs else {})))
             t = time.perf_counter()
             try:
-                out = train_pair(args.data, args.out, opts)
+                run_dir = train_pair(data, out, replace(opts, resume=resume))
             except (WeightsNotFound, RunError, ValueError) as e:
                 print(f"{name}: FAILED: {e}", file=sys.stderr)
                 failures.append(name)
                 continue
-            print(f"{name}: done in {time.perf_counter() - t:.0f} s -> {out}")
+            print(f"{name}: done in {time.perf_counter() - t:.0f} s -> {run_dir}")
     return 1 if failures else 0
 
 

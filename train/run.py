@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from train.heads import HeadLoss, group_log_prior
 from train.losses import class_balanced_pos_weight
 from train.preprocess import Preprocess, preprocess_config
 from train.probe import ProbeConfig
+from train.profiles import cache_warning
 from train.registry import BackboneSpec, TaggingModel, get_spec
 from train.selection import fit_decision
 from train.strategies import STRATEGIES, Context
@@ -49,7 +50,7 @@ class RunOptions:
     weights: str = "pretrained"
     weights_dir: str | None = None
     image_size: int | None = None
-    cache_size: int = 128
+    cache_size: int | None = None  # None: the model's input size (never upsample a larger photo)
     max_train_images: int | None = None
     loss: str = "bce"
     head: str = "field"
@@ -66,6 +67,7 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    profile: dict | None = None  # {"name", "reductions"}: what the settings reduce against the full profile
 
 
 def pair_name(family: str, strategy: str) -> str:
@@ -162,6 +164,9 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
     out = Path(out)
     run_dir = out / pair_name(opts.family, opts.strategy)
     spec = get_spec(opts.family, opts.model, opts.image_size)
+    opts = replace(opts, cache_size=opts.cache_size or spec.img_size)
+    if warning := cache_warning(spec.img_size, opts.cache_size):
+        print(f"WARNING {pair_name(opts.family, opts.strategy)}: {warning}")
     if run_dir.exists() and not opts.resume:
         for name in (CONFIG, MODEL, THRESHOLDS, HISTORY, TIMING):
             (run_dir / name).unlink(missing_ok=True)
@@ -203,6 +208,7 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
         "family": opts.family,
         "strategy": opts.strategy,
         "backbone": spec.to_dict(),
+        "native_img_size": get_spec(opts.family, opts.model).img_size,
         "weights": winfo.to_dict(),
         "preprocess": prep_cfg,
         "last_blocks": backbone.describe_split() if opts.strategy == "ft" else "frozen",
@@ -212,7 +218,8 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
         "taxonomy": ds.taxonomy,
         "head": {"kind": opts.head, "groups": {ds.fields[ds.taxonomy[g[0]]]: len(g) for g in groups},
                  "loss": opts.loss},
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("probe", "progress")},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("probe", "progress", "profile")},
+        "profile": opts.profile,
         "device": device_name(device),
         "versions": library_versions(),
     }

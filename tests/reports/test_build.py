@@ -130,17 +130,19 @@ def test_setup_section_says_what_each_run_trained(report):
     assert md.index("## Setup") < md.index("## Recommendation")
     rows = table_rows(md, "Model")
     assert list(rows) == ["cnn-probe", "cnn-ft", "dinov2-probe", "dinov2-ft", "clip-probe", "clip-ft"]
-    pair, model, size, weights, images, schedule, augment = rows["dinov2-ft"]
-    assert pair == "**dinov2-ft**" and model == "DINOV2<br>dinov2_model (timm)" and size == "224 px"
-    assert weights == "pretrained (local file)"
-    assert images == "240 of 360 (67%)" and augment == "off" and rows["clip-ft"][6] == "on"
-    assert schedule == "fine-tune: 3 epochs, from the linear probe's head<br>best epoch 3 = last: may be under-trained"
-    assert rows["clip-ft"][5].endswith("best epoch 2 of 3")  # history.jsonl: its best epoch is not its last
-    assert rows["cnn-ft"][5].endswith("best epoch: — (no history.jsonl)")
+    pair, model, size, weights, images, head, schedule, augment = rows["dinov2-ft"]
+    assert pair == "**dinov2-ft**" and model == "DINOV2<br>dinov2_model (timm)" and size.startswith("224 px<br>")
+    assert weights == "pretrained (local file)" and head.startswith("sigmoid per tag")  # a config from before heads
+    assert images == "240 of 360 (67%)" and augment == "off" and rows["clip-ft"][7] == "on"
+    budget = "budget not recorded (trained before tuning budgets were)"
+    assert schedule == ("fine-tune: 3 epochs, from the linear probe's head<br>best epoch 3 = last: may be "
+                        f"under-trained<br>{budget}")
+    assert rows["clip-ft"][6].endswith(f"best epoch 2 of 3<br>{budget}")  # its best epoch is not its last
+    assert rows["cnn-ft"][6].endswith(f"best epoch: — (no history.jsonl)<br>{budget}")
     assert rows["cnn-probe"][3] == "random init"
-    assert rows["cnn-probe"][5] == ("linear probe: 4 (lr, L2) settings × 10 epochs<br>selected at epoch 10 = last: "
-                                    "may be under-trained")
-    assert rows["clip-probe"][5].endswith("selected at epoch 7 of 10")
+    assert rows["cnn-probe"][6] == ("linear probe: 4 settings × 10 epochs<br>selected at epoch 10 = last: "
+                                    f"may be under-trained<br>{budget}")
+    assert rows["clip-probe"][6].endswith(f"selected at epoch 7 of 10<br>{budget}")
     dinov2_ft = next(r for r in summary["setup"]["rows"] if r["pair"] == "dinov2-ft")
     assert dinov2_ft["schedule"]["best_epoch"] | {"source": None} == {
         "value": 3, "last_epoch": 3, "source": None, "field": "epoch of the highest val_map"}

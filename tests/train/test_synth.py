@@ -146,3 +146,41 @@ def test_colour_is_learnable_by_nearest_centroid():
     centroids = np.stack([feats[fit & (y == c)].mean(0) for c in range(k)])
     pred = ((feats[~fit, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     assert (pred == y[~fit]).mean() > 4 / k  # chance is 1/k
+
+
+def _marked(render: synth.Renderer, field: str) -> np.ndarray:
+    """Pixels that a value of ``field`` changes on a plain first-category, first-colour product."""
+    base = np.full(len(COL), -1, dtype=np.int16)
+    base[COL["category"]] = base[COL["colour"]] = 0
+    marked = base.copy()
+    marked[COL[field]] = 0
+    a, b = (render(c, synth.image_rng(0, 1)).astype(np.int16) for c in (base, marked))
+    return np.abs(a - b).max(-1) > 16
+
+
+@pytest.mark.parametrize("field", ["brand", "size"])
+def test_detail_draws_the_fine_marks_smaller(field):
+    """detail 4 draws the brand badge and the size sticker 4x smaller: about 1/16 of the pixels."""
+    coarse, fine = (_marked(synth.Renderer(n_tags=30, image_size=128, detail=d), field).sum() for d in (1, 4))
+    assert 8 <= coarse / fine <= 32, (coarse, fine)
+
+
+@pytest.mark.parametrize("kind", ["stripes", "checks", "dots", "grid"])
+def test_detail_draws_patterns_finer(kind):
+    """A pattern drawn 4x finer changes 4x as often along a line through the product."""
+    y = np.linspace(-1, 1, 20_000, dtype=np.float32)[None, :]
+    x = np.full_like(y, 0.13)
+
+    def changes(detail: float) -> int:
+        return int(np.abs(np.diff(synth._pattern(kind, x, y, np.random.default_rng(0), 64, detail))).sum())
+
+    assert changes(4) == pytest.approx(4 * changes(1), abs=2)
+
+
+def test_detail_is_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="detail"):
+        synth.Renderer(n_tags=30, image_size=64, detail=3)  # marks under a pixel
+    with pytest.raises(ValueError, match="detail"):
+        synth.generate(tmp_path, n_images=2, n_tags=30, image_size=64, detail=0.5, workers=1)
+    synth.generate(tmp_path, n_images=4, n_tags=30, image_size=64, detail=2, workers=1)
+    assert read_json(tmp_path / "taxonomy.json")["source"]["detail"] == 2

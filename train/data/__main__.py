@@ -73,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
                     help="long tail: fewer than this many train images (default: %(default)s)")
     pr.add_argument("--method", default="iterative", choices=("iterative", "random"),
                     help="iterative multi-label stratification, or a plain random split (default: %(default)s)")
-    pr.add_argument("--cache-size", type=int, default=128, help="also build the image cache at this size (0: skip)")
+    pr.add_argument("--cache-size", type=int, default=0,
+                    help="also build the image cache at this size now (default: 0, no: python -m train builds it "
+                         "at the largest input size of its runs, so no model sees an upsampled image)")
 
     ca = _subparser(sub, "cache", "build (or finish) the uint8 image cache")
     ca.add_argument("dataset", help="dataset directory")
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.cache_size:
                 build_cache(load_dataset(a.dataset), a.cache_size)
                 print(cache_status(load_dataset(a.dataset), a.cache_size))
+            else:
+                print("image cache: built by python -m train at its runs' largest input size (--cache-size S: now)")
         elif a.cmd == "cache":
             ds = load_dataset(a.dataset)
             build_cache(ds, a.size, workers=a.workers, progress=not a.no_progress)

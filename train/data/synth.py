@@ -6,6 +6,10 @@ size -> a sticker with dice pips, style -> outline treatment. Pose, background, 
 it from being trivially separable. Tag frequencies follow a Zipf-Mandelbrot law within each field, so rare
 tags form a long tail; rare tags stay visually distinct from common ones.
 
+``detail`` > 1 draws the fine marks (pattern and material textures, the brand badge, the size sticker's pips)
+that many times smaller, everything else unchanged: at 400 px and ``detail`` 8 the brand glyph's cells are ~4 px,
+so a tag's presence depends on detail that a 128 px copy of the image loses (``bench/cache_size_check.py``).
+
 Same ``seed`` -> byte-identical manifest and images, whatever the number of workers: tags come from one
 generator (``SeedSequence(seed, spawn_key=(0,))``), each image's pixels from its own (``image_rng(seed, index)``).
 """
@@ -366,11 +370,15 @@ def _contrast(c: np.ndarray) -> np.ndarray:
 class Renderer:
     """Draws one image from one row of tag codes; deterministic given the generator passed in."""
 
-    def __init__(self, n_tags: int = 250, image_size: int = 64):
+    def __init__(self, n_tags: int = 250, image_size: int = 64, detail: float = 1.0):
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image_size={image_size}: brand marks need at least {MIN_IMAGE_SIZE} px")
+        if not 1.0 <= detail <= image_size / MIN_IMAGE_SIZE:
+            raise ValueError(f"detail={detail}: between 1 and image_size / {MIN_IMAGE_SIZE} = "
+                             f"{image_size / MIN_IMAGE_SIZE:g} (finer marks would be under a pixel)")
         self.tax = taxonomy(n_tags)
         self.size = image_size
+        self.detail = detail
         c = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size * 2 - 1
         self.V, self.U = np.meshgrid(c, c, indexing="ij")  # image coords in [-1, 1], V down
         self.shapes = [SHAPES[v] for v in self.tax["category"]]
@@ -421,11 +429,11 @@ class Renderer:
         obj = (fill + 0.4)[:, None, None]  # the offset lets texture and shading show on black too
         pattern = self.value(codes, "pattern")
         if pattern is not None:
-            obj = obj + _pattern(pattern, X, Y, rng, S) * (_contrast(fill) - fill)[:, None, None]
+            obj = obj + _pattern(pattern, X, Y, rng, S, self.detail) * (_contrast(fill) - fill)[:, None, None]
         material = self.value(codes, "material")
         lum = 1 - 0.06 * (X + Y)  # soft key light from the top left
         if material is not None:
-            lum = lum * _material(material, X, Y, M, rng, S)
+            lum = lum * _material(material, X, Y, M, rng, S, self.detail)
         obj = obj * lum - 0.4
         np.copyto(img, obj if material != "glass" else 0.45 * img + 0.55 * obj, where=M)
         if material == "glass":
@@ -446,7 +454,7 @@ class Renderer:
         return np.clip(img, 0, 255, out=img).astype(np.uint8).transpose(1, 2, 0).copy()
 
     def _badge(self, img, glyph, X, Y, anchor) -> None:
-        b = 0.36
+        b = 0.36 / self.detail
         gx, gy = X - anchor[0], Y - anchor[1]
         _paint(img, (np.abs(gx) < b) & (np.abs(gy) < b), (0.93, 0.93, 0.9))
         ci = np.floor((gx + 0.8 * b) / (1.6 * b) * 5).astype(np.int32)
@@ -505,16 +513,19 @@ class Renderer:
             _paint(img, racing, _INK if fill @ _LUMA > 0.5 else 1.0)
 
     def _size_sticker(self, img, pips: int, corner: float) -> None:
+        d = self.detail
         sx, sy = self.U - 0.72 * corner, self.V + 0.72
-        _paint(img, sx**2 + sy**2 < 0.27**2, (0.98, 0.85, 0.25))
+        _paint(img, sx**2 + sy**2 < (0.27 / d) ** 2, (0.98, 0.85, 0.25))
         on = np.zeros(sx.shape, dtype=bool)
         for px, py in _DICE[pips]:
-            on |= (sx - 0.12 * px) ** 2 + (sy - 0.12 * py) ** 2 < 0.055**2
+            on |= (sx - 0.12 / d * px) ** 2 + (sy - 0.12 / d * py) ** 2 < (0.055 / d) ** 2
         _paint(img, on, _INK)
 
 
-def _pattern(kind: str, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Texture coverage in [0, 1], in object coordinates (it turns with the object)."""
+def _pattern(kind: str, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator, size: int,
+             detail: float = 1.0) -> np.ndarray:
+    """Texture coverage in [0, 1], in object coordinates (it turns with the object), ``detail`` times finer."""
+    X, Y = X * detail, Y * detail
     k = 2.5  # cells per local unit
     if kind == "stripes":
         m = (Y * k) % 2 < 1
@@ -526,7 +537,7 @@ def _pattern(kind: str, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator, 
         d = ((X * 2) % 1 - 0.5) ** 2 + ((Y * 2) % 1 - 0.5) ** 2
         m = (d < 0.12) & (d > 0.04)
     elif kind == "camo":
-        m = _smooth_noise(rng, size, 8) > 0
+        m = _smooth_noise(rng, size, round(8 * detail)) > 0
     elif kind == "pinstripes":
         m = (X * 3.5) % 1 < 0.22
     elif kind == "diagonal":
@@ -544,8 +555,10 @@ def _pattern(kind: str, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator, 
     return m.astype(np.float32)
 
 
-def _material(kind: str, X: np.ndarray, Y: np.ndarray, M: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Multiplicative luminance modulation (mean about 1) in object coordinates."""
+def _material(kind: str, X: np.ndarray, Y: np.ndarray, M: np.ndarray, rng: np.random.Generator, size: int,
+              detail: float = 1.0) -> np.ndarray:
+    """Multiplicative luminance modulation (mean about 1) in object coordinates, ``detail`` times finer."""
+    X, Y = X * detail, Y * detail
     if kind == "cotton":
         return 1 + 0.1 * rng.standard_normal(X.shape, dtype=np.float32)
     if kind == "plastic":  # glossy rim
@@ -555,11 +568,12 @@ def _material(kind: str, X: np.ndarray, Y: np.ndarray, M: np.ndarray, rng: np.ra
     if kind == "glass":
         return np.ones_like(X)
     if kind == "leather":
-        return 1 + 0.14 * _smooth_noise(rng, size, 9) + 0.03 * rng.standard_normal(X.shape, dtype=np.float32)
+        smooth = 0.14 * _smooth_noise(rng, size, round(9 * detail))  # drawn before the grain, as always
+        return 1 + smooth + 0.03 * rng.standard_normal(X.shape, dtype=np.float32)
     if kind == "denim":
         return 1 + 0.13 * np.sign(np.sin((X - Y) * 22)) + 0.04 * rng.standard_normal(X.shape, dtype=np.float32)
     if kind == "wood":
-        return 1 + 0.16 * np.sin(Y * 16 + 2.5 * _smooth_noise(rng, size, 3))
+        return 1 + 0.16 * np.sin(Y * 16 + 2.5 * _smooth_noise(rng, size, round(3 * detail)))
     if kind == "paper":
         return 1 - 0.4 * (rng.random(X.shape, dtype=np.float32) < 0.07)
     if kind == "wool":
@@ -572,8 +586,8 @@ def _material(kind: str, X: np.ndarray, Y: np.ndarray, M: np.ndarray, rng: np.ra
 # --- the dataset -------------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=4)
-def _renderer(n_tags: int, image_size: int) -> Renderer:
-    return Renderer(n_tags, image_size)
+def _renderer(n_tags: int, image_size: int, detail: float = 1.0) -> Renderer:
+    return Renderer(n_tags, image_size, detail)
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:
@@ -581,9 +595,9 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, index)))
 
 
-def _render_chunk(job: tuple[Path, np.ndarray, int, int, int, int, int]) -> None:
-    out, codes, start, seed, n_tags, image_size, width = job
-    render = _renderer(n_tags, image_size)
+def _render_chunk(job: tuple[Path, np.ndarray, int, int, int, int, float, int]) -> None:
+    out, codes, start, seed, n_tags, image_size, detail, width = job
+    render = _renderer(n_tags, image_size, detail)
     for i, row in enumerate(codes, start=start):
         # Huffman-only deflate: noisy pixels have few repeats to find, so this is fastest and smallest.
         Image.fromarray(render(row, image_rng(seed, i))).save(out / f"{i:0{width}d}.png", compress_level=1,
@@ -591,18 +605,19 @@ def _render_chunk(job: tuple[Path, np.ndarray, int, int, int, int, int]) -> None
 
 
 def generate(out: str | Path, n_images: int = 3000, n_tags: int = 250, seed: int = 0, image_size: int = 64,
-             workers: int | None = None, min_count: int = 3) -> Dataset:
+             workers: int | None = None, min_count: int = 3, detail: float = 1.0) -> Dataset:
     """Write a synthetic catalog dataset to ``out`` (images under ``out/images/``) and return it.
 
     A dataset already in ``out`` is replaced; its splits and stats, derived from the old manifest, are removed.
 
     ``workers``: processes to render with (None: all usable cores, at most one per 500 images; 1: in-process).
     ``min_count``: every tag gets at least this many images when the head of its field can spare them.
+    ``detail``: how many times smaller the fine marks are drawn (see the module docstring).
     """
     if n_images < 1:
         raise ValueError(f"n_images={n_images}: need at least one image")
     tax = taxonomy(n_tags)
-    _renderer(n_tags, image_size)  # validate image_size before any work
+    _renderer(n_tags, image_size, detail)  # validate image_size and detail before any work
     codes = sample_tags(n_images, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))), n_tags, min_count)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -613,7 +628,8 @@ def generate(out: str | Path, n_images: int = 3000, n_tags: int = 250, seed: int
         workers = min(len(os.sched_getaffinity(0)), -(-n_images // 500))
     n_chunks = 1 if workers == 1 else 4 * workers
     bounds = np.linspace(0, n_images, n_chunks + 1).astype(int)
-    jobs = [(out / "images", codes[a:b], int(a), seed, n_tags, image_size, width) for a, b in zip(bounds, bounds[1:]) if b > a]
+    jobs = [(out / "images", codes[a:b], int(a), seed, n_tags, image_size, detail, width)
+            for a, b in zip(bounds, bounds[1:]) if b > a]
     if workers == 1:
         for job in jobs:
             _render_chunk(job)
@@ -622,7 +638,7 @@ def generate(out: str | Path, n_images: int = 3000, n_tags: int = 250, seed: int
             list(pool.map(_render_chunk, jobs))
     names = [f"{i:0{width}d}" for i in range(n_images)]
     source = {"generator": "train.data.synth", "version": GENERATOR_VERSION, "n_images": n_images, "n_tags": n_tags,
-              "seed": seed, "image_size": image_size, "min_count": min_count,
+              "seed": seed, "image_size": image_size, "min_count": min_count, "detail": detail,
               "fields": {name: len(values) for name, values in tax.items()}}
     return write_dataset(out, [f"synth-{n}" for n in names], [f"images/{n}.png" for n in names], decode(codes, tax),
                          taxonomy=tag_names(tax), source=source)
