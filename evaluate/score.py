@@ -262,10 +262,12 @@ def write_per_tag(path: Path, rows: list[dict]) -> None:
 
 
 def run_fingerprint(run_dir: Path, ds: Dataset) -> dict[str, str]:
-    """What an evaluation of ``run_dir`` must match to be current: its checkpoint, thresholds, test rows, and
-    the kind of scores its rule makes (see :func:`scores_match`)."""
+    """What an evaluation of ``run_dir`` must match to be current: its config, checkpoint, thresholds, test rows,
+    and the kind of scores its rule makes (see :func:`scores_match`). The config counts as the report does
+    (``reports.artifacts``): a retrain that reproduces the same checkpoint still rewrites config.json."""
     grouped = bool(read_json(run_dir / THRESHOLDS).get("groups"))
-    return {"model_sha256": sha256_file(run_dir / MODEL), "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
+    return {"config_sha256": sha256_file(run_dir / CONFIG), "model_sha256": sha256_file(run_dir / MODEL),
+            "thresholds_sha256": sha256_file(run_dir / THRESHOLDS),
             "ids_sha256": test_split(ds)[2], "score": SCORE_RULE[grouped]}
 
 
@@ -279,7 +281,8 @@ def current_eval(run_dir: Path, name: str, ds: Dataset, fingerprint: dict[str, s
     m = read_json(path)
     fp = fingerprint or run_fingerprint(run_dir, ds)
     run = m.get("run", {})
-    current = (run.get("model_sha256") == fp["model_sha256"] and run.get("thresholds_sha256") == fp["thresholds_sha256"]
+    current = (run.get("config_sha256") == fp["config_sha256"] and run.get("model_sha256") == fp["model_sha256"]
+               and run.get("thresholds_sha256") == fp["thresholds_sha256"]
                and m.get("test", {}).get("ids_sha256") == fp["ids_sha256"]
                and (m.get("status") != "scored" or score_kind(m) == fp["score"]))
     return m if current else None

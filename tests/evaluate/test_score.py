@@ -261,6 +261,18 @@ def test_current_evaluation_is_kept_unless_forced(scored, tiny_data):
     assert metrics.stat().st_mtime_ns != before
 
 
+def test_a_rewritten_config_makes_the_evaluation_stale(tiny_runs, tiny_data, tmp_path):
+    """A retrain that reproduces the checkpoint still rewrites config.json; the report then calls the evaluation
+    stale, so evaluate must redo it too (else the pair stays unscored)."""
+    runs = copy_runs(tiny_runs, tmp_path, [("cnn-probe", "cnn-probe")])
+    ds = load_dataset(tiny_data)
+    S.evaluate_all(runs, tiny_data, "torch", device="cpu", pairs=["cnn-probe"])
+    assert S.current_eval(runs / "cnn-probe", "torch", ds) is not None
+    config = runs / "cnn-probe" / "config.json"
+    config.write_text(config.read_text().replace('"status": "complete"', '"status": "complete", "retrained": true'))
+    assert S.current_eval(runs / "cnn-probe", "torch", ds) is None
+
+
 def test_rescore_recomputes_scores_from_saved_predictions_only(tiny_runs, tiny_data, tmp_path, capsys):
 
     runs = copy_runs(tiny_runs, tmp_path)
