@@ -11,6 +11,7 @@ trains): one pair and --all share one cache, and no model sees an upsampled imag
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import replace
@@ -24,6 +25,7 @@ from train.profiles import (PROFILES, Profile, Settings, cache_warning, describe
                             settings_from_flags)
 from train.project import PROJECT_FILE, Project, ProjectError, missing, project_for
 from train.registry import FAMILIES, REGISTRY, BackboneSpec, get_spec
+from train.finetune import TrainingDiverged
 from train.losses import LOSSES
 from train.run import CONFIG, HEADS, STRATEGIES, RunError, RunOptions, is_complete, pair_name, train_pair
 from train.weights import WeightsNotFound, plan_weights
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give either --backbone and --strategy, or --all")
     if not args.all and not (args.backbone and args.strategy):
         raise SystemExit("--backbone and --strategy go together")
+    if args.trials < 1 or (args.threshold_shrink or 0) < 0 or not math.isfinite(args.logit_adjust or 0.0):
+        raise SystemExit("--trials must be >= 1, --threshold-shrink >= 0 and --logit-adjust finite")
     families = FAMILIES if args.all else (args.backbone,)
     strategies = STRATEGIES if args.all else (args.strategy,)
     bare = [m for m in args.model or [] if m.partition("=")[0] not in FAMILIES]
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 run_dir = train_pair(data, out, replace(opts, resume=resume))
-            except (WeightsNotFound, RunError, ValueError) as e:
+            except (WeightsNotFound, RunError, TrainingDiverged, ValueError) as e:
                 print(f"{name}: FAILED: {e}", file=sys.stderr)
                 failures.append(name)
                 continue

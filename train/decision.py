@@ -1,8 +1,8 @@
 """How a run's logits become tag decisions: the one rule every stage applies (thresholds.json).
 
 Two kinds of tags:
-- *group* tags: the tags of a single-valued field (no training image has two values of it, e.g. every
-  product has one ``baseColour``). Their scores are a softmax over the field's tags and the decision is the
+- *group* tags: the tags of a single-valued field (every training image has exactly one value of it, e.g.
+  every product has one ``baseColour``). Their scores are a softmax over the field's tags and the decision is the
   field's arg-max (one value per image; no threshold to fit, so nothing rests on a handful of positives).
 - *free* tags (multi-valued fields, bare tags): sigmoid scores, predicted when ``score >= threshold``.
 
@@ -86,12 +86,13 @@ class Decision:
 
 
 def single_valued_groups(y_train: np.ndarray, fields: Sequence[str]) -> list[list[int]]:
-    """Tag columns of each field (``fields[j]`` names tag j's field, "" for none) that no training image has
-    two values of; a field with fewer than two tags, or the empty field, is never a group."""
+    """Tag columns of each field (``fields[j]`` names tag j's field, "" for none) of which every training image
+    has exactly one value. A field that some images lack stays sigmoid tags (an arg-max would force a value on
+    those images), as do a field with fewer than two tags and the empty field."""
     y = np.asarray(y_train, dtype=np.int64)
     by_field: dict[str, list[int]] = {}
     for j, f in enumerate(fields):
         if f:
             by_field.setdefault(f, []).append(j)
     return [cols for cols in by_field.values()
-            if len(cols) >= MIN_GROUP and (y.shape[0] == 0 or y[:, cols].sum(axis=1).max() <= 1)]
+            if len(cols) >= MIN_GROUP and y.shape[0] > 0 and (y[:, cols].sum(axis=1) == 1).all()]

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from train.data.io import atomic_path, read_json, write_json
 from train.device import autocast
+from train.heads import tag_scores
 from train.losses import MultiLabelLoss
 from train.preprocess import Preprocess
 from train.registry import TaggingModel
@@ -143,14 +144,14 @@ def batch_loss(model: TaggingModel, h: torch.Tensor, y: torch.Tensor, loss_fn: n
 
 @torch.no_grad()
 def predict_from_trunk(model: TaggingModel, source: Callable[[np.ndarray], torch.Tensor], n: int,
-                       batch_size: int = 256, amp: bool = True) -> np.ndarray:
-    """Sigmoid scores for positions 0..n-1 of ``source``."""
+                       batch_size: int = 256, amp: bool = True, groups: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """Ranking scores for positions 0..n-1 of ``source``: softmax within ``groups``, sigmoid elsewhere."""
     model.eval()
     out = []
     for o in range(0, n, batch_size):
         h = source(np.arange(o, min(n, o + batch_size)))
         with autocast(h.device, amp):
-            out.append(torch.sigmoid(model.head(model.backbone.tail(h)).float()).cpu().numpy())
+            out.append(tag_scores(model.head(model.backbone.tail(h)), groups).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
 
 
@@ -183,7 +184,12 @@ def save_resume(path: Path, model: TaggingModel, opt: torch.optim.Optimizer, sta
 
 
 def load_resume(path: Path, model: TaggingModel, opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore what ``save_resume`` wrote; returns (state, best weights)."""
+    """Restore what ``save_resume`` wrote; returns (state, best weights).
+
+    The file is read to CPU; the weights are copied into the parameters (any device and dtype) and the AdamW
+    moments go through ``Optimizer.load_state_dict``, which casts and moves each parameter's state to that
+    parameter's device and dtype (and keeps ``step`` as the optimizer wants it), as resuming on a GPU needs.
+    """
     tensors = load_file(str(path / "resume.safetensors"))
     state = read_json(path / "resume.json")
     params = dict(model.named_parameters())
@@ -191,10 +197,18 @@ def load_resume(path: Path, model: TaggingModel, opt: torch.optim.Optimizer) -> 
         for k, v in tensors.items():
             if k.startswith("model."):
                 params[k[6:]].copy_(v)
-    for n, step in state.pop("opt_steps").items():
-        p = params[n]
-        opt.state[p] = {"step": torch.tensor(step), "exp_avg": tensors[f"opt.{n}.exp_avg"],
-                        "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"]}
+    steps = state.pop("opt_steps")
+    names = {id(p): n for n, p in params.items()}
+    saved = opt.state_dict()  # param_groups (hyper-parameters, and parameter indices in optimizer order)
+    order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+    unknown = sorted(set(steps) - set(order))
+    if unknown:
+        raise ValueError(f"{path}/resume.json: optimizer state for parameters this fine-tune does not train: "
+                         f"{unknown[:3]}; rerun without --resume to start over")
+    saved["state"] = {i: {"step": torch.tensor(steps[n], dtype=torch.float32), "exp_avg": tensors[f"opt.{n}.exp_avg"],
+                          "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"]}
+                      for i, n in enumerate(order) if n in steps}
+    opt.load_state_dict(saved)
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     return state, best
 
@@ -254,7 +268,8 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
             state["step"] += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        val_scores = predict_from_trunk(model, val_source, len(y_val), amp=cfg.amp)
+        val_scores = predict_from_trunk(model, val_source, len(y_val), amp=cfg.amp,
+                                        groups=getattr(loss_fn, "groups", ()))
         val_map = macro_ap(y_val, val_scores)
         state["epoch"] = epoch
         state["seconds"] += time.perf_counter() - t0

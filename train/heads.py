@@ -64,6 +64,16 @@ class HeadLoss(torch.nn.Module):
         return F.binary_cross_entropy_with_logits(z, y.expand_as(z), pos_weight=pw, reduction="none")
 
 
+def tag_scores(logits: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``Decision.scores`` in torch: softmax within each group, sigmoid elsewhere. Selection by AP must see
+    group tags this way: a softmax leaves each image's per-group shift free, so raw logits do not rank images."""
+    z = logits.float()
+    out = torch.sigmoid(z)
+    for g in groups:
+        out[..., list(g)] = torch.softmax(z[..., list(g)], dim=-1)
+    return out
+
+
 def group_log_prior(train_counts: np.ndarray, groups: Sequence[Sequence[int]], n_tags: int) -> np.ndarray:
     """log share of each group tag within its field in the training split (add-one smoothed); 0 elsewhere."""
     out = np.zeros(n_tags)
@@ -83,8 +93,7 @@ def initial_bias(y_train: np.ndarray, groups: Sequence[Sequence[int]]) -> np.nda
     """Bias that starts each tag at its training frequency: log-odds for free tags, log share in groups."""
     y = np.asarray(y_train, dtype=np.float64)
     p = np.clip(y.mean(0) if len(y) else np.full(y.shape[1], 0.5), 1e-4, 1 - 1e-4)
-    bias = np.log(p / (1 - p))
+    in_group = np.zeros(y.shape[1], dtype=bool)
     for g in groups:
-        c = y[:, list(g)].sum(0) + 1.0
-        bias[list(g)] = np.log(c / c.sum())
-    return bias
+        in_group[list(g)] = True
+    return np.where(in_group, group_log_prior(y.sum(0), groups, y.shape[1]), np.log(p / (1 - p)))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from train.device import autocast
-from train.heads import HeadLoss, initial_bias
+from train.heads import HeadLoss, initial_bias, tag_scores
 from train.valmetrics import batched_macro_ap
 
 
@@ -83,14 +83,6 @@ def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
 
 
-def group_scores(logits: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """Logits with each group replaced by its softmax (ranking scores for AP; sigmoid is monotone)."""
-    out = logits.clone()
-    for g in groups:
-        out[..., g] = torch.softmax(logits[..., g].float(), dim=-1)
-    return out
-
-
 def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                 cfg: ProbeConfig = ProbeConfig(), loss: HeadLoss | None = None,
                 device: torch.device | str = "cpu") -> ProbeResult:
@@ -132,9 +124,9 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
             step += 1
             losses.append(per_setting.detach())
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            with torch.no_grad(), autocast(device, cfg.amp):
-                val_logits = (torch.matmul(xv, weight).float() + bias[:, None, :]).float()
-            maps = batched_macro_ap(yv, group_scores(val_logits, groups))
+            with torch.no_grad():  # fp32: bf16 logits tie often enough to move AP by the gaps between decays
+                val_logits = torch.matmul(xv, weight) + bias[:, None, :]
+            maps = batched_macro_ap(yv, tag_scores(val_logits, groups))
             better = maps > best_map
             best_map[better], best_epoch[better] = maps[better], epoch
             bt = torch.as_tensor(better, device=device)

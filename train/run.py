@@ -229,14 +229,15 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
                   rows_val=rows_val, y_train=y_train, y_val=y_val, loss=loss_fn, cache_root=out / ".cache",
                   key_parts=key_parts, run_dir=run_dir, device=device, trials=opts.trials, batch_size=opts.batch_size,
                   epochs=opts.epochs, lr=opts.lr, augment=opts.augment, trunk_cache_dtype=opts.trunk_cache_dtype,
-                  seed=opts.seed, resume=opts.resume, progress=opts.progress, probe=opts.probe,
+                  seed=opts.seed, progress=opts.progress, probe=opts.probe,
                   init_head=_probe_head_for(out, spec, winfo, ds, opts.head) if opts.strategy == "ft" else None,
                   log=lambda rec: _append_history(run_dir, rec), describe={"model": spec.name, "rows": len(rows)})
     outcome = STRATEGIES[opts.strategy](ctx)
     timing |= outcome.timing
 
-    # Validation logits exactly as evaluation computes test logits (whole model, fp32, from the image cache):
-    # the decision rule is fitted on these, and the training-time (cached, bf16) scores are compared to them.
+    # Validation logits as evaluation computes test logits (whole model, fp32, from the image cache; evaluation
+    # batches differ, so equal to float rounding): the decision rule is fitted on these, not on the cached,
+    # bf16 scores training selected on.
     t = time.perf_counter()
     val_logits = predict_logits(model, preprocess, images, rows_val, batch_size=opts.batch_size, progress=opts.progress)
     timing["validation_pass"] = time.perf_counter() - t

@@ -6,7 +6,9 @@ Everything here reads validation only. The order:
 2. thresholds for free tags, shrunk towards their bucket's pooled threshold with a strength chosen by
    2-fold cross-fitting on validation (fit on one half, score the other);
 3. the selection metric: macro-F1 (and long-tail macro-F1) on validation with every threshold cross-fitted
-   and groups by arg-max, i.e. what a held-out split would see, not the fit's own optimum.
+   and groups by arg-max: not the thresholds' own optimum. tau and the shrinkage strength (one value each,
+   from short grids) are chosen on the same rows, so it is slightly optimistic, by the same small amount for
+   every pair.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def folds(n: int, k: int = FOLDS, seed: int = 0) -> np.ndarray:
 def crossfit_thresholds(y: np.ndarray, scores: np.ndarray, bucket: np.ndarray, strength: float,
                         fold: np.ndarray) -> np.ndarray:
     """Per-row thresholds (N x T): each fold's rows get thresholds fitted on the other folds."""
-    out = np.empty(scores.shape, dtype=np.float64)
+    out = np.empty(np.shape(scores), dtype=np.float64)
     for f in np.unique(fold):
         rest = fold != f
         out[~rest] = fit_shrunk_thresholds(y[rest], scores[rest], bucket, strength)
@@ -111,15 +113,20 @@ def fit_decision(y_val: np.ndarray, logits_val: np.ndarray, groups: Sequence[Seq
     fold = folds(len(y), seed=seed)
     strengths = SHRINK_STRENGTHS if shrink is None else (float(shrink),)
     cross: dict[str, float] = {}
-    for k in strengths:
+    yf, sf, bf = y[:, free], scores[:, free], bucket[free]  # thresholds (and bucket pools) see free tags only
+
+    def crossfit_pred(k: float) -> np.ndarray:
         pred = base.apply(scores)
-        pred[:, free] = scores[:, free] >= crossfit_thresholds(y, scores, bucket, k, fold)[:, free]
-        cross[f"{k:g}"] = _num(macro_f1(y, pred, free))
+        pred[:, free] = sf >= crossfit_thresholds(yf, sf, bf, k, fold)
+        return pred
+
+    for k in strengths:
+        cross[f"{k:g}"] = _num(macro_f1(y, crossfit_pred(k), free))
     k_best = max(strengths, key=lambda k: (-1.0 if cross[f"{k:g}"] is None else cross[f"{k:g}"], -k))
-    thresholds = fit_shrunk_thresholds(y, scores, bucket, k_best)
-    decision = Decision(np.where(free, thresholds, 0.5), tuple(map(tuple, groups)))
-    pred = decision.apply(scores)
-    pred[:, free] = scores[:, free] >= crossfit_thresholds(y, scores, bucket, k_best, fold)[:, free]
+    thresholds = np.full(t, 0.5)
+    thresholds[free] = fit_shrunk_thresholds(yf, sf, bf, k_best)
+    decision = Decision(thresholds, tuple(map(tuple, groups)))
+    pred = crossfit_pred(k_best)
     tail = bucket == 0
     report = {
         "groups": len(groups), "group_tags": int((~free).sum()), "free_tags": int(free.sum()),

@@ -10,6 +10,7 @@ the same budget of hyper-parameter *trials*, each scored on validation mAP:
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data.dataset import Dataset
+from train.data.io import read_json, write_json
 from train.features import FeatureStore, cache_key, extract, extraction_seconds
-from train.finetune import FinetuneConfig, ImageSource, TrunkSource, finetune
-from train.heads import HeadLoss
+from train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, finetune
+from train.heads import HeadLoss, initial_bias
 from train.preprocess import Preprocess
 from train.probe import DECAY_RANGE, ProbeConfig, log_grid, train_probe
 from train.registry import TaggingModel
@@ -54,7 +55,6 @@ class Context:
     augment: bool = False
     trunk_cache_dtype: str = "float16"
     seed: int = 0
-    resume: bool = False
     progress: bool = True
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     init_head: tuple[torch.Tensor, torch.Tensor, str] | None = None  # LP-then-FT: (weight, bias, source)
@@ -96,18 +96,26 @@ def run_probe(ctx: Context) -> Outcome:
 
 
 def finetune_lrs(family: str, lr: float | None, trials: int) -> tuple[float, ...]:
-    """The block learning rates tried: ``lr`` (or the family default) at the grid's centre."""
+    """The block learning rates tried: a log grid spanning ``FT_LR_SPAN`` around ``lr`` (or the family
+    default), with that rate itself in place of the grid point nearest to it."""
     base = lr or BLOCK_LR[family]
-    return log_grid(base / FT_LR_SPAN ** 0.5, base * FT_LR_SPAN ** 0.5, trials) if trials > 1 else (base,)
+    if trials <= 1:
+        return (base,)
+    grid = list(log_grid(base / FT_LR_SPAN ** 0.5, base * FT_LR_SPAN ** 0.5, trials))
+    grid[int(np.argmin([abs(np.log(g / base)) for g in grid]))] = base
+    return tuple(grid)
 
 
 def run_finetune(ctx: Context) -> Outcome:
     """Fine-tune the last 4 blocks + head: ``trials`` learning rates for ``trial_epochs``, the best to the end."""
     model, timing, reused = ctx.model, {}, {}
-    if ctx.init_head is not None:
-        with torch.no_grad():
+    with torch.no_grad():  # LP-then-FT, else a zero head at the training frequencies (as the probe starts)
+        if ctx.init_head is not None:
             model.head.weight.copy_(ctx.init_head[0])
             model.head.bias.copy_(ctx.init_head[1])
+        else:
+            model.head.weight.zero_()
+            model.head.bias.copy_(torch.as_tensor(initial_bias(ctx.y_train, ctx.loss.groups), dtype=torch.float32))
     if ctx.augment:
         train_src = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess, augment=True, seed=ctx.seed)
         val_src = ImageSource(model, ctx.images, ctx.rows_val, ctx.preprocess)
@@ -121,27 +129,46 @@ def run_finetune(ctx: Context) -> Outcome:
         train_src, val_src = TrunkSource(trunk[:n], ctx.device), TrunkSource(trunk[n:], ctx.device)
         timing["trunk_caching"] = extraction_seconds(store)
     base = FinetuneConfig(epochs=ctx.epochs or FinetuneConfig.epochs, batch_size=ctx.batch_size,
-                          augment=ctx.augment, seed=ctx.seed)
+                          augment=ctx.augment, loss=ctx.loss.kind, seed=ctx.seed)
     lrs = finetune_lrs(ctx.family, ctx.lr, ctx.trials)
     trial_epochs = 1 if len(lrs) > 1 else base.epochs
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def trial(k: int, until: int | None) -> dict:
-        model.load_state_dict(start)
-        cfg = replace(base, lr=lrs[k])
-        return finetune(model, train_src, ctx.y_train, val_src, ctx.y_val, cfg, ctx.run_dir / "resume" / f"trial-{k}",
-                        ctx.loss, resume=True, log=lambda rec: ctx.log({"trial": k, "lr": lrs[k], **rec}),
-                        progress=ctx.progress, until_epoch=until)
+    resume_root = ctx.run_dir / "resume"
 
-    sweep = [trial(k, trial_epochs) for k in range(len(lrs))] if len(lrs) > 1 else []
-    best = int(np.argmax([s["best_val_map"] for s in sweep])) if sweep else 0
+    def trial(k: int, until: int | None) -> dict:
+        """Trial k up to epoch ``until`` (None: the whole schedule), resuming its own checkpoint."""
+        model.load_state_dict(start)
+        return finetune(model, train_src, ctx.y_train, val_src, ctx.y_val, replace(base, lr=lrs[k]),
+                        resume_root / f"trial-{k}", ctx.loss, resume=True,
+                        log=lambda rec: ctx.log({"trial": k, "lr": lrs[k], **rec}), progress=ctx.progress,
+                        until_epoch=until)
+
+    # each trial's result after its trial epochs is kept, so a resumed sweep chooses as an uninterrupted one did
+    record = resume_root / "trials.json"
+    sweep: dict[str, dict] = read_json(record) if record.exists() else {}
+    for k in range(len(lrs) if len(lrs) > 1 else 0):
+        if str(k) not in sweep:
+            try:
+                sweep[str(k)] = trial(k, trial_epochs)
+            except TrainingDiverged as e:  # a learning rate too high for this backbone: the others still count
+                sweep[str(k)] = {"best_val_map": None, "epochs": 0, "seconds": 0.0, "diverged": str(e)}
+            write_json(record, sweep)
+    scored = {int(k): s["best_val_map"] for k, s in sweep.items() if s["best_val_map"] is not None}
+    if sweep and not scored:
+        raise TrainingDiverged(f"{ctx.run_dir}: every fine-tune trial diverged (learning rates {lrs}); lower --lr")
+    best = max(scored, key=scored.get) if scored else 0
     result = trial(best, None)
-    timing["block_training"] = sum(s["seconds"] for j, s in enumerate(sweep) if j != best) + result["seconds"]
+    for k in range(len(lrs)):  # the other trials' checkpoints are no longer needed
+        if k != best:
+            shutil.rmtree(resume_root / f"trial-{k}", ignore_errors=True)
+    timing["block_training"] = sum(s["seconds"] for k, s in sweep.items() if int(k) != best) + result["seconds"]
     summary = {"finetune": asdict(replace(base, lr=lrs[best])), "result": result,
-               "sweep": [{"lr": lr, "val_map": s["best_val_map"], "epochs": s["epochs"]} for lr, s in zip(lrs, sweep)],
+               "sweep": [{"lr": lrs[int(k)], "val_map": s["best_val_map"], "epochs": s["epochs"],
+                          **({"diverged": s["diverged"]} if "diverged" in s else {})} for k, s in sorted(sweep.items())],
                "tuning": {"trials": len(lrs), "searched": "block learning rate", "grid": list(lrs),
                           "trial_epochs": trial_epochs, "selected_by": "validation macro mAP after the trial epochs"},
-               "init_head": ctx.init_head[2] if ctx.init_head else "zeros+prior"}
+               "init_head": ctx.init_head[2] if ctx.init_head else "zero weights, bias at the training frequencies"}
     return Outcome(summary, sum(p.numel() for p in model.parameters() if p.requires_grad), timing, reused)
 
 

@@ -1,7 +1,11 @@
 """Fine-tune: the frozen-trunk cache is exact, resume continues where it stopped, NaN stops the run."""
+import json
+
 import numpy as np
 import pytest
 import torch
+
+from safetensors.torch import load_file
 
 from tests.conftest import TINY_CACHE, TINY_MODELS
 from train.data.cache import load_cache
@@ -14,6 +18,9 @@ from train.finetune import (
     TrunkSource,
     batch_loss,
     finetune,
+    load_resume,
+    make_optimizer,
+    save_resume,
     set_train_mode,
     trainable_parameters,
 )
@@ -88,6 +95,53 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tiny_data, tmp_path
     assert summary_b["best_epoch"] == summary["best_epoch"]
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    # the optimizer ends where the uninterrupted run's does: same step counts, same AdamW moments
+    a, b = (json.loads((tmp_path / d / "resume.json").read_text()) for d in "ab")
+    assert a["opt_steps"] == b["opt_steps"] and a["step"] == b["step"] and len(a["opt_steps"]) > 0
+    moments_a, moments_b = (load_file(str(tmp_path / d / "resume.safetensors")) for d in "ab")
+    for k in (k for k in moments_a if k.startswith("opt.")):
+        torch.testing.assert_close(moments_a[k], moments_b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_resume_restores_the_optimizer_on_the_parameters_device_and_dtype(tiny_data, tmp_path):
+    """load_resume reads the file to CPU; the AdamW state must follow each parameter (to its GPU when resuming
+    there; here, to float64 parameters: the same casting path, Optimizer.load_state_dict), and keep its step."""
+    model, ds, prep, images, rows, y = _setup(tiny_data, "cnn")
+    cfg = FinetuneConfig(batch_size=8, amp=False)
+    src = ImageSource(model, images, rows, prep, amp=False)
+    loss_fn = MultiLabelLoss("bce")
+    yb = torch.as_tensor(y[:8], dtype=torch.float32)
+    opt = make_optimizer(model, cfg)
+    set_train_mode(model)
+    for _ in range(2):
+        opt.zero_grad()
+        batch_loss(model, src(np.arange(8)), yb, loss_fn, amp=False).backward()
+        opt.step()
+    save_resume(tmp_path, model, opt, {"epoch": 1}, {})
+
+    other, *_ = _setup(tiny_data, "cnn")
+    other = other.double()  # parameters unlike the (float32, CPU) tensors in the file
+    opt2 = make_optimizer(other, cfg)
+    state, _ = load_resume(tmp_path, other, opt2)
+    assert state == {"epoch": 1}
+    names = {id(p): n for n, p in other.named_parameters()}
+    saved_names = {id(p): n for n, p in model.named_parameters()}
+    saved = {saved_names[id(p)]: st for p, st in opt.state.items()}
+    restored = 0
+    for group in opt2.param_groups:
+        for p in group["params"]:
+            st = opt2.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert st[key].dtype == p.dtype == torch.float64 and st[key].device == p.device, (names[id(p)], key)
+                torch.testing.assert_close(st[key], saved[names[id(p)]][key].double())
+            assert float(st["step"]) == float(saved[names[id(p)]]["step"]) == 2.0
+            restored += 1
+    assert restored == len(trainable_parameters(other)) > 0
+    # and AdamW steps on from there (mixed float32 state and float64 gradients would fail in its update)
+    opt2.zero_grad()  # the same random-init stem (seed 0), so the float32 model's trunk activations, in float64
+    batch_loss(other, src(np.arange(8)).double(), yb.double(), loss_fn, amp=False).backward()
+    opt2.step()
+    assert all(float(opt2.state[p]["step"]) == 3.0 for g in opt2.param_groups for p in g["params"])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):

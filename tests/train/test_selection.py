@@ -73,3 +73,31 @@ def test_probe_sweep_selects_the_best_validation_setting():
     assert res.best["weight_decay"] == cfg.weight_decays[int(np.argmax(maps))]
     assert res.best["on_grid_edge"] == (int(np.argmax(maps)) in (0, len(maps) - 1))
     assert max(maps) > min(maps) + 0.01  # the grid spans settings that matter
+
+
+def test_free_tag_thresholds_pool_only_free_tags():
+    """Group tags' softmax scores must not pull a bucket's pooled threshold (rare free tags score low)."""
+    rng = np.random.default_rng(4)
+    n = 400
+    truth = rng.integers(0, 10, n)
+    y = np.zeros((n, 14), dtype=np.uint8)
+    y[np.arange(n), truth] = 1
+    z = np.full((n, 14), -3.0)
+    z[np.arange(n), truth] = 3.0  # a confident field of 10 values
+    rare = rng.choice(n, size=12, replace=False)
+    for j, rows in zip(range(10, 14), np.split(rare, 4)):
+        y[rows, j] = 1
+        z[rows, j] = -1.5  # rare free tags: positives at sigmoid ~0.18, negatives at ~0.05
+    fitted = fit_decision(y, z, [list(range(10))], np.full(14, 20), shrink=10.0)
+    free_only = fit_decision(y[:, 10:], z[:, 10:], [], np.full(4, 20), shrink=10.0)
+    np.testing.assert_allclose(fitted.decision.thresholds[10:], free_only.decision.thresholds)
+    assert macro_f1(y[:, 10:], fitted.decision.apply(fitted.decision.scores(z))[:, 10:]) == 1.0
+
+
+def test_finetune_grid_holds_the_default_rate():
+    from train.strategies import BLOCK_LR, finetune_lrs
+
+    for trials in (2, 3, 8):
+        grid = finetune_lrs("cnn", None, trials)
+        assert len(grid) == trials and BLOCK_LR["cnn"] in grid and grid == tuple(sorted(grid))
+    assert finetune_lrs("cnn", 1e-4, 8).count(1e-4) == 1 and finetune_lrs("dinov2", None, 1) == (BLOCK_LR["dinov2"],)
