@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from train.device import autocast
 from train.heads import HeadLoss, initial_bias, tag_scores
@@ -85,7 +86,7 @@ def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                 cfg: ProbeConfig = ProbeConfig(), loss: HeadLoss | None = None,
-                device: torch.device | str = "cpu") -> ProbeResult:
+                device: torch.device | str = "cpu", progress: bool = False) -> ProbeResult:
     """Fit the sweep of linear heads; return the best one (as a Linear on raw features) and the sweep."""
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -110,7 +111,8 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     best_epoch = np.zeros(s, dtype=int)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
     history, step = [], 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc=f"probe sweep ({s} weight decays)", unit="epoch",
+                      disable=not progress, leave=False):
         perm = torch.randperm(n, generator=g).to(device)
         losses = []
         for k in range(steps_per_epoch):

@@ -84,7 +84,7 @@ def run_probe(ctx: Context) -> Outcome:
     x = np.asarray(feats, dtype=np.float32)
     n = len(ctx.rows_train)
     cfg = replace(ctx.probe, weight_decays=log_grid(*DECAY_RANGE, ctx.trials), seed=ctx.seed)
-    result = train_probe(x[:n], ctx.y_train, x[n:], ctx.y_val, cfg, ctx.loss, ctx.device)
+    result = train_probe(x[:n], ctx.y_train, x[n:], ctx.y_val, cfg, ctx.loss, ctx.device, progress=ctx.progress)
     ctx.model.head.load_state_dict(result.head.state_dict())
     for rec in result.history:
         ctx.log(rec)
