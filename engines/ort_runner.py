@@ -63,10 +63,14 @@ def pick_providers(device: str, available: list[str]) -> list[str]:
 
 
 def tensorrt_options(precision: str, cache_dir: Path) -> dict[str, str]:
-    """TensorRT EP options: FP16 engines for ``fp16``; engine and timing caches in ``cache_dir``."""
-    return {"trt_fp16_enable": "1" if precision == "fp16" else "0",
-            "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache_dir),
-            "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache_dir)}
+    """TensorRT EP options: FP16 engines for ``fp16``; engine and timing caches in ``cache_dir``.
+
+    Booleans are "True"/"False": onnxruntime's Python binding takes only "True"/"true"/"False"/"false" for them
+    (onnxruntime_pybind_state.cc); "1"/"0" raise, and the session then quietly retries without TensorRT.
+    """
+    return {"trt_fp16_enable": str(precision == "fp16"),
+            "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir)}
 
 
 def with_options(providers: list[str], precision: str, cache_dir: Path) -> list[str | tuple[str, dict[str, str]]]:
@@ -100,9 +104,10 @@ class OrtRunner(Runner):
         except Exception as e:  # onnxruntime's own Fail / InvalidGraph types derive from Exception only
             raise RuntimeError(f"{self.path}: onnxruntime {ort.__version__} cannot load it: {e}") from e
         self.providers = self.session.get_providers()
-        if self.providers[0] != providers[0]:
+        if self.providers[0] != providers[0]:  # onnxruntime retries without a provider that failed to start
             raise RuntimeError(f"{self.path}: onnxruntime dropped {providers[0]} when creating the session "
-                               f"(it runs on {self.providers}); check the CUDA/TensorRT libraries")
+                               f"(it runs on {self.providers}); its own 'EP Error' message above says why (the "
+                               "CUDA/TensorRT libraries, or a provider option it refused)")
         (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inp.name, out.name
         self.input_dtype = ONNX_DTYPES[inp.type]

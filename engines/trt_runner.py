@@ -1,19 +1,22 @@
 """TensorRT over a run's serialized engine (``export/model.<gpu>.fp16.engine``, checked against its sidecar .json).
 
-Needs ``tensorrt`` and cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), with pycuda as a
-fallback. The engine is this GPU's (engines are named per GPU, so several coexist in one export folder) and
-must pass export.tensorrt's sidecar check. Pinned host buffers and device buffers are sized once for the largest
-batch of the engine's optimisation profile; ``predict`` runs a batch in chunks of at most that size (the last
-zero-padded up to the profile's smallest batch), each copied H2D, enqueued and copied D2H on one stream with
-every leg timed by CUDA events (``last_timing``: the chunks' sums), optionally replaying one captured CUDA graph
-per chunk size.
+Needs ``tensorrt`` (>= 10) and cuda-python (``cuda.bindings.runtime``, cuda-python >= 12.6), with pycuda as a
+fallback (no CUDA graphs there). The engine is this GPU's (engines are named per GPU, so several coexist in one
+export folder) and must pass export.tensorrt's sidecar check. Pinned host buffers and device buffers are sized
+once for the largest batch of the engine's optimisation profile; ``predict`` runs a batch in chunks of at most
+that size (the last zero-padded up to the profile's smallest batch), each copied H2D, enqueued and copied D2H on
+one stream with every leg timed by CUDA events (``last_timing``: the chunks' sums), optionally replaying one
+captured CUDA graph per chunk size.
 
-Two TensorRT APIs: the tensor-name API (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``,
-TensorRT >= 8.5, the only one left in 10) and the older bindings API (``set_binding_shape`` /
-``execute_async_v2``). The pure parts (API choice, shape resolution, buffer sizing) are plain functions.
+TensorRT's tensor-name API only (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``: the only
+one in TensorRT 10 and 11). Its calls report failure by returning False (a refused shape, address or enqueue):
+each result is checked, so a refused call raises ``EngineError`` and never returns stale buffers or timings.
+``close`` frees every device, pinned-host, stream, event and CUDA graph handle the runner created. The pure parts
+(shape resolution, buffer sizing, chunking) are plain functions.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import itertools
@@ -21,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -30,27 +33,11 @@ from engines.runners import EXPORT, RUNTIMES, MissingExport, Runner, export_hint
 from export import tensorrt as trt_export
 from train.run import read_run
 
-V3_SINCE = (8, 5)
+MIN_TENSORRT = 10  # the [trt] extra's floor; the tensor-name API below is all TensorRT 10 and 11 have
 
 
 class EngineError(RuntimeError):
-    """An engine this runner cannot use as asked (shape, batch, API, missing library)."""
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); non-numeric tails ('8.6.1.post1') are dropped."""
-    parts = []
-    for p in version.split("."):
-        digits = "".join(c for c in p if c.isdigit()) if p[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def api_for(version: str) -> str:
-    """``v3`` (tensor-name API) from TensorRT 8.5 on, else ``v2`` (bindings API)."""
-    return "v3" if version_tuple(version)[:2] >= V3_SINCE else "v2"
+    """An engine this runner cannot use as asked (shape, batch, refused call, missing library)."""
 
 
 @dataclass(frozen=True)
@@ -89,36 +76,28 @@ def nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return math.prod(shape) * np.dtype(dtype).itemsize
 
 
-def read_io(engine: Any, trt: Any, api: str) -> list[TensorSpec]:
-    """The engine's I/O tensors through either API."""
+def read_io(engine: Any, trt: Any) -> list[TensorSpec]:
+    """The engine's I/O tensors (tensor-name API), with optimisation profile 0 of dynamic inputs."""
     specs = []
-    if api == "v3":
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            shape = tuple(engine.get_tensor_shape(name))
-            profile = engine.get_tensor_profile_shape(name, 0) if is_input and -1 in shape else None
-            specs.append(TensorSpec(name, i, is_input, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
-                                    tuple(tuple(s) for s in profile) if profile else None))
-    else:
-        for i in range(engine.num_bindings):
-            is_input = engine.binding_is_input(i)
-            shape = tuple(engine.get_binding_shape(i))
-            profile = engine.get_profile_shape(0, i) if is_input and -1 in shape else None
-            specs.append(TensorSpec(engine.get_binding_name(i), i, is_input, shape,
-                                    np.dtype(trt.nptype(engine.get_binding_dtype(i))),
-                                    tuple(tuple(s) for s in profile) if profile else None))
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        shape = tuple(engine.get_tensor_shape(name))
+        profile = engine.get_tensor_profile_shape(name, 0) if is_input and -1 in shape else None
+        specs.append(TensorSpec(name, i, is_input, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
+                                tuple(tuple(s) for s in profile) if profile else None))
     return specs
 
 
 class CudaPython:
-    """The CUDA runtime calls the runner needs, through cuda-python."""
+    """The CUDA runtime calls the runner needs, through cuda-python's ``cuda.bindings.runtime`` (each call returns
+    ``(cudaError_t, *results)``; an error raises ``EngineError``)."""
+
+    name = "cuda-python"
+    graphs = True
 
     def __init__(self):
-        try:
-            from cuda.bindings import runtime as rt
-        except ImportError:
-            from cuda import cudart as rt
+        from cuda.bindings import runtime as rt
         self.rt = rt
         self._host: list[int] = []
 
@@ -126,7 +105,8 @@ class CudaPython:
         err, *rest = result
         if err != self.rt.cudaError_t.cudaSuccess:
             text = self.rt.cudaGetErrorString(err)[1]
-            raise EngineError(f"CUDA error {err}: {text.decode() if isinstance(text, bytes) else text}")
+            raise EngineError(f"CUDA error {getattr(err, 'name', err)} ({int(err)}): "
+                              f"{text.decode() if isinstance(text, bytes) else text}")
         return rest[0] if len(rest) == 1 else (rest or None)
 
     def malloc(self, n: int) -> int:
@@ -136,13 +116,16 @@ class CudaPython:
         self._ok(self.rt.cudaFree(ptr))
 
     def host_empty(self, n: int) -> np.ndarray:
-        """``n`` bytes of pinned host memory as a uint8 array."""
+        """``n`` bytes of pinned host memory as a uint8 array (freed by ``close``)."""
         ptr = int(self._ok(self.rt.cudaMallocHost(n)))
         self._host.append(ptr)
         return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(ptr))
 
     def stream(self) -> Any:
         return self._ok(self.rt.cudaStreamCreate())
+
+    def destroy_stream(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamDestroy(stream))
 
     def handle(self, stream: Any) -> int:
         return int(stream)
@@ -158,6 +141,9 @@ class CudaPython:
     def event(self) -> Any:
         return self._ok(self.rt.cudaEventCreate())
 
+    def destroy_event(self, event: Any) -> None:
+        self._ok(self.rt.cudaEventDestroy(event))
+
     def record(self, event: Any, stream: Any) -> None:
         self._ok(self.rt.cudaEventRecord(event, stream))
 
@@ -171,11 +157,18 @@ class CudaPython:
         self._ok(self.rt.cudaStreamBeginCapture(stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
 
     def end_capture(self, stream: Any) -> Any:
+        """End the capture on ``stream``: its instantiated graph (the captured graph itself is destroyed here)."""
         graph = self._ok(self.rt.cudaStreamEndCapture(stream))
-        return self._ok(self.rt.cudaGraphInstantiate(graph, 0))
+        try:
+            return self._ok(self.rt.cudaGraphInstantiate(graph, 0))
+        finally:
+            self._ok(self.rt.cudaGraphDestroy(graph))
 
     def launch(self, graph_exec: Any, stream: Any) -> None:
         self._ok(self.rt.cudaGraphLaunch(graph_exec, stream))
+
+    def destroy_graph(self, graph_exec: Any) -> None:
+        self._ok(self.rt.cudaGraphExecDestroy(graph_exec))
 
     def close(self) -> None:
         for ptr in self._host:
@@ -184,13 +177,18 @@ class CudaPython:
 
 
 class PyCuda:
-    """The same calls through pycuda (no CUDA graphs)."""
+    """The same calls through pycuda (>= 2021.1) on the device's primary context (the one torch and TensorRT use);
+    pycuda has no stream capture, so no CUDA graphs."""
+
+    name = "pycuda"
+    graphs = False
 
     def __init__(self):
-        import pycuda.autoinit  # noqa: F401  (creates the context)
+        import pycuda.autoprimaryctx  # noqa: F401  (retains and pushes the primary context)
         import pycuda.driver as drv
         self.drv = drv
         self._alloc: dict[int, Any] = {}
+        self._host: list[np.ndarray] = []
 
     def malloc(self, n: int) -> int:
         alloc = self.drv.mem_alloc(n)
@@ -201,10 +199,16 @@ class PyCuda:
         self._alloc.pop(ptr).free()
 
     def host_empty(self, n: int) -> np.ndarray:
-        return self.drv.pagelocked_empty(n, np.uint8)
+        """``n`` bytes of pinned host memory as a uint8 array (freed by ``close``)."""
+        array = self.drv.pagelocked_empty(n, np.uint8)
+        self._host.append(array)
+        return array
 
     def stream(self) -> Any:
         return self.drv.Stream()
+
+    def destroy_stream(self, stream: Any) -> None:
+        pass  # pycuda destroys a Stream when its last reference goes; the runner drops its own
 
     def handle(self, stream: Any) -> int:
         return stream.handle
@@ -218,6 +222,9 @@ class PyCuda:
     def event(self) -> Any:
         return self.drv.Event()
 
+    def destroy_event(self, event: Any) -> None:
+        pass  # as for streams
+
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
 
@@ -227,22 +234,25 @@ class PyCuda:
     def sync(self, stream: Any) -> None:
         stream.synchronize()
 
-    def begin_capture(self, stream: Any) -> None:
-        raise EngineError("CUDA graphs need cuda-python (pip install cuda-python); pycuda has no stream capture here")
-
     def close(self) -> None:
-        pass
+        for alloc in self._alloc.values():
+            alloc.free()
+        self._alloc.clear()
+        for array in self._host:
+            array.base.free()  # the PagelockedHostAllocation behind the array
+        self._host.clear()
 
 
 def load_cuda() -> CudaPython | PyCuda:
-    try:
-        return CudaPython()
-    except ImportError:
-        pass
-    try:
-        return PyCuda()
-    except ImportError:
-        raise EngineError("the tensorrt runtime needs cuda-python or pycuda: pip install -e .[trt]") from None
+    """cuda-python's runtime bindings, else pycuda; ``EngineError`` saying what to install when neither imports."""
+    errors = []
+    for binding in (CudaPython, PyCuda):
+        try:
+            return binding()
+        except ImportError as e:
+            errors.append(f"{binding.name}: {e}")
+    raise EngineError("the tensorrt runtime needs cuda-python (cuda.bindings) or pycuda: pip install -e .[trt] "
+                      f"({'; '.join(errors)})")
 
 
 def find_engine(run_dir: Path, precision: str, gpu: str | None) -> Path:
@@ -278,26 +288,35 @@ class TrtRunner(Runner):
         if trt_module is None:
             try:
                 trt_module = importlib.import_module("tensorrt")
-            except ImportError:
-                raise EngineError("tensorrt is not installed: pip install -e .[trt] (on a machine with a GPU)") from None
+            except Exception as e:  # noqa: BLE001  ImportError, or OSError from bindings without libnvinfer
+                raise EngineError(f"tensorrt is not importable ({type(e).__name__}: {e}): pip install -e .[trt] "
+                                  "(on a machine with a GPU)") from None
         run_dir = Path(run_dir)
         self.config, self.decision = read_run(run_dir)
         self.precision = precision
+        self.trt_version = trt_module.__version__
+        if trt_export.major_version(self.trt_version) < MIN_TENSORRT:
+            raise EngineError(f"TensorRT {self.trt_version} is too old: the runner needs TensorRT >= {MIN_TENSORRT}")
         gpu = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         self.path = Path(engine) if engine else find_engine(run_dir, precision, gpu)
         self.sidecar = trt_export.check_engine_sidecar(self.path, run_dir)
-        self.trt_version = trt_module.__version__
-        self.api = api_for(self.trt_version)
-        if cuda_graph and self.api != "v3":
-            raise EngineError(f"CUDA graphs need TensorRT >= {'.'.join(map(str, V3_SINCE))} here, not {self.trt_version}")
         self.cuda_graph = cuda_graph
         self.cu = cuda or load_cuda()
+        if cuda_graph and not self.cu.graphs:
+            raise EngineError(f"CUDA graphs need cuda-python (pip install cuda-python); {self.cu.name} has no stream "
+                              "capture here")
+        self._buffers: dict[str, tuple[int, np.ndarray]] = {}
+        self._events: list[Any] = []
+        self._graphs: dict[tuple[int, ...], Any] = {}
+        self.stream = None
         self._logger = trt_module.Logger(trt_module.Logger.WARNING)
         self.engine = trt_module.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise EngineError(f"{self.path}: TensorRT {self.trt_version} could not deserialize it (see its log above)")
         self.context = self.engine.create_execution_context()
-        specs = read_io(self.engine, trt_module, self.api)
+        if self.context is None:
+            raise EngineError(f"{self.path}: TensorRT could not create an execution context (see its log above)")
+        specs = read_io(self.engine, trt_module)
         inputs, outputs = [s for s in specs if s.is_input], [s for s in specs if not s.is_input]
         if len(inputs) != 1 or len(outputs) != 1:
             raise EngineError(f"{self.path}: expected one input and one output, found {[s.name for s in specs]}")
@@ -306,21 +325,23 @@ class TrtRunner(Runner):
         if self.output.shape[-1] != len(self.config["taxonomy"]):
             raise EngineError(f"{self.path}: {self.output.shape[-1]} outputs but the run has "
                               f"{len(self.config['taxonomy'])} tags; the engine is stale")
-        self.stream = self.cu.stream()
-        self._buffers = {}
-        for spec in (self.input, self.output):
-            size = nbytes(resolve_shape(spec, self.max_batch), spec.dtype)
-            self._buffers[spec.name] = (self.cu.malloc(size), self.cu.host_empty(size).view(spec.dtype))
-        if self.api == "v3":
+        try:
+            self.stream = self.cu.stream()
             for spec in (self.input, self.output):
-                self.context.set_tensor_address(spec.name, self._buffers[spec.name][0])
-        self._events = [self.cu.event() for _ in range(4)]
+                size = nbytes(resolve_shape(spec, self.max_batch), spec.dtype)
+                self._buffers[spec.name] = (self.cu.malloc(size), self.cu.host_empty(size).view(spec.dtype))
+                if not self.context.set_tensor_address(spec.name, self._buffers[spec.name][0]):
+                    raise EngineError(f"{self.path}: TensorRT refused the device address of {spec.name!r} "
+                                      "(see its log above)")
+            self._events = [self.cu.event() for _ in range(4)]
+        except BaseException:
+            self.close()
+            raise
         self._shape: tuple[int, ...] | None = None
-        self._graphs: dict[tuple[int, ...], Any] = {}
         self.device = gpu or "CUDA GPU"
 
     def describe(self) -> dict:
-        return super().describe() | {"engine": str(self.path), "tensorrt": self.trt_version, "api": self.api,
+        return super().describe() | {"engine": str(self.path), "tensorrt": self.trt_version, "cuda": self.cu.name,
                                      "cuda_graph": self.cuda_graph, "max_batch": self.max_batch}
 
     def prepare(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -332,35 +353,44 @@ class TrtRunner(Runner):
         """Set the input shape when it changed; ``EngineError`` when TensorRT refuses it."""
         if shape == self._shape:
             return
-        if self.api == "v2":
-            ok = self.context.set_binding_shape(self.input.index, shape)
-        else:
-            ok = self.context.set_input_shape(self.input.name, shape)
-        if not ok:
+        self._shape = None  # unknown until TensorRT accepts the new one
+        if not self.context.set_input_shape(self.input.name, shape):
             raise EngineError(f"{self.path}: TensorRT refused input shape {shape}; the profile read at load time "
                               f"takes batches {self.input.min_batch} to {self.input.max_batch} (see its log above)")
         self._shape = shape
 
+    def _execute(self, handle: int, shape: tuple[int, ...]) -> None:
+        """One ``execute_async_v3``; ``EngineError`` when TensorRT refuses the enqueue (nothing ran)."""
+        if not self.context.execute_async_v3(handle):
+            raise EngineError(f"{self.path}: TensorRT refused to enqueue a batch of shape {shape} (see its log "
+                              "above); no outputs were produced")
+
+    def _capture(self, handle: int, shape: tuple[int, ...]) -> Any:
+        """A CUDA graph of one enqueue at ``shape``; the stream leaves capture mode even when the enqueue fails."""
+        self._execute(handle, shape)  # TensorRT wants one plain enqueue after a shape change before capture
+        self.cu.begin_capture(self.stream)
+        try:
+            self._execute(handle, shape)
+        except BaseException:
+            with contextlib.suppress(EngineError):  # the refusal is the error to report
+                self.cu.destroy_graph(self.cu.end_capture(self.stream))
+            raise
+        return self.cu.end_capture(self.stream)
+
     def _enqueue(self, shape: tuple[int, ...]) -> None:
         handle = self.cu.handle(self.stream)
         self._set_shape(shape)
-        if self.api == "v2":
-            bindings = [0] * (max(self.input.index, self.output.index) + 1)
-            for spec in (self.input, self.output):
-                bindings[spec.index] = self._buffers[spec.name][0]
-            self.context.execute_async_v2(bindings, handle)
-        elif not self.cuda_graph:
-            self.context.execute_async_v3(handle)
-        else:
-            if shape not in self._graphs:  # TensorRT wants one plain enqueue after a shape change before capture
-                self.context.execute_async_v3(handle)
-                self.cu.begin_capture(self.stream)
-                self.context.execute_async_v3(handle)
-                self._graphs[shape] = self.cu.end_capture(self.stream)
-            self.cu.launch(self._graphs[shape], self.stream)
+        if not self.cuda_graph:
+            self._execute(handle, shape)
+            return
+        if shape not in self._graphs:
+            self._graphs[shape] = self._capture(handle, shape)
+        self.cu.launch(self._graphs[shape], self.stream)
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """Logits and timings (ms) of at most ``max_batch`` rows, zero-padded up to the profile's min batch."""
+        if self.stream is None:
+            raise EngineError(f"{self.path}: the runner is closed")
         n = len(x)
         rows = max(n, self.input.min_batch)
         in_shape, out_shape = resolve_shape(self.input, rows), resolve_shape(self.output, rows)
@@ -375,7 +405,12 @@ class TrtRunner(Runner):
         cu.h2d(d_in, h_in, s)
         cu.record(ev[1], s)
         start = time.perf_counter()
-        self._enqueue(in_shape)
+        try:
+            self._enqueue(in_shape)
+        except BaseException:
+            with contextlib.suppress(EngineError):  # let the queued copy finish before the buffers are reused
+                cu.sync(s)
+            raise
         enqueue_ms = (time.perf_counter() - start) * 1e3
         cu.record(ev[2], s)
         cu.d2h(h_out, d_out, s)
@@ -390,16 +425,35 @@ class TrtRunner(Runner):
         x = self.prepare(batch)
         if not len(x):
             raise EngineError(f"{self.path}: an empty batch")
+        self.last_timing = None  # a failed call leaves no timing behind
         runs = [self._run(x[part]) for part in chunks(len(x), self.max_batch)]
         self.last_timing = {k: math.fsum(t[k] for _, t in runs) for k in runs[0][1]}
         return np.concatenate([logits for logits, _ in runs])
 
     def close(self) -> None:
-        """Free the device and pinned buffers."""
-        for d_ptr, _ in self._buffers.values():
-            self.cu.free(d_ptr)
-        self._buffers.clear()
-        self.cu.close()
+        """Free what the runner created: CUDA graph execs, events, the stream, device and pinned buffers. Safe to
+        call twice; the runner cannot predict afterwards."""
+        cu = getattr(self, "cu", None)
+        if cu is None:
+            return
+        calls = [(cu.destroy_graph, g) for g in self._graphs.values()] + [(cu.destroy_event, e) for e in self._events]
+        calls += [(cu.destroy_stream, self.stream)] if self.stream is not None else []
+        calls += [(cu.free, d_ptr) for d_ptr, _ in self._buffers.values()]
+        self._graphs, self._events, self.stream, self._buffers = {}, [], None, {}
+        errors = []
+        for free, handle in [*calls, (lambda _: cu.close(), None)]:
+            try:  # one handle CUDA refuses to free must not leak the others
+                free(handle)
+            except EngineError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 RUNTIMES["tensorrt"] = TrtRunner

@@ -11,8 +11,13 @@ Two build paths, chosen by TensorRT's major version (``build_path``):
 - TensorRT 10 (``weak-fp16``): the FP32 ONNX, ``BuilderFlag.FP16`` + ``OBEY_PRECISION_CONSTRAINTS``, and the
   layers that overflow in FP16 (normalisation, softmax, reductions, a decomposed LayerNorm's pow/sqrt) pinned
   to FP32 (``layer.precision`` and ``set_output_type``): TensorRT #2709, #2564.
-- TensorRT 11 (``strongly-typed``): the weak-typing flags are gone; the FP16 ONNX (LayerNorm/Softmax already
-  FP32 in its dtypes, export.fp16) is built as a strongly typed network, so its dtypes decide.
+- TensorRT 11 (``strongly-typed``): the weak-typing API is gone (``BuilderFlag.FP16/BF16/INT8``,
+  ``OBEY_PRECISION_CONSTRAINTS``, ``ILayer.precision``, ``set_output_type``); every network is strongly typed
+  (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is deprecated, ignored, and 0 where TensorRT 10 had 1), so
+  the FP16 ONNX (LayerNorm/Softmax already FP32 in its dtypes, export.fp16) is built as is and its dtypes decide.
+Both create the network with no creation flags (explicit batch is the only mode since TensorRT 10). TensorRT
+reports refusals by return value (``add_optimization_profile`` -1, ``set_tensor_address`` /
+``execute_async_v3`` False): each is checked.
 
 The pure parts (profile shapes, build path, which layers to pin, GPU slug, the not-T4 warning, the sidecar)
 are plain functions; ``build_engine`` takes the ``tensorrt`` module as a parameter so it can be driven by a
@@ -334,8 +339,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path, engine_path: Path, img_size: 
     profile = profile_shapes(img_size, opts.min_batch, opts.opt_batch, opts.max_batch)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0 if path == WEAK_FP16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(0)  # TRT 10: weakly typed; TRT 11: strongly typed, always
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -350,7 +354,10 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path, engine_path: Path, img_size: 
     shape_profile = builder.create_optimization_profile()
     input_name = network.get_input(0).name
     shape_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
-    config.add_optimization_profile(shape_profile)
+    if config.add_optimization_profile(shape_profile) < 0:  # TensorRT's -1: an invalid profile
+        raise EngineBuildError(f"{source}: TensorRT {trt.__version__} refused the optimisation profile "
+                               f"{input_name!r} min {profile.min} opt {profile.opt} max {profile.max} "
+                               "(see its log above)")
     attach_timing_cache(config, timing_cache)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -406,8 +413,9 @@ def engine_logits(engine_path: Path, inputs: np.ndarray, batch_size: int, trt: A
         x = x.to(dtypes[engine.get_tensor_dtype(inp)])
         set_input_shape(engine, context, inp, tuple(x.shape), engine_path)
         y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=dtypes[engine.get_tensor_dtype(out)], device="cuda")
-        context.set_tensor_address(inp, x.data_ptr())
-        context.set_tensor_address(out, y.data_ptr())
+        for name, tensor in ((inp, x), (out, y)):
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise EngineMismatch(f"{engine_path}: TensorRT refused the device address of {name!r}")
         if not context.execute_async_v3(stream.cuda_stream):
             raise EngineMismatch(f"{engine_path}: TensorRT refused to run a batch of {len(x)}")
         stream.synchronize()

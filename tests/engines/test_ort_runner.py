@@ -71,15 +71,102 @@ def test_threads_come_from_the_argument_else_omp_num_threads_else_every_core(run
     assert cpu_threads() == os.cpu_count()
 
 
+# -- onnxruntime-gpu's TensorRT provider, as its Python binding parses options ----------------------------------
+# onnxruntime/python/onnxruntime_pybind_state.cc (microsoft/onnxruntime; read through the code index, the version
+# with trt_timing_cache_enable): each TensorRT EP boolean option must be "True"/"true"/"False"/"false", anything
+# else is ORT_THROW("[ERROR] [TensorRT] The value for the key '<key>' should be 'True' or 'False'. Default value
+# is 'False'."); a path option must be non-empty; an unknown key is "Invalid TensorRT EP option: <key>". Before
+# that, onnxruntime's Python layer (check_and_normalize_provider_args, the installed onnxruntime's own function,
+# used below) turns every key and value into str(), so Python True becomes "True". A RuntimeError from session
+# creation makes InferenceSession print "EP Error ..." and retry on ["CUDAExecutionProvider",
+# "CPUExecutionProvider"] (onnxruntime_inference_collection.py): the TensorRT provider is then silently gone.
+TRT_BOOL_OPTIONS = {"trt_fp16_enable", "trt_int8_enable", "trt_engine_cache_enable", "trt_timing_cache_enable",
+                    "trt_force_timing_cache", "trt_dump_subgraphs", "trt_cuda_graph_enable", "trt_layer_norm_fp32_fallback",
+                    "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_sparsity_enable",
+                    "trt_build_heuristics_enable", "trt_detailed_build_log", "trt_dla_enable"}
+TRT_PATH_OPTIONS = {"trt_engine_cache_path", "trt_timing_cache_path", "trt_engine_cache_prefix"}
+GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def parse_tensorrt_options(options: dict[str, str]) -> None:
+    """What onnxruntime's binding does with the TensorRT EP's (already str()-normalised) options."""
+    for key, value in options.items():
+        if key in TRT_BOOL_OPTIONS:
+            if value not in ("True", "true", "False", "false"):
+                raise RuntimeError(f"[ERROR] [TensorRT] The value for the key '{key}' should be 'True' or 'False'. "
+                                   "Default value is 'False'.\n")
+        elif key in TRT_PATH_OPTIONS:
+            if not value:
+                raise RuntimeError(f"[ERROR] [TensorRT] The value for the key '{key}' should be a path string.\n")
+        else:
+            raise RuntimeError(f"Invalid TensorRT EP option: {key}")
+
+
+@pytest.fixture
+def ort_gpu(monkeypatch):
+    """onnxruntime-gpu as OrtRunner sees it: TensorRT, CUDA and CPU providers; session creation normalises and
+    parses the provider options as the real package does and, on an EP error, falls back to CUDA + CPU as it does.
+    The graph itself runs on the real CPU session underneath. Returns the list of EP errors printed."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_inference_collection import check_and_normalize_provider_args
+
+    real_session, errors = onnxruntime.InferenceSession, []
+
+    class GpuSession:
+        def __init__(self, path, sess_options=None, providers=None, provider_options=None, **kwargs):
+            names, options = check_and_normalize_provider_args(providers, provider_options, GPU_PROVIDERS)
+            try:
+                for name, opts in zip(names, options):
+                    if name == "TensorrtExecutionProvider":
+                        parse_tensorrt_options(opts)
+                self._providers = names
+            except RuntimeError as e:
+                errors.append(f"EP Error {e} when using {providers}")
+                self._providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            self._cpu = real_session(path, sess_options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return self._providers
+
+        def __getattr__(self, name):
+            return getattr(self._cpu, name)
+
+    monkeypatch.setattr("engines.ort_runner.ort.get_available_providers", lambda: list(GPU_PROVIDERS))
+    monkeypatch.setattr("engines.ort_runner.ort.InferenceSession", GpuSession)
+    monkeypatch.setattr("engines.ort_runner.device_name", lambda device: "Fake GPU" if device.type == "cuda" else "CPU")
+    return errors
+
+
 def test_tensorrt_provider_options(tmp_path):
     cache = tmp_path / "export" / TRT_CACHE
     fp16 = tensorrt_options("fp16", cache)
-    assert fp16 == {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
-                    "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
-    assert tensorrt_options("fp32", cache)["trt_fp16_enable"] == "0"
+    assert fp16 == {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
+    assert tensorrt_options("fp32", cache)["trt_fp16_enable"] == "False"
+    for options in (fp16, tensorrt_options("fp32", cache)):
+        parse_tensorrt_options(options)  # the real binding's rules accept them
+    with pytest.raises(RuntimeError, match="The value for the key 'trt_fp16_enable' should be 'True' or 'False'"):
+        parse_tensorrt_options(fp16 | {"trt_fp16_enable": "1"})
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert with_options(gpu, "fp16", cache) == [("TensorrtExecutionProvider", fp16), *gpu[1:]]
     assert with_options(gpu[1:], "fp16", cache) == gpu[1:]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_tensorrt_provider_accepts_the_runners_options(run_onnx, batch, ort_gpu, precision):
+    """With "1"/"0" options onnxruntime-gpu would print an EP error, drop TensorRT and the runner would refuse."""
+    runner = OrtRunner(run_onnx, device="tensorrt", precision=precision)
+    assert ort_gpu == [] and runner.providers == GPU_PROVIDERS and runner.threads is None
+    assert runner.device == "Fake GPU via TensorrtExecutionProvider"
+    assert (run_onnx / "export" / TRT_CACHE).is_dir()
+    assert runner.predict(batch).shape == (len(batch), 30)
+
+
+def test_a_dropped_tensorrt_provider_is_an_error(run_onnx, ort_gpu, monkeypatch):
+    monkeypatch.setattr("engines.ort_runner.tensorrt_options", lambda precision, cache: {"trt_fp16_enable": "1"})
+    with pytest.raises(RuntimeError, match=r"onnxruntime dropped TensorrtExecutionProvider .*'EP Error' message"):
+        OrtRunner(run_onnx, device="tensorrt")
+    assert "should be 'True' or 'False'" in ort_gpu[0]
 
 
 def test_providers():

@@ -54,7 +54,7 @@ def test_every_variant_scored_with_provenance(ablated, tiny_data):
     assert doc["random_init"] and doc["warning"]
     # the heads trained on the run's own cached features, found by the key the probe derives
     assert (runs / ".cache" / doc["train"]["features"]["key"]).is_dir()
-    assert doc["train"]["features"]["found"].startswith("the key run_probe derives")
+    assert doc["train"]["features"]["found"] == "recorded by the run (summary.feature_cache)"
     assert (runs / ".cache" / doc["eval_features"]["key"] / "meta.json").is_file()
     assert any("\nvariant " in entry and "field+la+shrink" in entry for entry in lines)  # the printed table
 

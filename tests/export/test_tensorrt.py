@@ -1,7 +1,46 @@
-"""TensorRT export: the pure parts everywhere, the build driven by a fake ``tensorrt``; a real build on a GPU."""
+"""TensorRT export: the pure parts everywhere, the build driven by a fake ``tensorrt``; a real build on a GPU.
+
+The fake is faithful, per major version, to every TensorRT name ``export.tensorrt`` uses. Each was read from the
+real Python bindings of the wheels ``tensorrt_cu12_bindings-10.13.3.9`` and ``tensorrt_cu13_bindings-11.4.0.106``
+(cp311 manylinux_2_28_x86_64, from PyPI): ``tensorrt.so`` imported against stub libnvinfer/libnvonnxparser/
+libnvinfer_plugin libraries (no GPU), then ``dir()``, the enum values (``int(...)``) and the pybind signatures
+(``__doc__``) of each name. ``nptype`` is Python code in the wheels' ``__init__.py``.
+
+| name                                                    | 10.13.3.9                       | 11.4.0.106               |
+|---------------------------------------------------------|---------------------------------|--------------------------|
+| ``Logger(Logger.WARNING)``, ``Builder(logger)``         | yes (WARNING = 2)               | yes (WARNING = 2)        |
+| ``Builder.create_network(flags: int = 0)``              | yes                             | yes                      |
+| ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``        | 0                               | absent                   |
+| ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``        | 1                               | 0 (deprecated, ignored)  |
+| ``OnnxParser(network, logger).parse_from_file -> bool``, ``num_errors``, ``get_error`` | yes | yes          |
+| ``Builder.create_builder_config``, ``create_optimization_profile``, ``build_serialized_network -> IHostMemory | None`` | yes | yes |
+| ``IBuilderConfig.set_memory_pool_limit``, ``MemoryPoolType.WORKSPACE`` (0) | yes          | yes                      |
+| ``IBuilderConfig.set_flag``                             | yes                             | yes                      |
+| ``BuilderFlag.FP16`` / ``INT8`` / ``BF16``              | 0 / 1 / 17                      | absent                   |
+| ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` / ``PREFER_PRECISION_CONSTRAINTS`` | 9 / 10    | absent                   |
+| ``BuilderFlag.TF32``                                    | 6                               | 6                        |
+| ``IBuilderConfig.add_optimization_profile -> int``      | index, or -1 on a bad profile   | same                     |
+| ``IOptimizationProfile.set_shape(input, min, opt, max)``| yes                             | yes                      |
+| ``IBuilderConfig.create_timing_cache(buffer)``, ``set_timing_cache(cache, ignore_mismatch) -> bool``, ``get_timing_cache``, ``ITimingCache.serialize`` | yes | yes |
+| ``INetworkDefinition.num_layers``, ``get_layer``, ``get_input`` | yes                     | yes                      |
+| ``ILayer.name``, ``type``, ``num_outputs``, ``get_output``, ``ITensor.dtype`` | yes       | yes (``ITensor.dtype`` read-only) |
+| ``ILayer.precision`` (settable), ``ILayer.set_output_type`` | yes                         | absent                   |
+| ``IElementWiseLayer.op``, ``IUnaryLayer.op``            | yes                             | yes                      |
+| ``LayerType.NORMALIZATION/SOFTMAX/REDUCE/ELEMENTWISE/UNARY``, ``ElementWiseOperation.POW``, ``UnaryOperation.SQRT`` | yes | yes |
+| ``float32`` / ``float16`` (``DataType``)                | 0 / 1                           | 0 / 1                    |
+| ``Runtime(logger).deserialize_cuda_engine -> ICudaEngine | None`` | yes                     | yes                      |
+| ``ICudaEngine.create_execution_context``, ``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_dtype``, ``get_tensor_profile_shape(name, profile)`` | yes | yes |
+| ``TensorIOMode.INPUT``                                  | 1                               | 1                        |
+| ``IExecutionContext.set_input_shape -> bool``, ``get_tensor_shape`` | yes                 | yes                      |
+| ``IExecutionContext.set_tensor_address(name, int) -> bool``, ``execute_async_v3(int) -> bool`` | yes | yes        |
+| ``num_bindings``, ``execute_async_v2``, ``set_binding_shape`` (pre-8.5 bindings API) | absent | absent            |
+
+The runner's names (and cuda-python's / pycuda's) are listed in tests/engines/test_trt_runner.py.
+"""
 from __future__ import annotations
 
-import importlib.util
+import enum
+import itertools
 import json
 import re
 import shutil
@@ -66,7 +105,8 @@ def test_timing_cache_is_per_gpu_and_version(tmp_path):
     assert T.timing_cache_path(tmp_path, T4) != T.timing_cache_path(tmp_path, H200)
 
 
-NO_TRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+# importing, not find_spec: bindings installed without libnvinfer are found but do not import
+NO_TRT = pytest.mark.skipif(T._import_tensorrt()[0] is not None, reason="tensorrt imports here")
 
 
 @NO_TRT
@@ -173,20 +213,58 @@ def test_sidecar_refuses_missing_or_malformed_sidecars(engine, text, problem):
 
 # -- the build, driven by a fake tensorrt module ------------------------------------------------------------
 
+class Trt10BuilderFlag(enum.IntEnum):  # the members export.tensorrt may touch, with TensorRT 10.13's values
+    FP16 = 0
+    INT8 = 1
+    TF32 = 6
+    OBEY_PRECISION_CONSTRAINTS = 9
+    PREFER_PRECISION_CONSTRAINTS = 10
+    BF16 = 17
+
+
+class Trt11BuilderFlag(enum.IntEnum):  # 11.4: the precision flags are gone
+    TF32 = 6
+
+
+class Trt10CreationFlag(enum.IntEnum):
+    EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 1
+
+
+class Trt11CreationFlag(enum.IntEnum):  # 11.4: EXPLICIT_BATCH gone, STRONGLY_TYPED deprecated (always on)
+    STRONGLY_TYPED = 0
+
+
 class FakeLayer:
+    """A TensorRT 11 ``ILayer``: like a pybind object, it refuses attributes it does not have (``precision``)."""
+
+    __slots__ = ("_dtype", "_op", "name", "type")
+
     def __init__(self, name: str, kind: str, op: str | None = None, dtype: str = "float32"):
-        self.name, self.type, self._op = name, types.SimpleNamespace(name=kind), op
-        self.num_outputs, self.precision, self.output_types = 1, None, {}
-        self.get_output = lambda i: types.SimpleNamespace(dtype=dtype)
+        self.name, self.type, self._op, self._dtype = name, types.SimpleNamespace(name=kind), op, dtype
+
+    num_outputs = 1
+
+    def get_output(self, i):
+        return types.SimpleNamespace(dtype=self._dtype)
+
+
+class FakeLayer10(FakeLayer):
+    """A TensorRT 10 ``ILayer``: ``precision`` and ``set_output_type`` exist."""
+
+    __slots__ = ("output_types", "precision")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.precision, self.output_types = None, {}
 
     def set_output_type(self, index, dtype):
         self.output_types[index] = dtype
 
 
-class FakeElementWise(FakeLayer):  # what ``layer.__class__ = trt.IElementWiseLayer`` exposes: ``op``
-    @property
-    def op(self):
-        return types.SimpleNamespace(name=self._op)
+def with_op(layer_class: type) -> type:
+    """What ``layer.__class__ = trt.IElementWiseLayer`` (or ``IUnaryLayer``) exposes: ``op``."""
+    return type("OpLayer", (layer_class,), {"__slots__": (), "op": property(lambda self: types.SimpleNamespace(name=self._op))})
 
 
 class FakeLogger:
@@ -202,14 +280,21 @@ VIT_LAYERS = [("conv", "CONVOLUTION"), ("ln1", "NORMALIZATION"), ("qk", "MATRIX_
               ("shape-sum", "REDUCE", None, "int32")]
 
 
-def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = ()) -> types.SimpleNamespace:
-    """Just enough of the tensorrt module for ``build_engine``; records what was asked of it in ``log``.
+def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = (),
+             input_shape: tuple[int, ...] = (-1, 3, -1, -1)) -> types.SimpleNamespace:
+    """Just enough of the tensorrt module (of ``version``'s major: 10 or 11) for ``build_engine``, with the real
+    bindings' names and values (module docstring); records what was asked of it in ``log``.
 
-    ``set_timing_cache`` refuses caches made from ``refused_caches`` (as TensorRT does a corrupt one)."""
-    network = types.SimpleNamespace(layers=[FakeLayer(*spec) for spec in VIT_LAYERS])
+    ``set_timing_cache`` refuses caches made from ``refused_caches`` (as TensorRT does a corrupt one), and
+    ``add_optimization_profile`` returns -1 for a profile TensorRT would refuse (unset, not min <= opt <= max, or
+    at odds with the network input's ``input_shape``, where -1 is a dynamic axis)."""
+    trt10 = version.startswith("10.")
+    layer_class = FakeLayer10 if trt10 else FakeLayer
+    network = types.SimpleNamespace(layers=[layer_class(*spec) for spec in VIT_LAYERS])
     network.num_layers = len(network.layers)
     network.get_layer = lambda i: network.layers[i]
-    network.get_input = lambda i: types.SimpleNamespace(name="images")
+    network.get_input = lambda i: types.SimpleNamespace(name="images", shape=input_shape)
+    flag_type = Trt10BuilderFlag if trt10 else Trt11BuilderFlag
 
     class Cache:
         def __init__(self, data):
@@ -223,19 +308,27 @@ def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = ()) ->
             log["flags"], log["profiles"] = set(), []
 
         def set_flag(self, flag):
+            assert isinstance(flag, flag_type)
             log["flags"].add(flag)
 
         def set_memory_pool_limit(self, pool, size):
             log["workspace"] = (pool, size)
 
-        def add_optimization_profile(self, profile):
-            log["profiles"].append(profile.shapes)
+        def add_optimization_profile(self, profile) -> int:
+            shapes = getattr(profile, "shapes", None)
+            if shapes is None or not all(a <= b for lo, hi in itertools.pairwise(shapes[1:]) for a, b in zip(lo, hi)):
+                return -1
+            if any(len(dims) != len(input_shape) or any(d not in (-1, x) for d, x in zip(input_shape, dims))
+                   for dims in shapes[1:]):
+                return -1
+            log["profiles"].append(shapes)
+            return len(log["profiles"]) - 1
 
         def create_timing_cache(self, data):
             log.setdefault("caches_offered", []).append(data)
             return Cache(data)
 
-        def set_timing_cache(self, cache, ignore_mismatch):
+        def set_timing_cache(self, cache, ignore_mismatch) -> bool:
             assert ignore_mismatch is False
             if cache.data in refused_caches:
                 return False
@@ -253,7 +346,8 @@ def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = ()) ->
         def __init__(self, logger):
             pass
 
-        def create_network(self, flags):
+        def create_network(self, flags: int = 0):
+            assert isinstance(flags, int)
             log["network_flags"] = flags
             return network
 
@@ -271,15 +365,31 @@ def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = ()) ->
             log["parsed"] = Path(path).name
             return True
 
-    flags = types.SimpleNamespace(OBEY_PRECISION_CONSTRAINTS="OBEY")
-    if version.startswith("10."):
-        flags.FP16 = "FP16"  # removed in TensorRT 11
     log["network"] = network
     return types.SimpleNamespace(
-        __version__=version, Logger=FakeLogger, Builder=Builder, OnnxParser=Parser, BuilderFlag=flags,
-        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1), float32="float32",
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"), IElementWiseLayer=FakeElementWise,
-        IUnaryLayer=FakeElementWise)
+        __version__=version, Logger=FakeLogger, Builder=Builder, OnnxParser=Parser, BuilderFlag=flag_type,
+        NetworkDefinitionCreationFlag=Trt10CreationFlag if trt10 else Trt11CreationFlag, float32="float32",
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"), IElementWiseLayer=with_op(layer_class),
+        IUnaryLayer=with_op(layer_class))
+
+
+def test_the_fakes_have_the_real_api_of_each_version():
+    """The names TensorRT 11 removed are absent from its fake, present in TensorRT 10's; the enum values are the
+    real bindings' (module docstring)."""
+    t10, t11 = fake_trt("10.13.3.9", {}), fake_trt("11.4.0.106", {})
+    assert int(t10.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1 and t10.NetworkDefinitionCreationFlag.EXPLICIT_BATCH == 0
+    assert int(t11.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+    assert not hasattr(t11.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    for name in ("FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"):
+        assert hasattr(t10.BuilderFlag, name) and not hasattr(t11.BuilderFlag, name)
+    layer10, layer11 = t10.IElementWiseLayer("x", "ELEMENTWISE", "POW"), t11.IElementWiseLayer("x", "ELEMENTWISE", "POW")
+    layer10.precision = "float32"
+    layer10.set_output_type(0, "float32")
+    with pytest.raises(AttributeError):
+        layer11.precision = "float32"
+    assert not hasattr(layer11, "set_output_type") and layer11.op.name == "POW"
+    config = t10.Builder(None).create_builder_config()
+    assert config.add_optimization_profile(t10.Builder(None).create_optimization_profile()) == -1  # no shapes set
 
 
 @pytest.fixture
@@ -300,7 +410,8 @@ def test_build_trt10_pins_fragile_layers_fp32(onnx_pair):
     cache.write_bytes(b"old")  # a timing cache from an earlier build is reused and extended
     info = T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(target="t4"), cache, H200, "ckpt-sha",
                           trt=fake_trt("10.3.0", log))
-    assert log["parsed"] == "model.onnx" and log["network_flags"] == 0 and log["flags"] == {"FP16", "OBEY"}
+    assert log["parsed"] == "model.onnx" and log["network_flags"] == 0
+    assert log["flags"] == {Trt10BuilderFlag.FP16, Trt10BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
     assert info["pinned_fp32_layers"] == ["ln1", "pool", "pow", "softmax", "sqrt"]
     for layer in log["network"].layers:
         pinned = layer.name in info["pinned_fp32_layers"]
@@ -318,14 +429,15 @@ def test_build_trt10_pins_fragile_layers_fp32(onnx_pair):
 def test_build_trt11_is_strongly_typed_from_the_fp16_onnx(onnx_pair):
     fp32, fp16 = onnx_pair
     log: dict = {}
-    env = T4 | {"tensorrt": "11.0.0"}
+    env = T4 | {"tensorrt": "11.4.0.106"}
     engine = fp32.with_name(T.engine_name(env))
     cache = T.timing_cache_path(fp32.parents[2], env)
     opts = T.EngineOptions(min_batch=2, opt_batch=4, max_batch=16, workspace_gb=1.5, target="t4")
     checkpoint = T.sha256_file(fp32.parents[1] / "model.safetensors")
-    info = T.build_engine(fp32, fp16, engine, 28, opts, cache, env, checkpoint, trt=fake_trt("11.0.0", log))
-    assert log["parsed"] == "model.fp16.onnx" and log["network_flags"] == 1 << 1 and log["flags"] == set()
-    assert info["pinned_fp32_layers"] == [] and all(layer.precision is None for layer in log["network"].layers)
+    info = T.build_engine(fp32, fp16, engine, 28, opts, cache, env, checkpoint, trt=fake_trt("11.4.0.106", log))
+    # no creation flags: strongly typed is always on in TensorRT 11 (its deprecated STRONGLY_TYPED flag is 0)
+    assert log["parsed"] == "model.fp16.onnx" and log["network_flags"] == 0 and log["flags"] == set()
+    assert info["pinned_fp32_layers"] == []
     assert log["caches_offered"] == [b""] and cache.read_bytes() == b"+timings"
     assert log["workspace"][1] == int(1.5 * (1 << 30))
     assert info["onnx_sha256"] == T.sha256_file(fp16) and info["target_warning"] is None
@@ -348,6 +460,20 @@ def test_build_replaces_a_refused_timing_cache(onnx_pair):
     with pytest.raises(T.EngineBuildError, match="refused an empty timing cache"):
         T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("none"), H200,
                        "sha", trt=fake_trt("10.3.0", {}, refused_caches=(b"",)))
+
+
+def test_build_stops_when_tensorrt_refuses_the_profile(onnx_pair):
+    """``add_optimization_profile`` returns -1 (not an exception) for a profile at odds with the network: the build
+    stops there, naming the profile, and writes no engine."""
+    fp32, fp16 = onnx_pair
+    log: dict = {}
+    engine = fp32.with_name("e.engine")
+    trt = fake_trt("10.13.3.9", log, input_shape=(-1, 3, 224, 224))  # a static 224 px graph; the profile asks 32
+    with pytest.raises(T.EngineBuildError, match=r"refused the optimisation profile 'images' min \(1, 3, 32, 32\)"):
+        T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha", trt=trt)
+    assert log["profiles"] == [] and not engine.exists()
+    T.build_engine(fp32, fp16, engine, 224, T.EngineOptions(), fp32.with_name("c"), T4, "sha", trt=trt)
+    assert log["profiles"][0][1] == (1, 3, 224, 224) and engine.exists()
 
 
 def test_build_reports_parser_errors(onnx_pair):

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_CACHE, TINY_MODELS
@@ -106,7 +105,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tiny_data, tmp_path
 def test_resume_restores_the_optimizer_on_the_parameters_device_and_dtype(tiny_data, tmp_path):
     """load_resume reads the file to CPU; the AdamW state must follow each parameter (to its GPU when resuming
     there; here, to float64 parameters: the same casting path, Optimizer.load_state_dict), and keep its step."""
-    model, ds, prep, images, rows, y = _setup(tiny_data, "cnn")
+    model, _, prep, images, rows, y = _setup(tiny_data, "cnn")
     cfg = FinetuneConfig(batch_size=8, amp=False)
     src = ImageSource(model, images, rows, prep, amp=False)
     loss_fn = MultiLabelLoss("bce")
