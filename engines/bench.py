@@ -242,7 +242,10 @@ def bench_pair(run_dir: str | Path, runtime: str, batches: list[int], precision:
     runner = open_runner(run_dir, runtime, precision=precision, **runner_kw)
     inputs = real_images(data, runner.config, max(batches)) if data else None
     busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-    result = bench_runner(runner, batches, warmup_s, duration_s, min_iters, inputs=inputs, seed=seed)
+    try:
+        result = bench_runner(runner, batches, warmup_s, duration_s, min_iters, inputs=inputs, seed=seed)
+    finally:
+        runner.close()
     # other processes competing for the cores make CPU figures pessimistic (and oversubscribed OpenMP collapses)
     busy_after = busy_cpu_seconds()
     others = None if busy is None or busy_after is None else contention(

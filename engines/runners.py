@@ -57,6 +57,9 @@ class Runner:
     def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the runtime holds (device buffers, streams, graphs); the runner is not used after it."""
+
     def describe(self) -> dict:
         return {"runtime": self.name, "device": self.device, "precision": self.precision, "threads": self.threads}
 

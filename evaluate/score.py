@@ -317,7 +317,10 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
     (out / METRICS).unlink(missing_ok=True)  # from here on, an old metrics.json would describe new files
 
     t = time.perf_counter()
-    logits = predict_logits(runner, images, rows, preprocess, batch_size, progress)
+    try:
+        logits = predict_logits(runner, images, rows, preprocess, batch_size, progress)
+    finally:
+        runner.close()
     seconds = time.perf_counter() - t
     metrics["inference"] = {"seconds": round(seconds, 3), "images_per_s": round(len(rows) / seconds, 1),
                             "batch_size": batch_size, "runner_load_seconds": round(load_seconds, 3),

@@ -287,3 +287,21 @@ def test_cli_benchmarks_and_reports_runs_it_cannot(runs_onnx, capsys):
     assert main(["bench", "--runs", str(runs_onnx), "--runtime", "torch", "--pairs", "cnn-probe", "--batch", "1",
                  "--warmup", "0", "--duration", "0", "--iterations", "2", "--device", "cpu"]) == 0
     assert (runs_onnx / "cnn-probe" / "latency" / "torch.json").exists()
+
+
+def test_bench_pair_closes_its_runner_even_when_the_benchmark_fails(run_onnx, monkeypatch):
+    """A TensorRT runner holds device memory, streams and CUDA graphs until ``close``."""
+    from engines import bench as B
+    from engines import runners
+
+    closed = []
+
+    class Closing(runners.RUNTIMES["onnxruntime"]):
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setitem(runners.RUNTIMES, "onnxruntime", Closing)
+    monkeypatch.setattr(B, "bench_runner", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("refused enqueue")))
+    with pytest.raises(RuntimeError, match="refused enqueue"):
+        B.bench_pair(run_onnx, "onnxruntime", [1], write=False)
+    assert closed == [True]
