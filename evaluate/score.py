@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from engines.runners import RUNTIMES, Runner, open_runner
@@ -126,11 +125,6 @@ def predict_logits(runner: Runner, images: np.ndarray, rows: np.ndarray, preproc
     out = [runner.predict(preprocess(images[rows[s:s + batch_size]]))
            for s in tqdm(starts, desc=f"{runner.name} {runner.precision}", disable=not progress)]
     return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """float32 sigmoid; a run's scores are ``decision.scores(logits)`` (sigmoid only for the free tags)."""
-    return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
 
 
 def bootstrap_cis(y_true: np.ndarray, y_pred: np.ndarray, masks: dict[str, np.ndarray]) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, f1_score
 
 from engines.runners import RUNTIMES, Runner, open_runner
@@ -51,6 +52,11 @@ def copy_runs(src: Path, dst: Path, names: list[tuple[str, str]] | None = None) 
     for pair, name in names or [(p, p) for p in PAIRS]:
         shutil.copytree(src / pair, dst / name)
     return dst
+
+
+def torch_sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The float32 sigmoid evaluation used before decision rules: the reference for groupless runs."""
+    return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
 
 
 def held_out_labels(data: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -374,8 +380,8 @@ def test_a_run_without_groups_scores_exactly_as_before(tiny_runs, tiny_data, tmp
     out = runs / "old-probe" / "eval" / "fixed"
     probs = np.load(out / "predictions.npy")
     # the old float32 sigmoid, to the last bit of float32 (the rule computes in float64, then rounds)
-    np.testing.assert_allclose(probs, S.sigmoid(logits), rtol=0, atol=6e-8)
-    old, _ = S.score_predictions(S.sigmoid(logits), y, thr, ds.stats(), ds.taxonomy)  # plain thresholds
+    np.testing.assert_allclose(probs, torch_sigmoid(logits), rtol=0, atol=6e-8)
+    old, _ = S.score_predictions(torch_sigmoid(logits), y, thr, ds.stats(), ds.taxonomy)  # plain thresholds
     assert {k: m[k] for k in old} == old
     has_pos = y.sum(axis=0) > 0
     assert m["macro_f1"] == pytest.approx(
