@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from evaluate.bootstrap import bootstrap_indices, bootstrap_macro_f1
-from evaluate.metrics import bucket_masks
+from bakeoff.evaluate.bootstrap import bootstrap_indices, bootstrap_macro_f1
+from bakeoff.evaluate.metrics import bucket_masks
 
 
 def cpu_name() -> str:

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.score import evaluate_run
-from train.data.dataset import field_of, load_dataset
-from train.data.splits import prepare
-from train.data.synth import generate
-from train.device import device_name, pick_device
-from train.profiles import FAMILIES, Settings, resolve
-from train.run import RunOptions, train_pair
+from bakeoff.common.device import device_name, pick_device
+from bakeoff.evaluate.score import evaluate_run
+from bakeoff.train.data.dataset import field_of, load_dataset
+from bakeoff.train.data.splits import prepare
+from bakeoff.train.data.synth import generate
+from bakeoff.train.profiles import FAMILIES, Settings, resolve
+from bakeoff.train.run import RunOptions, train_pair
 
 FINE = {"brand", "size", "pattern", "material"}
 MODEL = "efficientnet_lite0"

@@ -160,8 +160,8 @@ def print_environment(env: dict) -> None:
 def make_subset(source: Path, dest: Path, n_images: int, seed: int = 0) -> dict:
     """A stratified ``n_images`` subset of the dataset at ``source`` written as a dataset at ``dest`` (absolute image
     paths, tags with fewer than MIN_TAG_IMAGES images in the subset dropped), prepared 60/20/20."""
-    from train.data.dataset import load_dataset, write_dataset
-    from train.data.splits import iterative_stratification, prepare
+    from bakeoff.train.data.dataset import load_dataset, write_dataset
+    from bakeoff.train.data.splits import iterative_stratification, prepare
 
     ds = load_dataset(source)
     y = ds.labels()
@@ -251,7 +251,7 @@ def read(path: Path) -> dict | None:
 
 
 def pair_summary(runs: Path, pair: str) -> dict:
-    from train.timing import training_seconds
+    from bakeoff.common.timing import training_seconds
 
     run = runs / pair
     config, timing = read(run / "config.json") or {}, read(run / "timing.json") or {}
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     # data
     source = a.data.resolve()
     if not (source / "manifest.csv").exists() and (source / "styles.csv").exists():
-        step = check.run("import", ["train.data", "import", "fashion-styles", str(source), "--out",
+        step = check.run("import", ["bakeoff.train.data", "import", "fashion-styles", str(source), "--out",
                                     str(out / "imported")])
         source = out / "imported"
         if step.status != "passed":
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in ("probe", "ft"):
             check.skip(f"train clip-{s}", env["no_open_clip"])
     schedule = ["--epochs", str(a.epochs), "--probe-epochs", str(a.probe_epochs)]
-    plan = check.run("weights plan", ["train", "--all", "--plan-weights", "--profile", "full", *weights, *schedule,
+    plan = check.run("weights plan", ["bakeoff.train", "--all", "--plan-weights", "--profile", "full", *weights, *schedule,
                                       *[x for f in MODELS for x in ("--model", f"{f}={models[f]}")],
                                       *[x for f in MODELS for x in ("--image-size", f"{f}={sizes[f]}")]])
     if plan.log:
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     for fam in families:
         for strat in ("probe", "ft"):
             check.run(f"train {fam}-{strat}", [
-                "train", "--backbone", fam, "--strategy", strat, "--data", str(data), "--out", str(runs),
+                "bakeoff.train", "--backbone", fam, "--strategy", strat, "--data", str(data), "--out", str(runs),
                 "--profile", "full", "--model", models[fam], "--image-size", str(sizes[fam]),
                 "--cache-size", str(cache),
                 *schedule, "--trials", str(a.trials), *weights, *device, "--no-progress"])
@@ -403,15 +403,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # evaluate, export
     eval_device = ["--device", "cpu" if not gpu else "cuda"]
-    check.run("evaluate torch fp32", ["evaluate", "--runs", str(runs), "--data", str(data), "--runtime", "torch",
+    check.run("evaluate torch fp32", ["bakeoff.evaluate", "--runs", str(runs), "--data", str(data), "--runtime", "torch",
                                       *eval_device, "--no-progress"])
-    check.run("evaluate torch fp16", ["evaluate", "--runs", str(runs), "--data", str(data), "--runtime", "torch",
+    check.run("evaluate torch fp16", ["bakeoff.evaluate", "--runs", str(runs), "--data", str(data), "--runtime", "torch",
                                       "--precision", "fp16", *eval_device, "--no-progress"])
     if env["no_onnxruntime"]:
         check.skip("export", env["no_onnxruntime"])
     else:
         n_test = len((read(data / "splits.json") or {}).get("test", []))
-        step = check.run("export --fp16", ["export", "--fp16", "--runs", str(runs), "--data", str(data),
+        step = check.run("export --fp16", ["bakeoff.export", "--fp16", "--runs", str(runs), "--data", str(data),
                                            "--parity-images", str(min(256, n_test) or 256),
                                            "--max-batch", str(max(batches))])
         if step.status == "failed":  # one pair failing parity (random-init DINOv2 does) fails the command
@@ -429,13 +429,13 @@ def main(argv: list[str] | None = None) -> int:
             check.skip(f"bench {cfg.label}", why)
             latency[cfg.label] = {p: "skipped" for p in bench_pairs}
             continue
-        from engines.bench import latency_path
+        from bakeoff.engines.bench import latency_path
 
         files = {pair: latency_path(runs / pair, cfg.runtime, cfg.precision) for pair in bench_pairs}
         for path in files.values():  # another configuration's (same runtime and precision) was copied already
             path.unlink(missing_ok=True)
         step = check.run(f"bench {cfg.label}", [  # one process for the pairs: one interpreter start-up
-            "engines", "bench", "--runs", str(runs), "--pairs", ",".join(bench_pairs), *cfg.argv, "--batch", a.batch,
+            "bakeoff.engines", "bench", "--runs", str(runs), "--pairs", ",".join(bench_pairs), *cfg.argv, "--batch", a.batch,
             "--warmup", str(a.warmup), "--duration", str(a.duration), "--iterations", "10", "--data", str(data)])
         latency[cfg.label] = {}
         for pair, path in files.items():

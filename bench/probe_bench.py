@@ -3,23 +3,27 @@
     python -m bench.probe_bench --data data/fashion --features runs/fashion/.cache/features-<key>
     python -m bench.probe_bench --synthetic 35000 1280 256          # no dataset needed
 
-Prints seconds for the whole sweep, the selected weight decay (and whether it is on the grid's edge), the
-validation mAP per setting, and the device. With ``--data``, the features' rows are split as the run split
-them (train rows first, then val), and the dataset's single-valued fields become softmax groups.
+Prints seconds for the whole sweep (wall and this process's CPU time, each run of ``--repeat`` and their
+median, with the load average before and after: with one thread, wall time above CPU time is time other
+processes held the core; with more, OpenMP threads waiting for a busy core spin, so CPU time grows with
+wall time), the selected weight decay (and whether it is on the grid's edge), the validation mAP per setting,
+and the device. With ``--data``, the features' rows are split as the run split them (train rows first, then val),
+and the dataset's single-valued fields become softmax groups.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 import torch
 
-from train.data.dataset import load_dataset
-from train.decision import single_valued_groups
-from train.device import device_name, pick_device, setup_threads
-from train.heads import HeadLoss
-from train.probe import ProbeConfig, train_probe
+from bakeoff.common.device import device_name, pick_device, setup_threads
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.decision import single_valued_groups
+from bakeoff.train.heads import HeadLoss
+from bakeoff.train.probe import ProbeConfig, train_probe
 
 
 def synthetic(n: int, d: int, t: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -42,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=ProbeConfig.epochs, help="probe epochs")
     p.add_argument("--no-amp", action="store_true", help="fp32 matmuls instead of bf16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: $OMP_NUM_THREADS, else every core)")
+    p.add_argument("--repeat", type=int, default=1, help="time the sweep this many times")
     a = p.parse_args(argv)
-    threads = setup_threads()
+    if a.repeat < 1:
+        p.error("--repeat must be at least 1")
+    threads = setup_threads(a.threads)
     device = pick_device(a.device)
     groups: list[list[int]] = []
     if a.synthetic:
@@ -62,13 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         groups = single_valued_groups(yt, [ds.fields.get(tg, "") for tg in ds.taxonomy])
     cfg = ProbeConfig(epochs=a.epochs, amp=not a.no_amp)
     loss = HeadLoss(groups, n_tags=y.shape[1])
-    t = time.perf_counter()
-    res = train_probe(xt, yt, xv, yv, cfg, loss, device)
-    secs = time.perf_counter() - t
+    load = os.getloadavg()[0]
+    wall, cpu = [], []
+    for _ in range(a.repeat):
+        t, c = time.perf_counter(), time.process_time()
+        res = train_probe(xt, yt, xv, yv, cfg, loss, device)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     print(f"device: {device_name(device)}, {threads} threads, torch {torch.__version__}, "
-          f"{'bf16' if cfg.amp else 'fp32'} matmuls")
+          f"{'bf16' if cfg.amp else 'fp32'} matmuls; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
+    runs = ", ".join(f"{w:.1f} s (CPU {c:.1f} s)" for w, c in zip(wall, cpu))
     print(f"train {xt.shape[0]} x {xt.shape[1]} features, {yt.shape[1]} tags ({len(groups)} softmax groups), "
-          f"val {xv.shape[0]}; {len(cfg.grid())} weight decays x {cfg.epochs} epochs: {secs:.1f} s")
+          f"val {xv.shape[0]}; {len(cfg.grid())} weight decays x {cfg.epochs} epochs: {np.median(wall):.1f} s "
+          f"(median of {a.repeat}: {runs})")
     for s in res.sweep:
         mark = " <- selected" if s["weight_decay"] == res.best["weight_decay"] else ""
         print(f"  wd={s['weight_decay']:<8g} val mAP {s['val_map']:.4f} (epoch {s['epoch']}){mark}")

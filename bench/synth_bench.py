@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data import synth
+from bakeoff.train.data import synth
 
 
 def cpu_model() -> str:

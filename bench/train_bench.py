@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.data.cache import load_cache
-from train.data.dataset import load_dataset
-from train.device import autocast, device_name, pick_device, setup_threads
-from train.features import FeatureStore, extract
-from train.finetune import FinetuneConfig, ImageSource, TrunkSource, batch_loss, make_optimizer, set_train_mode
-from train.losses import MultiLabelLoss
-from train.preprocess import Preprocess
-from train.registry import TaggingModel, get_spec
-from train.weights import create_backbone
+from bakeoff.common.device import autocast, device_name, pick_device, setup_threads
+from bakeoff.train.data.cache import load_cache
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.features import FeatureStore, extract
+from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrunkSource, batch_loss, make_optimizer, set_train_mode
+from bakeoff.train.losses import MultiLabelLoss
+from bakeoff.train.preprocess import Preprocess
+from bakeoff.train.registry import TaggingModel, get_spec
+from bakeoff.train.weights import create_backbone
 
 
 def flops(fn) -> float:

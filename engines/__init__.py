@@ -1,9 +1,4 @@
-"""Runners (torch, onnxruntime, tensorrt) behind one ``predict`` interface, and trtexec-style benchmarks.
+"""`python -m engines ...` from the repository root runs `bakeoff.engines` (installed, the command is `bakeoff engines`)."""
+import bakeoff.engines
 
-Importing the package registers every runtime in ``engines.runners.RUNTIMES`` (tensorrt imports its libraries
-only when a runner is opened, so this works on machines without them).
-"""
-from engines import ort_runner, trt_runner  # noqa: F401  (register the onnxruntime and tensorrt runtimes)
-from engines.runners import RUNTIMES, Runner, TorchRunner, open_runner
-
-__all__ = ["RUNTIMES", "Runner", "TorchRunner", "open_runner"]
+__path__ = bakeoff.engines.__path__  # (submodules and __main__ come from the installed package)

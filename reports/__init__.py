@@ -1,4 +1,4 @@
-"""Reports: tables, figures and a recommendation from a runs directory's artifacts only (no model code)."""
-from reports.build import build_report
+"""`python -m reports ...` from the repository root runs `bakeoff.reports` (installed, the command is `bakeoff reports`)."""
+import bakeoff.reports
 
-__all__ = ["build_report"]
+__path__ = bakeoff.reports.__path__  # (submodules and __main__ come from the installed package)

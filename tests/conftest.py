@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset (prepared + cached) and tiny runs of each family."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ def needs_shared(path: Path = SHARED):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """240 synthetic images, 30 tags, 32 px; split 60% / 20% / 20%; image cache at 32 px."""
-    from train.data.cache import build_cache
-    from train.data.dataset import load_dataset
-    from train.data.splits import prepare
-    from train.data.synth import generate
+    from bakeoff.train.data.cache import build_cache
+    from bakeoff.train.data.dataset import load_dataset
+    from bakeoff.train.data.splits import prepare
+    from bakeoff.train.data.synth import generate
 
     root = tmp_path_factory.mktemp("tiny") / "data"
     generate(root, n_images=240, n_tags=30, seed=0, image_size=32, workers=1)
@@ -33,8 +34,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_options(family: str, strategy: str, **kw):
-    from train.probe import ProbeConfig
-    from train.run import RunOptions
+    from bakeoff.train.probe import ProbeConfig
+    from bakeoff.train.run import RunOptions
 
     name, size = TINY_MODELS[family]
     base = dict(family=family, strategy=strategy, model=name, weights="random", image_size=size, cache_size=TINY_CACHE,
@@ -46,9 +47,28 @@ def tiny_options(family: str, strategy: str, **kw):
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_data, tmp_path_factory) -> Path:
     """cnn-probe and cnn-ft (random-init MobileNetV2 at 32 px) trained on ``tiny_data``."""
-    from train.run import train_pair
+    from bakeoff.train.run import train_pair
 
     out = tmp_path_factory.mktemp("runs")
     for strategy in ("probe", "ft"):
         train_pair(tiny_data, out, tiny_options("cnn", strategy))
     return out
+
+
+@pytest.fixture(autouse=True)
+def restore_log_level():
+    """A stage CLI sets the ``bakeoff`` logger's level (-v / -q): each test starts from the level it found."""
+    logger = logging.getLogger("bakeoff")
+    before = logger.level
+    yield
+    logger.setLevel(before)
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every progress bar the feedback helpers make, recorded (tests.progress.RecordingBar)."""
+    from tests.progress import RecordingBar
+
+    RecordingBar.made = []
+    monkeypatch.setattr("bakeoff.common.log.tqdm", RecordingBar)
+    return RecordingBar.made

@@ -9,8 +9,8 @@ import pytest
 
 def export_onnx(run_dir: Path, fp16: bool = True) -> Path:
     """``run_dir/export/model.onnx`` (+ ``model.fp16.onnx``), made by the export stage's own functions."""
-    from export.fp16 import convert_fp16
-    from export.onnx_export import export_onnx as export_stage
+    from bakeoff.export.fp16 import convert_fp16
+    from bakeoff.export.onnx_export import export_onnx as export_stage
 
     path = export_stage(run_dir)
     if fp16:

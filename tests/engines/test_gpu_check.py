@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bakeoff.train.data.dataset import load_dataset
 from bench import gpu_check as G
-from train.data.dataset import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,22 +92,22 @@ def test_the_check_chains_the_stage_clis_and_summarises_their_artifacts(tiny_dat
 
     def run(self, name, argv, ok_codes=(0,)):
         calls.append(argv)
-        if argv[0] == "train" and "--backbone" in argv:
+        if argv[0] == "bakeoff.train" and "--backbone" in argv:
             pair = f"{argv[argv.index('--backbone') + 1]}-{argv[argv.index('--strategy') + 1]}"
             (runs / pair).mkdir(parents=True, exist_ok=True)
             (runs / pair / "model.safetensors").write_bytes(b"")
             (runs / pair / "config.json").write_text(json.dumps({
                 "status": "complete", "backbone": {"name": "m"}, "preprocess": {"img_size": 32},
                 "weights": {"kind": "random" if pair.startswith("clip") else "file"}}))
-        if argv[0] == "evaluate":
+        if argv[0] == "bakeoff.evaluate":
             name_ = "torch-fp16" if "fp16" in argv else "torch"
             for pair in os.listdir(runs):
                 (runs / pair / "eval" / name_).mkdir(parents=True, exist_ok=True)
                 (runs / pair / "eval" / name_ / "metrics.json").write_text(
                     json.dumps({"status": "scored", "macro_f1": 0.5 if name_ == "torch" else 0.49}))
-        if argv[:2] == ["engines", "bench"]:
+        if argv[:2] == ["bakeoff.engines", "bench"]:
             runtime = argv[argv.index("--runtime") + 1]
-            from engines.bench import latency_path
+            from bakeoff.engines.bench import latency_path
 
             for pair in argv[argv.index("--pairs") + 1].split(","):
                 if pair == "clip-ft" and runtime == "onnxruntime":
@@ -125,19 +125,19 @@ def test_the_check_chains_the_stage_clis_and_summarises_their_artifacts(tiny_dat
                    "--image-size", "cnn=32", "--image-size", "dinov2=28", "--image-size", "clip=32",
                    "--epochs", "1", "--trials", "1", "--weights-dir", str(tmp_path / "w")])
     assert code == 0
-    trains = [c for c in calls if c[0] == "train" and "--backbone" in c]
+    trains = [c for c in calls if c[0] == "bakeoff.train" and "--backbone" in c]
     assert [(c[c.index("--backbone") + 1], c[c.index("--strategy") + 1]) for c in trains] == G.PAIRS
     for c in trains:
         assert c[c.index("--weights") + 1] == "auto" and c[c.index("--weights-dir") + 1] == str(tmp_path / "w")
         assert c[c.index("--cache-size") + 1] == "32" and c[c.index("--device") + 1] == "auto"
     assert trains[2][trains[2].index("--image-size") + 1] == "28"
-    assert calls[0][:3] == ["train", "--all", "--plan-weights"]
-    evaluations = [c for c in calls if c[0] == "evaluate"]
+    assert calls[0][:3] == ["bakeoff.train", "--all", "--plan-weights"]
+    evaluations = [c for c in calls if c[0] == "bakeoff.evaluate"]
     assert [c[c.index("--runtime") + 1] for c in evaluations] == ["torch", "torch"]
     assert "--precision" not in evaluations[0] and evaluations[1][evaluations[1].index("--precision") + 1] == "fp16"
     assert all(c[c.index("--device") + 1] == "cpu" for c in evaluations)
-    assert [c[:2] for c in calls if c[0] == "export"] == [["export", "--fp16"]]
-    benches = [c for c in calls if c[:2] == ["engines", "bench"]]
+    assert [c[:2] for c in calls if c[0] == "bakeoff.export"] == [["bakeoff.export", "--fp16"]]
+    benches = [c for c in calls if c[:2] == ["bakeoff.engines", "bench"]]
     assert [c[c.index("--runtime") + 1] for c in benches] == ["torch", "onnxruntime"]  # on the CPU
     assert all(c[c.index("--pairs") + 1] == "cnn-ft,dinov2-ft,clip-ft" for c in benches)
     out = capsys.readouterr().out
@@ -169,7 +169,7 @@ def test_without_open_clip_the_clip_pairs_are_skipped_with_the_reason(tiny_data,
 
 def test_a_step_past_the_budget_is_skipped(tmp_path):
     check = G.Check(tmp_path, budget_s=0.0)
-    step = check.run("train cnn-probe", ["train", "--help"])
+    step = check.run("train cnn-probe", ["bakeoff.train", "--help"])
     assert step.status == "skipped" and step.detail == "time budget of 0 s spent"
 
 

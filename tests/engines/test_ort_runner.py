@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from engines import open_runner
-from engines.ort_runner import (
+from bakeoff.common.device import cpu_threads
+from bakeoff.engines import open_runner
+from bakeoff.engines.ort_runner import (
     TRT_CACHE,
     OrtRunner,
     pick_providers,
     tensorrt_options,
     with_options,
 )
-from engines.runners import MissingExport, TorchRunner
-from train.decision import Decision
-from train.device import cpu_threads
+from bakeoff.engines.runners import MissingExport, TorchRunner
+from bakeoff.train.decision import Decision
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +131,9 @@ def ort_gpu(monkeypatch):
         def __getattr__(self, name):
             return getattr(self._cpu, name)
 
-    monkeypatch.setattr("engines.ort_runner.ort.get_available_providers", lambda: list(GPU_PROVIDERS))
-    monkeypatch.setattr("engines.ort_runner.ort.InferenceSession", GpuSession)
-    monkeypatch.setattr("engines.ort_runner.device_name", lambda device: "Fake GPU" if device.type == "cuda" else "CPU")
+    monkeypatch.setattr("bakeoff.engines.ort_runner.ort.get_available_providers", lambda: list(GPU_PROVIDERS))
+    monkeypatch.setattr("bakeoff.engines.ort_runner.ort.InferenceSession", GpuSession)
+    monkeypatch.setattr("bakeoff.engines.ort_runner.device_name", lambda device: "Fake GPU" if device.type == "cuda" else "CPU")
     return errors
 
 
@@ -163,7 +163,7 @@ def test_the_tensorrt_provider_accepts_the_runners_options(run_onnx, batch, ort_
 
 
 def test_a_dropped_tensorrt_provider_is_an_error(run_onnx, ort_gpu, monkeypatch):
-    monkeypatch.setattr("engines.ort_runner.tensorrt_options", lambda precision, cache: {"trt_fp16_enable": "1"})
+    monkeypatch.setattr("bakeoff.engines.ort_runner.tensorrt_options", lambda precision, cache: {"trt_fp16_enable": "1"})
     with pytest.raises(RuntimeError, match=r"onnxruntime dropped TensorrtExecutionProvider .*'EP Error' message"):
         OrtRunner(run_onnx, device="tensorrt")
     assert "should be 'True' or 'False'" in ort_gpu[0]
@@ -223,7 +223,7 @@ def test_unloadable_onnx_names_the_file(run_onnx, tmp_path):
 def test_export_of_another_checkpoint_is_refused(run_onnx, tmp_path):
     import onnx
 
-    from train.data.io import sha256_file
+    from bakeoff.common.io import sha256_file
 
     stale = tmp_path / "cnn-probe"
     shutil.copytree(run_onnx, stale)
@@ -241,7 +241,7 @@ def test_export_of_another_checkpoint_is_refused(run_onnx, tmp_path):
 def test_runners_carry_the_runs_decision_rule(run_onnx, batch):
     """Each runner holds thresholds.json as a Decision (arg-max within each group, thresholds elsewhere), and the
     rule applied to the ONNX logits gives the PyTorch model's tag decisions."""
-    from train.run import read_run
+    from bakeoff.train.run import read_run
 
     _, decision = read_run(run_onnx)
     torch_runner, ort = TorchRunner(run_onnx, device="cpu"), OrtRunner(run_onnx, threads=1)

@@ -1,4 +1,4 @@
-"""engines.projection: counters, roofline arithmetic, calibration against the anchor, and the ESTIMATE labels."""
+"""bakeoff.engines.projection: counters, roofline arithmetic, calibration against the anchor, and the ESTIMATE labels."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.projection import (
+from bakeoff.engines.projection import (
     ANCHOR,
     LABEL,
     RESNET50_COST,

@@ -68,8 +68,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.runners import MissingExport
-from engines.trt_runner import (
+from bakeoff.engines.runners import MissingExport
+from bakeoff.engines.trt_runner import (
     CudaPython,
     EngineError,
     PyCuda,
@@ -81,8 +81,8 @@ from engines.trt_runner import (
     nbytes,
     resolve_shape,
 )
-from export import tensorrt as T
-from train.run import read_run
+from bakeoff.export import tensorrt as T
+from bakeoff.train.run import read_run
 
 SIZE, TAGS = 8, 30
 
@@ -596,7 +596,7 @@ def test_batches_above_the_profile_run_in_chunks(trt_run, sidecar, fake_runner):
 
 def test_evaluate_scores_through_the_engine_with_batches_above_its_profile(trt_run, sidecar, tiny_data, monkeypatch):
     """python -m evaluate --runtime tensorrt: evaluate's batch of 128 runs as chunks of the profile's max 8."""
-    from evaluate.score import evaluate_run
+    from bakeoff.evaluate.score import evaluate_run
 
     config = json.loads((trt_run / "config.json").read_text())
     config["preprocess"]["img_size"] = SIZE  # the fake engine's input size
@@ -762,7 +762,7 @@ def test_bindings_without_their_libraries_say_what_to_install(trt_run, sidecar, 
     def no_libnvinfer(name):
         raise OSError("libnvinfer.so.10: cannot open shared object file: No such file or directory")
 
-    monkeypatch.setattr("engines.trt_runner.importlib.import_module", no_libnvinfer)
+    monkeypatch.setattr("bakeoff.engines.trt_runner.importlib.import_module", no_libnvinfer)
     with pytest.raises(EngineError, match=r"tensorrt is not importable \(OSError: libnvinfer.so.10: cannot open"):
         TrtRunner(trt_run)
 
@@ -785,8 +785,8 @@ def real_trt_missing() -> str | None:
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_exported_engine_matches_torch(tiny_runs, tmp_path, cuda_graph):
     """The engine export builds (its real builder, sidecar and parity check), run by the real runner."""
-    from engines.runners import TorchRunner
-    from export.pipeline import ExportOptions, export_run
+    from bakeoff.engines.runners import TorchRunner
+    from bakeoff.export.pipeline import ExportOptions, export_run
 
     run = tmp_path / "cnn-probe"
     shutil.copytree(tiny_runs / "cnn-probe", run, ignore=shutil.ignore_patterns("export", "latency", "eval"))

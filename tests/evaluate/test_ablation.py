@@ -1,5 +1,6 @@
-"""evaluate.ablation on the tiny cnn-probe run: every variant, the baseline's zero difference, ordered CIs, the
-selected hyper-parameters, validation-only fitting, the run's own configuration reproduced, caching and the CLI."""
+"""bakeoff.evaluate.ablation on the tiny cnn-probe run: every variant, the baseline's zero difference, ordered CIs, the
+selected hyper-parameters, validation-only fitting, the run's own configuration reproduced (cRT runs too), the
+re-sampling choice made on validation, caching and the CLI."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +11,15 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from evaluate import ablation as A
-from evaluate import score as S
-from train.data.dataset import Dataset, load_dataset
-from train.data.io import read_json, sha256_file, write_json
-from train.heads import TAUS
-from train.selection import SHRINK_STRENGTHS
+from bakeoff.common.io import read_json, sha256_file, write_json
+from bakeoff.evaluate import ablation as A
+from bakeoff.evaluate import score as S
+from bakeoff.train.data.dataset import Dataset, load_dataset
+from bakeoff.train.heads import TAUS
+from bakeoff.train.rebalance import repeat_factors, repeat_threshold, resample
+from bakeoff.train.run import train_pair
+from bakeoff.train.selection import SHRINK_STRENGTHS
+from tests.conftest import tiny_options
 
 ALL = [v.name for v in A.VARIANTS]
 SELECTED = ("weight_decay", "epoch", "val_map", "tau", "shrink")
@@ -147,8 +151,8 @@ def test_selection_reads_validation_only(ablated, tiny_data):
 def test_no_single_valued_field_skips_field_variants(ablated, tiny_data, monkeypatch):
     monkeypatch.setattr(A, "single_valued_groups", lambda *a: [])
     doc = A.ablate_run(ablated[0] / "cnn-probe", tiny_data, device="cpu", write=False)
-    assert list(doc["variants"]) == ["baseline", "shrink", "asl", "balanced"]
-    assert set(doc["skipped"]) == {"field", "field+la", "field+la+shrink"}
+    assert list(doc["variants"]) == ["baseline", "shrink", "asl", "balanced", "crt"]
+    assert set(doc["skipped"]) == {"field", "field+la", "field+la+shrink", "field+la+shrink+crt"}
     assert all("no single-valued field" in why for why in doc["skipped"].values())
 
 
@@ -195,3 +199,43 @@ def test_kept_when_current_redone_when_the_checkpoint_changes(tiny_runs, tiny_da
     assert second["eval_features"]["key"] != first["eval_features"]["key"]
     forced = A.ablate_all(runs, tiny_data, device="cpu", force=True, log=lines.append)["cnn-probe"]
     assert forced["created"] >= second["created"] and forced["variants"].keys() == second["variants"].keys()
+
+
+def test_crt_variants_train_on_the_resample_and_choose_on_validation(ablated, tiny_data):
+    doc = ablated[1]["cnn-probe"]
+    ds = load_dataset(tiny_data)
+    rows_train = ds.split_indices("train")
+    t = repeat_threshold(ds.stats()["long_tail_threshold"], len(rows_train))
+    expected = len(resample(repeat_factors(ds.labels()[rows_train], t), doc["probe"]["seed"]))
+    by = doc["variants"]
+    for name, plain in (("crt", "baseline"), ("field+la+shrink+crt", "field+la+shrink")):
+        head = by[name]["head"]
+        assert head["rebalance"] == "crt" and head["shared_with"] is None  # its own head: another training set
+        assert head["resample"]["n_resampled"] == expected > head["resample"]["n_images"] == len(rows_train)
+        assert by[plain]["head"]["rebalance"] == "none" and by[plain]["head"]["resample"] is None
+    assert by["field+la+shrink+crt"]["selected"]["tau"] in TAUS  # selected on validation, as its plain twin's
+    # every variant records its validation scores; the re-sampling choice reads them and nothing else
+    for v in by.values():
+        val = v["validation"]
+        assert 0 <= val["tail_f1_crossfit"] <= 1 and val["tail_f1_crossfit_se"] >= 0
+        assert val["macro_f1_crossfit_se"] >= 0
+    choices = doc["rebalance_on_validation"]["choices"]
+    assert [(c["with"], c["without"]) for c in choices] == [("crt", "baseline"),
+                                                           ("field+la+shrink+crt", "field+la+shrink")]
+    for c in choices:
+        with_, without = by[c["with"]]["validation"], by[c["without"]]["validation"]
+        assert c["val_tail_f1"] == {c["with"]: with_["tail_f1_crossfit"], c["without"]: without["tail_f1_crossfit"]}
+        gain = with_["tail_f1_crossfit"] - without["tail_f1_crossfit"]
+        assert c["tail_gain"] == pytest.approx(gain)
+        assert c["choice"] == ("crt" if gain > without["tail_f1_crossfit_se"] else "none")
+    assert "test is not read" in doc["rebalance_on_validation"]["rule"]
+
+
+def test_a_crt_run_is_reproduced_and_an_aug_views_run_is_not(tiny_data, tmp_path):
+    run = train_pair(tiny_data, tmp_path, tiny_options("cnn", "probe", rebalance="crt"))
+    doc = A.ablate_run(run, tiny_data, device="cpu", write=False)
+    rep = doc["reproduces_run"]
+    assert rep["variant"] == "field+la+shrink+crt" and rep["max_abs_head_diff"] < 1e-5
+    assert rep["tau"]["ablation"] == rep["tau"]["run"] and rep["max_abs_threshold_diff"] < 1e-6
+    config = read_json(run / "config.json")
+    assert A.run_variant(config | {"options": config["options"] | {"aug_views": 1}}, True) is None

@@ -1,4 +1,4 @@
-"""evaluate.bootstrap: the vectorised resampling equals the naive loop; intervals and paired comparisons."""
+"""bakeoff.evaluate.bootstrap: the vectorised resampling equals the naive loop; intervals and paired comparisons."""
 from __future__ import annotations
 
 from statistics import NormalDist
@@ -6,8 +6,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from evaluate import bootstrap as B
-from evaluate.metrics import f1_from_counts, f1_per_tag, macro_f1, per_tag_counts
+from bakeoff.evaluate import bootstrap as B
+from bakeoff.evaluate.metrics import f1_from_counts, f1_per_tag, macro_f1, per_tag_counts
 
 
 def case(seed: int = 0, n: int = 120, t: int = 25) -> tuple[np.ndarray, np.ndarray]:

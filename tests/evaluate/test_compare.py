@@ -1,4 +1,4 @@
-"""evaluate.compare: the table, the paired-bootstrap verdict, and the across-runtimes mode, on preset predictions."""
+"""bakeoff.evaluate.compare: the table, the paired-bootstrap verdict, and the across-runtimes mode, on preset predictions."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from evaluate import score as S
-from evaluate.__main__ import main
-from evaluate.compare import compare_table
+from bakeoff.common.io import read_json, write_json
+from bakeoff.evaluate import score as S
+from bakeoff.evaluate.__main__ import main
+from bakeoff.evaluate.compare import compare_table
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.run import RunError
+from bakeoff.train.weights import RANDOM_FLAG
 from tests.evaluate.test_score import (
     copy_runs,
     expected_decisions,
@@ -17,10 +21,6 @@ from tests.evaluate.test_score import (
     held_out_labels,
     register_fixed,
 )
-from train.data.dataset import load_dataset
-from train.data.io import read_json, write_json
-from train.run import RunError
-from train.weights import RANDOM_FLAG
 
 
 def noisy_logits(y: np.ndarray, flip: float, seed: int) -> np.ndarray:

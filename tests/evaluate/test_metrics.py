@@ -1,4 +1,4 @@
-"""evaluate.metrics against scikit-learn, with the edge cases of a long-tailed multi-label test set."""
+"""bakeoff.evaluate.metrics against scikit-learn, with the edge cases of a long-tailed multi-label test set."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
 
-from evaluate import metrics as M
-from train.decision import Decision
+from bakeoff.evaluate import metrics as M
+from bakeoff.train.decision import Decision
 
 
 def random_case(seed: int, n: int = 300, t: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

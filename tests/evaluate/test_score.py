@@ -1,4 +1,4 @@
-"""evaluate.score on the tiny runs: files, an independent scikit-learn recomputation, skips, refusals, failures."""
+"""bakeoff.evaluate.score on the tiny runs: files, an independent scikit-learn recomputation, skips, refusals, failures."""
 from __future__ import annotations
 
 import csv
@@ -12,16 +12,16 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from engines.runners import RUNTIMES, Runner, open_runner
-from evaluate import score as S
-from evaluate.__main__ import main
-from evaluate.metrics import PER_TAG_COLUMNS
-from train.data.cache import load_cache
-from train.data.dataset import load_dataset
-from train.data.io import read_json, write_json
-from train.preprocess import Preprocess
-from train.run import RunError
-from train.weights import RANDOM_FLAG
+from bakeoff.common.io import read_json, write_json
+from bakeoff.engines.runners import RUNTIMES, Runner, open_runner
+from bakeoff.evaluate import score as S
+from bakeoff.evaluate.__main__ import main
+from bakeoff.evaluate.metrics import PER_TAG_COLUMNS
+from bakeoff.train.data.cache import load_cache
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.preprocess import Preprocess
+from bakeoff.train.run import RunError
+from bakeoff.train.weights import RANDOM_FLAG
 
 PAIRS = ("cnn-probe", "cnn-ft")
 
@@ -290,7 +290,7 @@ def test_rescore_recomputes_scores_from_saved_predictions_only(tiny_runs, tiny_d
     (out / "metrics.json").write_text(json.dumps(edited))
     (runs / "cnn-ft" / "thresholds.json").write_text((runs / "cnn-ft" / "thresholds.json").read_text() + " ")
     assert main(["rescore", "--runs", str(runs), "--data", str(tiny_data)]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # status lines: stderr
     again = read_json(out / "metrics.json")
     assert {k: v for k, v in again.items() if k != "rescored"} == fresh and again["rescored"]
     assert again["ci"]["method"] == "BCa" and (out / "predictions.npy").read_bytes() == predictions

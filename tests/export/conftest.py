@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from export.__main__ import main
+from bakeoff.export.__main__ import main
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

@@ -10,9 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.__main__ import main
-from export.fp16 import FP32_OPS, convert_fp16, precision_summary
-from export.onnx_export import (
+from bakeoff.common.io import read_json, sha256_file, write_json
+from bakeoff.export.__main__ import main
+from bakeoff.export.fp16 import FP32_OPS, convert_fp16, precision_summary
+from bakeoff.export.onnx_export import (
     ONNX_FP16,
     ONNX_FP32,
     ExportError,
@@ -21,7 +22,7 @@ from export.onnx_export import (
     metadata_decision,
     read_metadata,
 )
-from export.parity import (
+from bakeoff.export.parity import (
     DEFAULT_TOLERANCES,
     ParityFailed,
     Tolerance,
@@ -34,13 +35,12 @@ from export.parity import (
     torch_logits,
     write_parity,
 )
-from export.tensorrt import trt_unavailable_reason
+from bakeoff.export.pipeline import ExportOptions, current_onnx
+from bakeoff.export.tensorrt import trt_unavailable_reason
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.decision import Decision
+from bakeoff.train.run import load_run, train_pair
 from tests.conftest import tiny_options
-from export.pipeline import ExportOptions, current_onnx
-from train.data.dataset import load_dataset
-from train.data.io import read_json, sha256_file, write_json
-from train.decision import Decision
-from train.run import load_run, train_pair
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def vit_exports(tiny_data, tmp_path_factory):
 def test_cli_exports_checks_and_reports(cnn_export):
     code, out, err, run = cnn_export
     assert code == 0, err
-    assert "half-done: skipped, not complete" in err
-    assert "cnn-probe: parity passed on 48 test images" in out
+    assert "WARNING half-done: skipped, not complete" in err
+    assert "cnn-probe: parity passed on 48 test images" in err and out == ""  # status goes to stderr
     report = json.loads((run / "export" / "parity.json").read_text())
     assert report["status"] == "passed" and report["failures"] == [] and report["n_images"] == 48
     assert report["n_tags"] == 30 and report["dataset_matches_run"]
@@ -81,8 +81,8 @@ def test_cli_exports_checks_and_reports(cnn_export):
 
 @pytest.mark.skipif(trt_unavailable_reason() is None, reason="TensorRT and a GPU are present: an engine is built")
 def test_cli_says_once_per_run_that_no_engine_was_built(cnn_export):
-    _, out, _, run = cnn_export
-    lines = [line for line in out.splitlines() if "engine" in line]
+    _, _, err, run = cnn_export
+    lines = [line for line in err.splitlines() if "engine" in line]
     assert len(lines) == 1 and lines[0].startswith("cnn-probe: no TensorRT engine built: tensorrt is not importable")
     assert not list((run / "export").glob("*.engine*"))
 
@@ -140,7 +140,7 @@ def test_tampered_model_fails_parity_loudly(cnn_export, cli, tmp_path, monkeypat
         shutil.copy(tampered, dst)
         return dst
 
-    monkeypatch.setattr("export.pipeline.export_onnx", export_tampered)
+    monkeypatch.setattr("bakeoff.export.pipeline.export_onnx", export_tampered)
     code, _, err = cli("--runs", str(runs), "--force")  # the copied export is current: force a re-export
     assert code == 1
     assert "FAILED cnn-probe: ParityFailed" in err and "onnx_fp32:" in err and "decisions flip" in err
@@ -231,7 +231,7 @@ def test_parity_rows_spread_over_test(tiny_data):
 
 
 def test_current_onnx_is_skipped_until_the_checkpoint_changes(cnn_export, tmp_path):
-    from export.pipeline import ExportOptions, current_onnx
+    from bakeoff.export.pipeline import ExportOptions, current_onnx
 
     run = tmp_path / "cnn-probe"
     shutil.copytree(cnn_export[3], run)
@@ -247,9 +247,9 @@ def test_current_onnx_is_skipped_until_the_checkpoint_changes(cnn_export, tmp_pa
 def test_a_current_export_still_says_why_no_engine_was_built(cnn_export, cli, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(cnn_export[3], runs / "cnn-probe")
-    code, out, err = cli("--fp16", "--runs", str(runs), "--target", "t4")
+    code, _, err = cli("--fp16", "--runs", str(runs), "--target", "t4", "--no-progress")
     assert code == 0, err
-    assert out.splitlines() == ["cnn-probe: export is current (same checkpoint), parity passed; skipped (--force redoes it)",
+    assert err.splitlines() == ["cnn-probe: export is current (same checkpoint), parity passed; skipped (--force redoes it)",
                                 f"cnn-probe: no TensorRT engine built: {trt_unavailable_reason()}"]
 
 

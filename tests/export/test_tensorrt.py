@@ -35,6 +35,21 @@ libnvinfer_plugin libraries (no GPU), then ``dir()``, the enum values (``int(...
 | ``IExecutionContext.set_tensor_address(name, int) -> bool``, ``execute_async_v3(int) -> bool`` | yes | yes        |
 | ``num_bindings``, ``execute_async_v2``, ``set_binding_shape`` (pre-8.5 bindings API) | absent | absent            |
 
+Build progress and log severity, checked in the source of the Python bindings (NVIDIA/TensorRT
+``python/src/infer/pyCore.cpp`` at tags v10.0.0, v10.13.3 and v11.1, ``include/NvInfer.h``,
+``include/NvInferRuntime.h``), not in the wheels above; the NVIDIA sample ``samples/python/simple_progress_monitor``
+uses them the same way:
+
+| name                                                    | 10.0 - 10.13.3                  | 11.1                     |
+|---------------------------------------------------------|---------------------------------|--------------------------|
+| ``IProgressMonitor`` (pybind trampoline: a subclass must call ``IProgressMonitor.__init__(self)``) | yes | yes  |
+| ``phase_start(phase_name, parent_phase, num_steps)``; ``parent_phase`` None (nullptr) for a top-level phase | yes | yes |
+| ``step_complete(phase_name, step) -> bool``, steps 0 .. num_steps - 1; False (an exception too) cancels the build | yes | yes |
+| ``phase_finish(phase_name)``, possibly before every step was reported | yes                  | yes                      |
+| an exception in a callback: caught, ``[ERROR] Exception caught in <callback>()`` on stderr | yes | yes           |
+| ``IBuilderConfig.progress_monitor`` (property; setter ``keep_alive<1, 2>``) | yes          | yes                      |
+| ``Logger.Severity`` INTERNAL_ERROR / ERROR / WARNING / INFO / VERBOSE | 0 / 1 / 2 / 3 / 4  | 0 / 1 / 2 / 3 / 4        |
+
 The runner's names (and cuda-python's / pycuda's) are listed in tests/engines/test_trt_runner.py.
 """
 from __future__ import annotations
@@ -42,17 +57,22 @@ from __future__ import annotations
 import enum
 import itertools
 import json
+import logging
 import re
 import shutil
+import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
-from export import tensorrt as T
-from export.parity import ParityFailed, ort_logits
-from export.pipeline import ExportOptions, export_run
+from bakeoff.common.log import setup_logging
+from bakeoff.export import tensorrt as T
+from bakeoff.export.parity import ParityFailed, ort_logits
+from bakeoff.export.pipeline import ExportOptions, export_run
 
 H200 = {"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "compute_capability": "9.0", "gpu_slug": "h200"}
 T4 = {"tensorrt": "10.3.0", "gpu": "Tesla T4", "compute_capability": "7.5", "gpu_slug": "t4"}
@@ -268,10 +288,79 @@ def with_op(layer_class: type) -> type:
 
 
 class FakeLogger:
-    WARNING = 2
+    """``tensorrt.Logger(min_severity)``, with ``ILogger.Severity``'s values (exported into ``Logger``)."""
+
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = 0, 1, 2, 3, 4
+    made: ClassVar[list[int]] = []  # the severity of every logger made, in order
 
     def __init__(self, level):
-        assert level == self.WARNING
+        assert level in (self.INTERNAL_ERROR, self.ERROR, self.WARNING, self.INFO, self.VERBOSE)
+        FakeLogger.made.append(level)
+
+
+class _Trampoline(type):
+    """pybind11's check on a Python subclass of a bound C++ class: its ``__init__`` must call the base's."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        if not getattr(obj, "_bound", False):
+            raise TypeError(f"{cls.__name__}.__init__() must be called when overriding __init__")
+        return obj
+
+
+class FakeProgressMonitor(metaclass=_Trampoline):
+    """``tensorrt.IProgressMonitor``: the three callbacks are pure virtual (the base's raise)."""
+
+    def __init__(self):
+        self._bound = True
+
+    def phase_start(self, phase_name, parent_phase, num_steps):
+        raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::phaseStart"')
+
+    def step_complete(self, phase_name, step):
+        raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::stepComplete"')
+
+    def phase_finish(self, phase_name):
+        raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::phaseFinish"')
+
+
+# The phases a fake build reports: (name, parent, steps), in the order they start; a phase's children run between
+# its first and second step. (Real phase names and their nesting vary with TensorRT's version: NvInfer.h.)
+FAKE_PHASES = [("Building engine", None, 3), ("Optimizing network", "Building engine", 2),
+               ("Tactic selection", "Optimizing network", 4)]
+
+
+def drive_monitor(monitor, log: dict) -> bool:
+    """Report ``FAKE_PHASES`` to ``monitor`` as TensorRT's trampoline does; False when it cancelled the build.
+
+    Each call is recorded in ``log["monitor"]``. An exception in a callback is caught and printed (``[ERROR]
+    Exception caught in ...``) as the bindings do, and in ``step_complete`` it cancels, like a False (pybind's bool
+    conversion: None is False). On a cancel the active phases finish, innermost first, and no step follows."""
+    calls = log.setdefault("monitor", [])
+
+    def call(name, *args):
+        calls.append((name, *args))
+        try:
+            return getattr(monitor, name)(*args)
+        except Exception as e:  # noqa: BLE001
+            print(f"[ERROR] Exception caught in {name}(): {e}", file=sys.stderr)
+            return False
+
+    def run(name, parent, steps) -> bool:
+        call("phase_start", name, parent, steps)
+        for step in range(steps):
+            if step == 1:
+                for child in [p for p in FAKE_PHASES if p[1] == name]:
+                    if not run(*child):
+                        call("phase_finish", name)
+                        return False
+            if not bool(call("step_complete", name, step)):
+                call("phase_finish", name)
+                return False
+        call("phase_finish", name)
+        return True
+
+    return run(*FAKE_PHASES[0])
 
 
 VIT_LAYERS = [("conv", "CONVOLUTION"), ("ln1", "NORMALIZATION"), ("qk", "MATRIX_MULTIPLY"), ("softmax", "SOFTMAX"),
@@ -281,13 +370,16 @@ VIT_LAYERS = [("conv", "CONVOLUTION"), ("ln1", "NORMALIZATION"), ("qk", "MATRIX_
 
 
 def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = (),
-             input_shape: tuple[int, ...] = (-1, 3, -1, -1)) -> types.SimpleNamespace:
+             input_shape: tuple[int, ...] = (-1, 3, -1, -1), progress_api: bool = True) -> types.SimpleNamespace:
     """Just enough of the tensorrt module (of ``version``'s major: 10 or 11) for ``build_engine``, with the real
     bindings' names and values (module docstring); records what was asked of it in ``log``.
 
     ``set_timing_cache`` refuses caches made from ``refused_caches`` (as TensorRT does a corrupt one), and
     ``add_optimization_profile`` returns -1 for a profile TensorRT would refuse (unset, not min <= opt <= max, or
-    at odds with the network input's ``input_shape``, where -1 is a dynamic axis)."""
+    at odds with the network input's ``input_shape``, where -1 is a dynamic axis). With ``progress_api`` (the
+    bindings of 10.0 on) it has ``IProgressMonitor`` and ``IBuilderConfig.progress_monitor``, and a build reports
+    ``FAKE_PHASES`` to the monitor set there (a monitor that cancels makes the build return None); without it,
+    neither name exists."""
     trt10 = version.startswith("10.")
     layer_class = FakeLayer10 if trt10 else FakeLayer
     network = types.SimpleNamespace(layers=[layer_class(*spec) for spec in VIT_LAYERS])
@@ -338,6 +430,19 @@ def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = (),
         def get_timing_cache(self):
             return self.cache
 
+    class ConfigWithMonitor(Config):
+        _monitor = None
+
+        @property
+        def progress_monitor(self):
+            return self._monitor
+
+        @progress_monitor.setter
+        def progress_monitor(self, monitor):
+            if monitor is not None and not isinstance(monitor, FakeProgressMonitor):  # pybind's argument check
+                raise TypeError("progress_monitor: incompatible function arguments")
+            self._monitor = monitor
+
     class Profile:
         def set_shape(self, name, *shapes):
             self.shapes = (name, *shapes)
@@ -351,10 +456,13 @@ def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = (),
             log["network_flags"] = flags
             return network
 
-        create_builder_config = staticmethod(Config)
+        create_builder_config = staticmethod(ConfigWithMonitor if progress_api else Config)
         create_optimization_profile = staticmethod(Profile)
 
         def build_serialized_network(self, net, config):
+            monitor = getattr(config, "progress_monitor", None)
+            if monitor is not None and not drive_monitor(monitor, log):
+                return None  # cancelled by the monitor
             return b"serialized plan"
 
     class Parser:
@@ -366,11 +474,14 @@ def fake_trt(version: str, log: dict, refused_caches: tuple[bytes, ...] = (),
             return True
 
     log["network"] = network
-    return types.SimpleNamespace(
+    module = types.SimpleNamespace(
         __version__=version, Logger=FakeLogger, Builder=Builder, OnnxParser=Parser, BuilderFlag=flag_type,
         NetworkDefinitionCreationFlag=Trt10CreationFlag if trt10 else Trt11CreationFlag, float32="float32",
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"), IElementWiseLayer=with_op(layer_class),
         IUnaryLayer=with_op(layer_class))
+    if progress_api:
+        module.IProgressMonitor = FakeProgressMonitor
+    return module
 
 
 def test_the_fakes_have_the_real_api_of_each_version():
@@ -390,6 +501,23 @@ def test_the_fakes_have_the_real_api_of_each_version():
     assert not hasattr(layer11, "set_output_type") and layer11.op.name == "POW"
     config = t10.Builder(None).create_builder_config()
     assert config.add_optimization_profile(t10.Builder(None).create_optimization_profile()) == -1  # no shapes set
+    for trt in (t10, t11):  # build progress (10.0 on): a pybind trampoline class and a config property
+        config = trt.Builder(None).create_builder_config()
+        assert config.progress_monitor is None
+
+        class Forgets(trt.IProgressMonitor):
+            def __init__(self):  # does not call IProgressMonitor.__init__
+                pass
+
+        with pytest.raises(TypeError, match="must be called when overriding __init__"):
+            Forgets()
+        with pytest.raises(RuntimeError, match="pure virtual"):
+            trt.IProgressMonitor().step_complete("phase", 0)
+        with pytest.raises(TypeError, match="incompatible function arguments"):
+            config.progress_monitor = object()
+    bare = fake_trt("10.13.3.9", {}, progress_api=False)
+    assert not hasattr(bare, "IProgressMonitor") and not hasattr(bare.Builder(None).create_builder_config(),
+                                                                 "progress_monitor")
 
 
 @pytest.fixture
@@ -534,8 +662,8 @@ def fake_gpu(cnn_export, tmp_path, monkeypatch):
         monkeypatch.setattr(T, "current_trt_environment", lambda: env)
         monkeypatch.setattr(T, "build_engine", build)
 
-    monkeypatch.setattr("export.pipeline.export_onnx", no_onnx_export)
-    monkeypatch.setattr("export.pipeline.convert_fp16", no_onnx_export)
+    monkeypatch.setattr("bakeoff.export.pipeline.export_onnx", no_onnx_export)
+    monkeypatch.setattr("bakeoff.export.pipeline.convert_fp16", no_onnx_export)
     machine.built = built
     return tmp_path / "runs" / "cnn-probe", machine
 
@@ -613,3 +741,145 @@ def test_pipeline_refuses_an_engine_that_fails_parity(fake_gpu, monkeypatch):
     assert report["status"] == "failed" and report["results"]["onnx_fp16"]["status"] == "passed"
     with pytest.raises(T.EngineMismatch, match="failed the parity check against PyTorch"):
         T.check_engine_sidecar(run / "export" / "model.h200.fp16.engine", env=H200)
+
+
+# -- build progress: TensorRT's IProgressMonitor callbacks drive the bars ---------------------------------------
+
+class RecordingBar(tqdm):
+    """A real tqdm bar that keeps every bar made and the steps each was advanced by (also when disabled)."""
+
+    made: ClassVar[list[RecordingBar]] = []
+
+    def __init__(self, *args, **kwargs):
+        self.steps: list[float] = []
+        self.shown = not kwargs.get("disable", False)  # (close() sets disable)
+        super().__init__(*args, **kwargs)
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.steps.append(n)
+        return super().update(n)
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """The bars made through ``bakeoff.common.log.progress_bar`` during the test (RecordingBar)."""
+    RecordingBar.made = []
+    monkeypatch.setattr("bakeoff.common.log.tqdm", RecordingBar)
+    return RecordingBar.made
+
+
+@pytest.fixture
+def verbosity():
+    """``setup_logging`` for the test; the ``bakeoff`` logger's level is restored afterwards."""
+    logger = logging.getLogger("bakeoff")
+    before = logger.level
+    yield lambda **kw: setup_logging(**kw)
+    logger.setLevel(before)
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.106"])
+def test_progress_monitor_callbacks_drive_one_bar_per_phase(onnx_pair, bars, version, verbosity, capsys):
+    fp32, fp16 = onnx_pair
+    log: dict = {}
+    verbosity(verbose=True)
+    engine = fp32.with_name("e.engine")
+    T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha",
+                   trt=fake_trt(version, log), progress=True)
+    assert engine.read_bytes() == b"serialized plan"  # the monitor never cancelled the build
+    # every callback of FAKE_PHASES reached the monitor, and every step_complete answered True
+    assert [c for c in log["monitor"] if c[0] == "phase_start"] == [("phase_start", *p) for p in FAKE_PHASES]
+    assert sum(c[0] == "step_complete" for c in log["monitor"]) == sum(p[2] for p in FAKE_PHASES)
+    assert [(b.desc, b.total, sum(b.steps), b.shown) for b in bars] == [
+        ("TensorRT Building engine", 3, 3, True), ("TensorRT   Optimizing network", 2, 2, True),
+        ("TensorRT     Tactic selection", 4, 4, True)]  # one bar per phase, nested phases indented
+    assert all(b.steps == [1] * b.total for b in bars)  # one step at a time, as TensorRT reports them
+    err = capsys.readouterr().err
+    assert "[ERROR] Exception caught" not in err
+    assert "TensorRT     Tactic selection: 4/4 steps in" in err and "TensorRT Building engine: 3/3 steps" in err  # -v
+    assert f"TensorRT {version} " in err and "layers pinned to fp32" in err
+
+
+def test_progress_monitor_without_bars_still_reports_phases_at_debug(onnx_pair, bars, verbosity, capsys):
+    fp32, fp16 = onnx_pair
+    verbosity(verbose=True)
+    T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha",
+                   trt=fake_trt("10.13.3.9", {}), progress=False)
+    assert [b.shown for b in bars] == [False, False, False]
+    assert "TensorRT Building engine: 3/3 steps in" in capsys.readouterr().err
+
+
+def test_a_failing_bar_never_cancels_the_build(onnx_pair, monkeypatch, capsys):
+    """The bindings read an exception (or a false answer) in ``step_complete`` as a request to cancel: the
+    monitor swallows its own errors and always answers True."""
+    fp32, fp16 = onnx_pair
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def update(self, n=1):
+            raise OSError("the terminal went away")
+
+        close = update
+
+    monkeypatch.setattr(T, "progress_bar", Broken)
+    log: dict = {}
+    engine = fp32.with_name("e.engine")
+    T.build_engine(fp32, fp16, engine, 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha",
+                   trt=fake_trt("10.13.3.9", log), progress=True)
+    assert engine.exists() and "[ERROR] Exception caught" not in capsys.readouterr().err
+    assert sum(c[0] == "step_complete" for c in log["monitor"]) == 9  # the build ran to its end
+
+
+def test_the_fake_cancels_on_a_false_step_like_tensorrt(onnx_pair):
+    """The fake's contract, which the monitor relies on: a step_complete answering False (or raising) stops the
+    build; then every active phase finishes, innermost first."""
+    log: dict = {}
+
+    class Cancels(FakeProgressMonitor):
+        def phase_start(self, *a):
+            pass
+
+        def step_complete(self, name, step):
+            return name != "Optimizing network"
+
+        def phase_finish(self, name):
+            pass
+
+    assert not drive_monitor(Cancels(), log)
+    assert log["monitor"][-3:] == [("step_complete", "Optimizing network", 0), ("phase_finish", "Optimizing network"),
+                                   ("phase_finish", "Building engine")]
+
+
+def test_a_build_without_the_progress_api_has_no_monitor(onnx_pair, bars):
+    fp32, fp16 = onnx_pair
+    log: dict = {}
+    assert T.progress_monitor(fake_trt("10.13.3.9", {}, progress_api=False)) is None
+    T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha",
+                   trt=fake_trt("10.13.3.9", log, progress_api=False), progress=True)
+    assert "monitor" not in log and bars == [] and fp32.with_name("e.engine").exists()
+
+
+@pytest.mark.parametrize("flags, severity", [({}, FakeLogger.WARNING), ({"quiet": True}, FakeLogger.WARNING),
+                                             ({"verbose": True}, FakeLogger.INFO)])
+def test_tensorrt_log_severity_follows_the_verbosity(onnx_pair, verbosity, flags, severity):
+    fp32, fp16 = onnx_pair
+    verbosity(**flags)
+    T.build_engine(fp32, fp16, fp32.with_name("e.engine"), 32, T.EngineOptions(), fp32.with_name("c"), T4, "sha",
+                   trt=fake_trt("10.13.3.9", {}))
+    assert FakeLogger.made[-1] == severity
+
+
+def test_export_steps_and_build_phases_show_as_bars(fake_gpu, monkeypatch, bars):
+    """An export whose ONNX is current, on a (fake) GPU: the run's bar counts its 4 steps, and the engine
+    build's phases get their bars under it."""
+    run, machine = fake_gpu
+    machine(H200)
+    monkeypatch.setattr(T, "engine_logits", fake_engine_logits(0.0))
+    export_run(run, ExportOptions(fp16=True, progress=True), log=lambda line: None)
+    steps, *phases = bars
+    assert (steps.desc, steps.total, steps.steps, steps.shown) == ("cnn-probe", 4, [1, 1, 1, 1], True)
+    assert [b.desc for b in phases] == ["TensorRT Building engine", "TensorRT   Optimizing network",
+                                        "TensorRT     Tactic selection"]
+    assert all(sum(b.steps) == b.total for b in phases)

@@ -33,11 +33,11 @@ MODULE_OF = {
 }
 # Declared but never imported by this code: each with the place in the code that needs it, checked below.
 RUNTIME_ONLY = {
-    "onnxscript": ("export/onnx_export.py", r"dynamo=True", "torch.onnx.export(dynamo=True) imports onnxscript"),
+    "onnxscript": ("bakeoff/export/onnx_export.py", r"dynamo=True", "torch.onnx.export(dynamo=True) imports onnxscript"),
 }
 # Imported but deliberately not declared: an alternative that the code falls back to.
 UNDECLARED_FALLBACKS = {
-    "pycuda": "engines/trt_runner.py uses pycuda only where cuda-python (cuda.bindings) is absent",
+    "pycuda": "bakeoff/engines/trt_runner.py uses pycuda only where cuda-python (cuda.bindings) is absent",
 }
 # The installed packages (pyproject's packages.find) and the folders run from the repository root.
 FIRST_PARTY = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}

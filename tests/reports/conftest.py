@@ -56,8 +56,8 @@ PROBS = [0.5, 0.45, 0.4, 0.2, 0.15, 0.12, 0.1, 0.09, 0.08,
 
 
 def fabricate_dataset(root: Path) -> Path:
-    from train.data.dataset import write_dataset
-    from train.data.splits import prepare
+    from bakeoff.train.data.dataset import write_dataset
+    from bakeoff.train.data.splits import prepare
 
     rng = np.random.default_rng(0)
     y = rng.random((600, len(PROBS))) < np.array(PROBS)
@@ -77,7 +77,7 @@ def pair_probabilities(y: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def write_run(runs: Path, ds, pair: str, random_init: bool) -> Path:
-    from train.data.io import write_json
+    from bakeoff.common.io import write_json
 
     family, strategy = pair.split("-")
     run = runs / pair
@@ -138,8 +138,9 @@ def selection(pair: str, n_val: int) -> dict:
 
 def write_eval(run: Path, ds, probs: np.ndarray, runtime: str = "torch", precision: str = "fp32") -> None:
     """eval/<name>/ as evaluate.score writes it (same provenance, scoring, bootstrap and files)."""
-    from engines.runners import Runner
-    from evaluate.score import (
+    from bakeoff.common.io import read_json, write_json
+    from bakeoff.engines.runners import Runner
+    from bakeoff.evaluate.score import (
         METRICS,
         PER_TAG,
         PREDICTIONS,
@@ -151,7 +152,6 @@ def write_eval(run: Path, ds, probs: np.ndarray, runtime: str = "torch", precisi
         write_per_tag,
         write_predictions,
     )
-    from train.data.io import read_json, write_json
 
     class Fake(Runner):
         name, device = runtime, CPU
@@ -177,10 +177,10 @@ def write_eval(run: Path, ds, probs: np.ndarray, runtime: str = "torch", precisi
 def write_latency(run: Path, runtime: str, precision: str, device: str, ms: float, estimate: bool = False) -> None:
     """latency/<runtime>.json as engines.bench writes it, timed on a fake clock (every tenth call twice as slow);
     on a GPU the fake times each call as CUDA events would (all of it GPU compute)."""
-    from engines.bench import bench_runner, contention, is_t4, latency_path
-    from engines.projection import project
-    from engines.runners import Runner
-    from train.data.io import write_json
+    from bakeoff.common.io import write_json
+    from bakeoff.engines.bench import bench_runner, contention, is_t4, latency_path
+    from bakeoff.engines.projection import project
+    from bakeoff.engines.runners import Runner
 
     clock = SimpleNamespace(t=0.0)
     slow = itertools.cycle([1.0] * 9 + [2.0])
@@ -209,8 +209,8 @@ def write_latency(run: Path, runtime: str, precision: str, device: str, ms: floa
 
 def write_parity(run: Path, probs: np.ndarray, noise: dict[str, float]) -> None:
     """export/parity.json as export.parity writes it, each graph's logits off by Gaussian ``noise[precision]``."""
-    from export.parity import parity_report
-    from train.data.io import write_json
+    from bakeoff.common.io import write_json
+    from bakeoff.export.parity import parity_report
 
     logits = np.log(probs / (1 - probs)).astype(np.float64)
     rng = np.random.default_rng(5)
@@ -224,7 +224,7 @@ def write_parity(run: Path, probs: np.ndarray, noise: dict[str, float]) -> None:
 
 
 def fabricate(root: Path) -> tuple[Path, Path]:
-    from train.data.dataset import load_dataset
+    from bakeoff.train.data.dataset import load_dataset
 
     data, runs = fabricate_dataset(root / "data"), root / "runs"
     ds = load_dataset(data)

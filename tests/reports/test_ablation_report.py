@@ -1,4 +1,4 @@
-"""reports.ablation: the ablation.json of the tiny cnn-probe run as report blocks (one table per backbone, the
+"""bakeoff.reports.ablation: the ablation.json of the tiny cnn-probe run as report blocks (one table per backbone, the
 verdict wording), stale and missing ablations said so, and the section's module free of model code."""
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from reports import ablation as R
-from reports.artifacts import load_pairs
-from reports.document import Para, Table, to_html, to_markdown
-from train.data.io import read_json, write_json
+from bakeoff.common.io import read_json, write_json
+from bakeoff.reports import ablation as R
+from bakeoff.reports.artifacts import load_pairs
+from bakeoff.reports.document import Para, Table, to_html, to_markdown
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_runs, tiny_data, tmp_path_factory):
-    from evaluate.ablation import ablate_all
+    from bakeoff.evaluate.ablation import ablate_all
 
     out = tmp_path_factory.mktemp("ablation-report")
     for pair in ("cnn-probe", "cnn-ft"):
@@ -48,6 +48,13 @@ def test_one_table_per_backbone_with_every_variant(runs):
             verdict = v["test"][metric]["vs_baseline"]["verdict"]
             assert rows[name][col].strip("*") == verdict
         assert f"{v['selected']['weight_decay']:g}" in rows[name][-1]
+    assert table.header[7] == "validation long-tail F1 ± SE"
+    for name, v in doc["variants"].items():  # the validation score the re-sampling choice is made on
+        val = v["validation"]
+        assert rows[name][7] == f"{val['tail_f1_crossfit']:.3f} ± {val['tail_f1_crossfit_se']:.3f}"
+    (chosen,) = [n for n in table.notes if n.startswith("Re-sampling chosen on validation")]
+    for c in doc["rebalance_on_validation"]["choices"]:
+        assert f"{c['with']} vs {c['without']}, validation long-tail F1 " in chosen and f"**{c['choice']}**" in chosen
     assert any(n == "Source: cnn-probe/eval/ablation.json." for n in table.notes)
     assert any(n.startswith("field+la+shrink is the run's own configuration") for n in table.notes)
     md = to_markdown(blocks)

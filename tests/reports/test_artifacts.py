@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reports import fmt
-from reports.__main__ import main
-from reports.artifacts import (
+from bakeoff.common.io import read_json, write_json
+from bakeoff.reports import fmt
+from bakeoff.reports.__main__ import main
+from bakeoff.reports.artifacts import (
     DEFAULT_PRECISION,
     ReportError,
     export_eval_name,
@@ -18,9 +19,8 @@ from reports.artifacts import (
     parity_eval_name,
     run_name,
 )
-from reports.longtail import disagreements
-from reports.paired import comparer_for
-from train.data.io import read_json, write_json
+from bakeoff.reports.longtail import disagreements
+from bakeoff.reports.paired import comparer_for
 
 
 @pytest.fixture
@@ -36,9 +36,9 @@ def compare_top(runs: Path, data: Path, a: str = "dinov2-ft", b: str = "clip-ft"
 
 
 def test_names_match_what_evaluate_and_bench_write(tmp_path):
-    from engines.bench import DEFAULT_PRECISION as BENCH_DEFAULT
-    from engines.bench import latency_path
-    from evaluate.score import eval_name
+    from bakeoff.engines.bench import DEFAULT_PRECISION as BENCH_DEFAULT
+    from bakeoff.engines.bench import latency_path
+    from bakeoff.evaluate.score import eval_name
 
     assert DEFAULT_PRECISION == BENCH_DEFAULT
     for runtime, precision in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp16"), ("tensorrt", "fp16")):
@@ -139,8 +139,8 @@ def test_predictions_shape_is_checked(runs_copy):
 def test_decisions_follow_the_runs_rule_groups_by_argmax(runs_copy, fake_runs):
     """A run whose thresholds.json has a group (re-scored with softmax scores there): its tags are decided by the
     group's arg-max, one per image, in the paired comparisons too; runs without groups keep score >= threshold."""
+    from bakeoff.train.data.dataset import load_dataset
     from tests.reports.conftest import write_eval
-    from train.data.dataset import load_dataset
 
     ds = load_dataset(fake_runs[1])
     run, group = runs_copy / "clip-ft", [0, 1, 2]

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from reports import fmt
-from reports.__main__ import main
-from reports.artifacts import ReportError, dig, ids_sha256, load_pairs
-from reports.build import training_rows
-from reports.document import Bullets, Para, Table, to_html, to_markdown
-from reports.paired import comparer_for
-from reports.rule import Constraints, recommend
-from reports.table import main_table
-from train.data.io import read_json, write_json
+from bakeoff.common.io import read_json, write_json
+from bakeoff.reports import fmt
+from bakeoff.reports.__main__ import main
+from bakeoff.reports.artifacts import ReportError, dig, ids_sha256, load_pairs
+from bakeoff.reports.build import training_rows
+from bakeoff.reports.document import Bullets, Para, Table, to_html, to_markdown
+from bakeoff.reports.paired import comparer_for
+from bakeoff.reports.rule import Constraints, recommend
+from bakeoff.reports.table import main_table
 
 FIGURES = ["1_latency_vs_macro_f1.png", "2_f1_by_frequency_bucket.png", "3_per_tag_f1_vs_frequency.png",
            "4_training_time_by_phase.png", "5_deployed_vs_pytorch.png"]
@@ -324,7 +324,7 @@ def test_reports_imports_no_model_code():
     code = ("import pkgutil, importlib, sys, reports\n"
             "for m in pkgutil.iter_modules(reports.__path__):\n"
             "    if m.name != 'pipeline': importlib.import_module('reports.' + m.name)\n"
-            "print([m for m in ('torch', 'timm', 'open_clip', 'onnx', 'onnxruntime', 'tensorrt', 'train.registry')"
+            "print([m for m in ('torch', 'timm', 'open_clip', 'onnx', 'onnxruntime', 'tensorrt', 'bakeoff.train.registry')"
             " if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
@@ -332,7 +332,7 @@ def test_reports_imports_no_model_code():
 
 
 def test_ids_hash_matches_evaluate():
-    from evaluate.score import ids_sha256 as evaluate_ids_sha256
+    from bakeoff.evaluate.score import ids_sha256 as evaluate_ids_sha256
 
     assert ids_sha256(["a", "b", "c"]) == evaluate_ids_sha256(["a", "b", "c"])
 

@@ -1,9 +1,9 @@
 """The figures' data (pure functions over artifacts) and drawing edge cases."""
 from __future__ import annotations
 
-from reports.artifacts import load_pairs
-from reports.build import bucket_rows, latency_points
-from reports.figures import (
+from bakeoff.reports.artifacts import load_pairs
+from bakeoff.reports.build import bucket_rows, latency_points
+from bakeoff.reports.figures import (
     OTHER_PHASES,
     bucket_bars,
     family_labels,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from reports import pipeline
-from reports.pipeline import data_problem, parse, project, stages
-from train.profiles import PROFILES, Settings
+from bakeoff.reports import pipeline
+from bakeoff.reports.pipeline import data_problem, parse, project, stages
+from bakeoff.train.profiles import PROFILES, Settings
 
 
 def flags_after(argv: list[str], flag: str) -> list[str]:

@@ -1,9 +1,9 @@
 """The report's Setup section names the training profile and lists its reductions (config.json "profile")."""
 from __future__ import annotations
 
-from reports import setup
-from reports.artifacts import Document, Pair
-from reports.document import Bullets, Para, to_markdown
+from bakeoff.reports import setup
+from bakeoff.reports.artifacts import Document, Pair
+from bakeoff.reports.document import Bullets, Para, to_markdown
 
 CPU = {"name": "cpu", "reductions": ["cnn input 112 px instead of 224 px: a quarter of the pixels",
                                      "fine-tune 3 epochs instead of 5: fine-tune epochs dominate CPU time"]}

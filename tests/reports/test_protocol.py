@@ -1,5 +1,5 @@
 """The Setup section's protocol facts: token grids, resolution handicaps, heads and tuning budgets."""
-from reports import protocol
+from bakeoff.reports import protocol
 
 
 def cfg(family, px, arch, native=None, **extra):

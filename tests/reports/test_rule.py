@@ -1,4 +1,4 @@
-"""reports.rule on the fabricated scenario (tests/reports/conftest.py): runtimes judged, constraints, selection on
+"""bakeoff.reports.rule on the fabricated scenario (tests/reports/conftest.py): runtimes judged, constraints, selection on
 validation (never on test), ties, latency and training cost, random init, flags, gaps."""
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from reports.artifacts import NO_ENGINE, ReportError, load_pairs
-from reports.paired import Comparer, comparer_for
-from reports.build import selection_table
-from reports.rule import NO_VALIDATION, TEST_ONLY, Constraints, candidates, recommend
+from bakeoff.common.io import write_json
+from bakeoff.reports.artifacts import NO_ENGINE, ReportError, load_pairs
+from bakeoff.reports.build import selection_table
+from bakeoff.reports.paired import Comparer, comparer_for
+from bakeoff.reports.rule import NO_VALIDATION, TEST_ONLY, Constraints, candidates, recommend
+from bakeoff.train.data.dataset import load_dataset
 from tests.reports.conftest import pair_probabilities, write_eval
-from train.data.dataset import load_dataset
-from train.data.io import write_json
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from train import weights as W
-from train.registry import REGISTRY, get_spec, wrap
-from train.weights import create_backbone
+from bakeoff.train import weights as W
+from bakeoff.train.registry import REGISTRY, get_spec, wrap
+from bakeoff.train.weights import create_backbone
 
 
 def test_timm_name_takes_its_preprocessing_from_timms_pretrained_cfg():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data.cache import (
+from bakeoff.common.io import read_json
+from bakeoff.train.data.cache import (
     CacheError,
     border_colour,
     build_cache,
@@ -16,8 +17,7 @@ from train.data.cache import (
     load_cache,
     resize_batch,
 )
-from train.data.dataset import DatasetError, load_dataset, write_dataset
-from train.data.io import read_json
+from bakeoff.train.data.dataset import DatasetError, load_dataset, write_dataset
 
 S = 16
 GREEN, RED = (10, 200, 30), (220, 20, 40)

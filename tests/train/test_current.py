@@ -4,11 +4,11 @@ from dataclasses import replace
 
 import pytest
 
+from bakeoff.train import current as C
+from bakeoff.train.__main__ import main
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.registry import get_spec
 from tests.conftest import TINY_MODELS, tiny_options
-from train import current as C
-from train.__main__ import main
-from train.data.dataset import load_dataset
-from train.registry import get_spec
 
 
 def spec_of(opts):
@@ -92,7 +92,7 @@ def test_train_all_retrains_only_the_runs_whose_options_changed(tiny_data, tmp_p
     models = {p: (out / p / "model.safetensors").stat().st_mtime_ns for p in ("cnn-probe", "dinov2-ft")}
     capsys.readouterr()
     assert main(tiny_grid(tiny_data, out, cnn=24)) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err  # status lines are log lines, on stderr
     assert "cnn-probe: options changed (image_size 32 -> 24): retraining" in said
     assert "cnn-ft: options changed (image_size 32 -> 24): retraining" in said
     assert f"dinov2-ft: current, nothing to do ({out / 'dinov2-ft'}; use --force to retrain)" in said
@@ -100,6 +100,37 @@ def test_train_all_retrains_only_the_runs_whose_options_changed(tiny_data, tmp_p
     assert (out / "cnn-probe" / "model.safetensors").stat().st_mtime_ns != models["cnn-probe"]
     assert (out / "dinov2-ft" / "model.safetensors").stat().st_mtime_ns == models["dinov2-ft"]
     one = tiny_grid(tiny_data, out, cnn=24)[1:] + ["--backbone", "dinov2", "--strategy", "ft"]
-    assert main(one) == 0 and "dinov2-ft: current, nothing to do" in capsys.readouterr().out
-    assert main(one + ["--force"]) == 0 and "dinov2-ft: retraining (--force)" in capsys.readouterr().out
+    assert main(one) == 0 and "dinov2-ft: current, nothing to do" in capsys.readouterr().err
+    assert main(one + ["--force"]) == 0 and "dinov2-ft: retraining (--force)" in capsys.readouterr().err
     assert (out / "dinov2-ft" / "model.safetensors").stat().st_mtime_ns != models["dinov2-ft"]
+
+
+def test_rebalance_and_aug_views_make_a_complete_run_stale(configs, tiny_runs, tiny_data):
+    from bakeoff.train.__main__ import plan_run
+
+    assert changed(configs["probe"], tiny_options("cnn", "probe", rebalance="crt")) == ["rebalance none -> crt"]
+    assert changed(configs["probe"], tiny_options("cnn", "probe", aug_views=2)) == ["aug_views 0 -> 2"]
+    assert changed(configs["ft"], tiny_options("cnn", "ft", rebalance="crt")) == ["rebalance none -> crt"]
+    assert changed(configs["ft"], tiny_options("cnn", "ft", aug_views=2)) == []  # the fine-tune augments with --augment
+    opts = tiny_options("cnn", "probe", rebalance="crt", aug_views=1)
+    ds_hash = load_dataset(tiny_data).content_hash()
+    train, resume, say = plan_run(tiny_runs / "cnn-probe", opts, spec_of(opts), "random", ds_hash, force=False)
+    assert (train, resume) == (True, False)
+    assert say == "options changed (rebalance none -> crt, aug_views 0 -> 1): retraining"
+
+
+def test_runs_recorded_before_rebalance_and_views_trained_without_them(configs):
+    cfg = json.loads(json.dumps(configs["probe"]))
+    del cfg["options"]["rebalance"], cfg["options"]["aug_views"]
+    assert changed(cfg, tiny_options("cnn", "probe")) == []
+    assert changed(cfg, tiny_options("cnn", "probe", rebalance="crt")) == ["rebalance none -> crt"]
+
+
+def test_a_crt_fine_tune_counts_the_probe_sweep_it_trains_its_head_with(configs):
+    cfg = json.loads(json.dumps(configs["ft"]))
+    opts = tiny_options("cnn", "ft", rebalance="crt")
+    cfg["options"]["rebalance"] = "crt"
+    cfg["summary"]["crt"] = {"probe": {"epochs": opts.probe.epochs}}
+    assert changed(cfg, opts) == []
+    longer = replace(opts, probe=replace(opts.probe, epochs=opts.probe.epochs + 1))
+    assert changed(cfg, longer) == [f"probe.epochs {opts.probe.epochs} -> {opts.probe.epochs + 1}"]

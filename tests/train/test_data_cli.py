@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-from train.data import images
-from train.data.__main__ import main, parser
-from train.data.dataset import load_dataset
+from bakeoff.train.data import images
+from bakeoff.train.data.__main__ import main, parser
+from bakeoff.train.data.dataset import load_dataset
 
 
 def _parsers(p: argparse.ArgumentParser):
@@ -48,23 +49,30 @@ def _catalog(tmp: Path, header: str = "id,image,tags") -> tuple[Path, Path]:
     return src, img
 
 
-def test_import_csv_detects_columns_and_says_which(tmp_path, capsys):
+def test_import_csv_detects_columns_and_says_which(tmp_path, capsys, monkeypatch):
     src, img = _catalog(tmp_path)
     out = tmp_path / "ds"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress bars show on a terminal only
     assert main(["import", "csv", str(src), "--image-root", str(img), "--out", str(out), "--workers", "1"]) == 0
     stdout, stderr = capsys.readouterr()
-    assert stdout.startswith("columns: id 'id' (detected), image 'image' (detected), tags 'tags' (detected)\n")
-    assert "imported 2 of 2 rows" in stdout
+    assert stdout == ""  # status lines go to stderr, with the bar
+    assert stderr.startswith("columns: id 'id' (detected), image 'image' (detected), tags 'tags' (detected)\n")
+    assert "imported 2 of 2 rows" in stderr
     assert "verify images: 100%" in stderr and "2/2" in stderr
     assert load_dataset(out).tags == [["top", "blue"], ["top"]]
 
 
-def test_no_progress_hides_the_bars(tmp_path, capsys):
+def test_no_progress_hides_the_bars(tmp_path, capsys, monkeypatch):
     src, img = _catalog(tmp_path)
     out = tmp_path / "ds"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["import", "csv", str(src), "--image-root", str(img), "--out", str(out), "--no-progress"]) == 0
     assert main(["cache", str(out), "--size", "8", "--workers", "1", "--no-progress"]) == 0
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    assert "imported 2 of 2 rows" in err and "%|" not in err and "\r" not in err  # status lines, no bar
+    assert main(["import", "csv", str(src), "--image-root", str(img), "--out", str(tmp_path / "ds2"), "-q"]) == 0
+    assert main(["cache", str(out), "--size", "16", "--workers", "1", "-q"]) == 0
+    assert capsys.readouterr().err == ""  # -q: neither status lines nor bars
 
 
 def test_ambiguous_columns_fail_with_the_flag_to_pass(tmp_path, capsys):
@@ -76,7 +84,7 @@ def test_ambiguous_columns_fail_with_the_flag_to_pass(tmp_path, capsys):
     assert f"error: {src}: ambiguous image column (candidates: image, path)" in err
     assert "the header has: id, image, path, tags" in err and "pass --image-column NAME" in err
     assert main([*argv, "--image-column", "path"]) == 0
-    assert "image 'path', tags 'tags' (detected)" in capsys.readouterr().out
+    assert "image 'path', tags 'tags' (detected)" in capsys.readouterr().err
 
 
 def test_check_images_progress_bar_in_two_processes(tmp_path, capsys):

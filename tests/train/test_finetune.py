@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_CACHE, TINY_MODELS
-from train.data.cache import load_cache
-from train.data.dataset import load_dataset
-from train.features import FeatureStore, extract
-from train.finetune import (
+from bakeoff.train.data.cache import load_cache
+from bakeoff.train.data.dataset import load_dataset
+from bakeoff.train.features import FeatureStore, extract
+from bakeoff.train.finetune import (
     FinetuneConfig,
     ImageSource,
     TrainingDiverged,
@@ -23,10 +22,11 @@ from train.finetune import (
     set_train_mode,
     trainable_parameters,
 )
-from train.losses import MultiLabelLoss
-from train.preprocess import Preprocess
-from train.registry import TaggingModel, get_spec
-from train.weights import create_backbone
+from bakeoff.train.losses import MultiLabelLoss
+from bakeoff.train.preprocess import Preprocess
+from bakeoff.train.registry import TaggingModel, get_spec
+from bakeoff.train.weights import create_backbone
+from tests.conftest import TINY_CACHE, TINY_MODELS
 
 
 def _setup(tiny_data, family="dinov2"):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.decision import Decision, single_valued_groups
-from train.heads import HeadLoss, adjusted, group_log_prior, initial_bias
-from train.losses import MultiLabelLoss
+from bakeoff.train.decision import Decision, single_valued_groups
+from bakeoff.train.heads import HeadLoss, adjusted, group_log_prior, initial_bias
+from bakeoff.train.losses import MultiLabelLoss
 
 
 def softplus(x: float) -> float:

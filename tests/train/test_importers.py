@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train.data import images
-from train.data.dataset import MANIFEST, REJECTED, SPLITS, STATS, DatasetError, load_dataset, read_rejected
-from train.data.importers import detect_columns, import_csv, import_fashion_styles, resolve_columns
-from train.data.io import read_json, sha256_file
+from bakeoff.common.io import read_json, sha256_file
+from bakeoff.train.data import images
+from bakeoff.train.data.dataset import MANIFEST, REJECTED, SPLITS, STATS, DatasetError, load_dataset, read_rejected
+from bakeoff.train.data.importers import detect_columns, import_csv, import_fashion_styles, resolve_columns
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 FASHION = SHARED / "data" / "fashion-product-images-small"

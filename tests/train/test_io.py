@@ -1,4 +1,4 @@
-"""Atomic writes (train.data.io): content replaced whole, permissions as a plain open() would leave them."""
+"""Atomic writes (bakeoff.common.io): content replaced whole, permissions as a plain open() would leave them."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.data.io import atomic_path, read_json, write_json, write_text
+from bakeoff.common.io import atomic_path, read_json, write_json, write_text
 
 
 @pytest.fixture

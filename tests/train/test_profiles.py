@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from train import profiles as P
-from train.registry import DEFAULTS, FAMILIES, get_spec
+from bakeoff.train import profiles as P
+from bakeoff.train.probe import ProbeConfig
+from bakeoff.train.registry import DEFAULTS, FAMILIES, get_spec
 
 PATCH = {"dinov2": 14, "clip": 32}  # ViT patch sizes of the registry defaults
 
@@ -47,7 +48,7 @@ def test_reduced_profiles_list_every_reduction_with_its_reason(name):
 def test_demo_keeps_the_embedded_defaults():
     r = P.resolve(P.PROFILES["demo"].settings)
     assert (r.image_size, r.model["cnn"], r.epochs, r.probe_epochs, r.cache_size) == (
-        {"cnn": 64, "dinov2": 56, "clip": 64}, "efficientnet_lite0", 2, 12, 64)
+        {"cnn": 64, "dinov2": 56, "clip": 64}, "efficientnet_lite0", 2, ProbeConfig.epochs, 64)
 
 
 def test_explicit_flags_override_the_profile_and_are_listed():
@@ -76,7 +77,7 @@ def test_settings_round_trip_through_json_and_train_flags():
     argv = s.argv()
     assert argv == ["--model", "cnn=efficientnet_lite0", "--image-size", "cnn=112", "--image-size", "clip=128",
                     "--epochs", "3", "--max-train-images", "500"]
-    from train.__main__ import parser
+    from bakeoff.train.__main__ import parser
 
     a = parser().parse_args(["--all", *argv])
     assert P.settings_from_flags(a.model, a.image_size, a.epochs, a.probe_epochs, a.max_train_images,

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from reports.pipeline import parse, project, stages
+from bakeoff.reports.pipeline import parse, project, stages
+from bakeoff.train.profiles import Settings
+from bakeoff.train.project import PROJECT_FILE, Project, ProjectError, project_for, read_project, write_project
 from tests.conftest import TINY_MODELS
-from train.profiles import Settings
-from train.project import PROJECT_FILE, Project, ProjectError, project_for, read_project, write_project
 
 
 def test_round_trip(tmp_path):
@@ -58,7 +58,7 @@ def test_without_a_project_file_a_stage_says_what_to_pass(module, tmp_path, monk
 
 
 def test_train_without_a_project_file_or_data_says_what_to_pass(tmp_path, monkeypatch):
-    from train.__main__ import main
+    from bakeoff.train.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"--data is required \(the dataset directory\).*reports.pipeline"):
@@ -76,23 +76,23 @@ def main_job(tiny_data, tmp_path) -> tuple:
 
 @pytest.mark.slow
 def test_card_commands_work_as_typed_after_the_main_job(tiny_data, tmp_path, monkeypatch, capsys):
-    from evaluate.__main__ import main as evaluate
-    from reports.__main__ import main as report
-    from train.__main__ import main as train
+    from bakeoff.evaluate.__main__ import main as evaluate
+    from bakeoff.reports.__main__ import main as report
+    from bakeoff.train.__main__ import main as train
 
     monkeypatch.chdir(tmp_path)
     a, stage = main_job(tiny_data, tmp_path)
     write_project(project(a))  # as python -m reports.pipeline does first
-    one_pair = stage[stage.index("train") + 1:]
+    one_pair = stage[stage.index("bakeoff.train") + 1:]
     one_pair[one_pair.index("--all")] = "--backbone=cnn"
     assert train(one_pair + ["--strategy", "probe"]) == 0  # the main job's train stage, for one pair
     capsys.readouterr()
 
     assert train(["--backbone", "cnn", "--strategy", "probe"]) == 0  # the card's command, as typed
     out, err = capsys.readouterr()
-    assert "cnn-probe: current, nothing to do" in out and "defaults from ./bakeoff.json" in err
+    assert "cnn-probe: current, nothing to do" in err and "defaults from ./bakeoff.json" in err
     assert train(["--backbone", "cnn", "--strategy", "probe", "--image-size", "24"]) == 0
-    assert "options changed (image_size 32 -> 24)" in capsys.readouterr().out  # explicit flags override the file
+    assert "options changed (image_size 32 -> 24)" in capsys.readouterr().err  # explicit flags override the file
 
     assert evaluate([]) == 0
     assert (tmp_path / "runs" / "cnn-probe" / "eval" / "torch" / "metrics.json").is_file()

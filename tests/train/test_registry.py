@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from bakeoff.train.registry import DEFAULTS, REGISTRY, TaggingModel, get_spec, list_models
+from bakeoff.train.weights import create_backbone
 from tests.conftest import TINY_MODELS
-from train.registry import DEFAULTS, REGISTRY, TaggingModel, get_spec, list_models
-from train.weights import create_backbone
 
 
 def test_each_family_has_default_and_other_variants():

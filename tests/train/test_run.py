@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bakeoff.train import run as R
+from bakeoff.train.__main__ import per_family
+from bakeoff.train.data.dataset import load_dataset, write_dataset
 from tests.conftest import TINY_CACHE, tiny_options
-from train import run as R
-from train.__main__ import per_family
-from train.data.dataset import load_dataset, write_dataset
 
 
 def test_complete_run_artifacts(tiny_runs):
@@ -92,10 +92,10 @@ def test_per_family_flags():
 
 def test_decision_is_fitted_on_the_models_own_fp32_validation_logits(tiny_runs, tiny_data):
     """thresholds.json and the folded logit adjustment describe the saved model as evaluation runs it."""
-    from train.data.cache import load_cache
-    from train.features import predict_logits
-    from train.preprocess import Preprocess
-    from train.selection import fit_decision
+    from bakeoff.train.data.cache import load_cache
+    from bakeoff.train.features import predict_logits
+    from bakeoff.train.preprocess import Preprocess
+    from bakeoff.train.selection import fit_decision
 
     ds = load_dataset(tiny_data)
     model, cfg, decision = R.load_run(tiny_runs / "cnn-probe", ds)
@@ -111,3 +111,92 @@ def test_decision_is_fitted_on_the_models_own_fp32_validation_logits(tiny_runs, 
     sel = cfg["summary"]["selection"]
     assert sel["metric"] == "val_macro_f1_crossfit" and 0 <= sel["val_macro_f1_crossfit"] <= 1
     assert cfg["summary"]["tuning"]["trials"] == 2
+
+
+@pytest.fixture(scope="module")
+def longtail_probe(tiny_data, tmp_path_factory):
+    """A tiny probe with rebalance=crt and aug_views=1, with what its head sweep was given."""
+    from bakeoff.train import strategies
+
+    calls = []
+
+    def spy(x_train, y_train, x_val, y_val, *a, **k):
+        calls.append((np.array(x_train), np.array(y_train), np.array(x_val), np.array(y_val)))
+        return train_probe(x_train, y_train, x_val, y_val, *a, **k)
+
+    train_probe = strategies.train_probe
+    out = tmp_path_factory.mktemp("longtail")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(strategies, "train_probe", spy)
+        run_dir = R.train_pair(tiny_data, out, tiny_options("cnn", "probe", rebalance="crt", aug_views=1))
+    return out, run_dir, calls[0]
+
+
+def test_probe_trains_on_the_crt_resample_of_originals_and_views(longtail_probe, tiny_data):
+    from bakeoff.train.features import FeatureStore
+    from bakeoff.train.rebalance import repeat_factors, repeat_threshold, resample
+
+    out, run_dir, (x_train, y_train, x_val, y_val) = longtail_probe
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["status"] == "complete" and (cfg["options"]["rebalance"], cfg["options"]["aug_views"]) == ("crt", 1)
+    ds = load_dataset(tiny_data)
+    rows_train, rows_val = ds.split_indices("train"), ds.split_indices("val")
+    n = len(rows_train)
+    feats = np.array(FeatureStore(out / ".cache", cfg["summary"]["feature_cache"]).load("features"), np.float32)
+    (view_key,) = cfg["summary"]["aug_views"]["caches"]
+    view = FeatureStore(out / ".cache", view_key)
+    assert np.array_equal(view.rows(), rows_train)  # views of training images only
+    views = np.array(view.load("features"), np.float32)
+    assert views.shape == (n, feats.shape[1]) and np.abs(views - feats[:n]).max() > 0  # a view is not the original
+    # validation is the un-augmented features, as they are
+    np.testing.assert_array_equal(x_val, feats[n:])
+    np.testing.assert_array_equal(y_val, ds.labels()[rows_val])
+    # training: originals + the view (labels repeated), then the seeded repeat-factor re-sample of them
+    y2 = np.tile(ds.labels()[rows_train], (2, 1))
+    t = repeat_threshold(ds.stats()["long_tail_threshold"], n)
+    idx = resample(repeat_factors(y2, t), seed=0)
+    np.testing.assert_array_equal(x_train, np.concatenate([feats[:n], views])[idx])
+    np.testing.assert_array_equal(y_train, y2[idx])
+    crt = cfg["summary"]["crt"]
+    assert crt["n_images"] == 2 * n and crt["n_resampled"] == len(idx) > 2 * n and crt["repeat_threshold"] == t
+    assert "cRT re-sample of train + 1 augmented view per image" in cfg["summary"]["tuning"]["searched"]
+
+
+def test_view_features_are_reused_never_recomputed(longtail_probe, tiny_data):
+    out, run_dir, _ = longtail_probe
+    key = json.loads((run_dir / "config.json").read_text())["summary"]["aug_views"]["caches"][0]
+    meta = out / ".cache" / key / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    other = R.train_pair(tiny_data, out, tiny_options("cnn", "probe", aug_views=1))  # another run of the backbone
+    timing = json.loads((other / "timing.json").read_text())
+    assert timing["caches_reused"] == {"features": True, "views": True} and timing["seconds"]["view_extraction"] > 0
+    assert meta.stat().st_mtime_ns == stamp and len(list((out / ".cache").glob("view-*"))) == 1
+    two = R.train_pair(tiny_data, out, tiny_options("cnn", "probe", aug_views=2))  # view 1 kept, view 2 added
+    assert json.loads((two / "timing.json").read_text())["caches_reused"]["views"] is False
+    assert meta.stat().st_mtime_ns == stamp and len(list((out / ".cache").glob("view-*"))) == 2
+
+
+def test_finetune_crt_retrains_the_head_on_fine_tuned_features(tiny_data, tmp_path, monkeypatch):
+    from bakeoff.train import strategies
+
+    calls = []
+    train_probe = strategies.train_probe
+
+    def spy(x_train, y_train, x_val, y_val, *a, **k):
+        result = train_probe(x_train, y_train, x_val, y_val, *a, **k)
+        calls.append((len(x_train), len(x_val), x_train.shape[1], result.head))
+        return result
+
+    monkeypatch.setattr(strategies, "train_probe", spy)
+    run_dir = R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "ft", rebalance="crt"))
+    cfg = json.loads((run_dir / "config.json").read_text())
+    ((n_train, n_val, dim, head),) = calls
+    crt = cfg["summary"]["crt"]
+    assert n_train == crt["n_resampled"] > crt["n_images"] == cfg["dataset"]["n_train_used"]
+    assert n_val == cfg["dataset"]["n_val"] and dim == head.in_features
+    assert crt["selected"]["weight_decay"] in crt["probe"]["weight_decays"]
+    assert {"crt_features", "crt_head"} <= set(json.loads((run_dir / "timing.json").read_text())["seconds"])
+    state = load_file(str(run_dir / "model.safetensors"))  # the saved head is the cRT head (+ logit adjustment)
+    torch.testing.assert_close(state["head.weight"], head.weight.detach())
+    shift = torch.tensor(cfg["decision"]["bias_shift"], dtype=torch.float32)
+    torch.testing.assert_close(state["head.bias"], head.bias.detach() + shift)

@@ -1,10 +1,15 @@
-"""Validation-only choices: threshold shrinkage, cross-fitting, tau, and the probe's sweep selection."""
+"""Validation-only choices: threshold shrinkage, cross-fitting, tau; the probe's sweep (its selection, loss,
+optimiser, seed and folded head)."""
 import numpy as np
 import pytest
+import torch
 
-from train.probe import ProbeConfig, train_probe
-from train.selection import crossfit_thresholds, fit_decision, folds, macro_f1, select_tau
-from train.thresholds import fit_shrunk_thresholds, fit_thresholds, pooled_threshold
+from bakeoff.train.heads import HeadLoss, tag_scores
+from bakeoff.train.losses import class_balanced_pos_weight
+from bakeoff.train.probe import ProbeConfig, _AdamW, _SweepLoss, train_probe
+from bakeoff.train.selection import crossfit_thresholds, fit_decision, folds, macro_f1, select_tau
+from bakeoff.train.thresholds import fit_shrunk_thresholds, fit_thresholds, pooled_threshold
+from bakeoff.train.valmetrics import batched_macro_ap
 
 
 def test_shrinkage_pulls_a_one_positive_tag_to_its_bucket():
@@ -75,6 +80,108 @@ def test_probe_sweep_selects_the_best_validation_setting():
     assert max(maps) > min(maps) + 0.01  # the grid spans settings that matter
 
 
+def _grouped_problem(seed: int = 5, n: int = 500, d: int = 12):
+    """Two single-valued fields whose tags are interleaved with free tags (0, 3, 5 / 1, 4; free 2, 6)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) * rng.uniform(0.5, 4, d) + rng.normal(size=d) * 3).astype(np.float32)  # raw scale
+    y = np.zeros((n, 7), dtype=np.uint8)
+    for field, first in (([0, 3, 5], 0), ([1, 4], 3)):  # a field's value: the arg-max of its features + noise
+        noisy = x[:, first:first + len(field)] + rng.gumbel(size=(n, len(field)))
+        y[np.arange(n), np.array(field)[noisy.argmax(1)]] = 1
+    y[:, [2, 6]] = rng.random((n, 2)) < 1 / (1 + np.exp(-x[:, [6, 7]]))
+    y[:40, [1, 4]] = 0  # some images have no value in the second field
+    return x, y, [[0, 3, 5], [1, 4]]
+
+
+@pytest.mark.parametrize("kind", ["bce", "balanced", "asl"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_sweep_loss_is_the_head_loss_with_its_gradient(kind, grouped):
+    _, y, groups = _grouped_problem()
+    y = torch.as_tensor(y[:64])
+    pw = class_balanced_pos_weight(y.sum(0).numpy(), len(y)) if kind == "balanced" else None
+    loss = HeadLoss(groups if grouped else (), kind, pw, n_tags=7)
+    fast = _SweepLoss(loss, 7, 3)
+    z = torch.randn(3 * 7, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)  # the layout
+    want = loss(z[fast.rows].transpose(1, 2), y.float())  # as S x B x T logits
+    want_grad, = torch.autograd.grad(want.sum(), z)
+    torch.testing.assert_close(fast.value(z.detach(), y), want)
+    torch.testing.assert_close(fast.gradient(z.detach(), y), want_grad)
+
+
+def test_sweep_optimiser_is_adamw_with_a_decay_per_column():
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(6, 2, generator=g), torch.randn(2, generator=g)
+    ours = _AdamW([w.clone(), b.clone()], [torch.tensor([0.5, 20.0]), None])
+    cols = [w[:, :1].clone().requires_grad_(), w[:, 1:].clone().requires_grad_(), b.clone().requires_grad_()]
+    ref = torch.optim.AdamW([{"params": [cols[0]], "weight_decay": 0.5}, {"params": [cols[1]], "weight_decay": 20.0},
+                             {"params": [cols[2]], "weight_decay": 0.0}])
+    for step in range(10):
+        lr = 0.01 / (1 + step)
+        grads = [torch.randn(6, 2, generator=g), torch.randn(2, generator=g)]
+        ours.step(grads, lr)
+        for group, grad in zip(ref.param_groups, (grads[0][:, :1], grads[0][:, 1:], grads[1])):
+            group["lr"], group["params"][0].grad = lr, grad
+        ref.step()
+    torch.testing.assert_close(ours.params[0], torch.cat(cols[:2], 1).detach())
+    torch.testing.assert_close(ours.params[1], cols[2].detach())
+
+
+def test_folded_head_scores_raw_features_as_the_sweep_scored_them():
+    x, y, groups = _grouped_problem()
+    cfg = ProbeConfig(weight_decays=(1e-3, 0.1, 3.0), epochs=4, batch_size=100, eval_every=1, lr=3e-2)
+    res = train_probe(x[:350], y[:350], x[350:], y[350:], cfg, HeadLoss(groups, n_tags=7))
+    with torch.no_grad():
+        scores = tag_scores(res.head(torch.as_tensor(x[350:]))[None], groups)
+    assert batched_macro_ap(torch.as_tensor(y[350:]), scores)[0] == pytest.approx(res.best["val_map"], abs=1e-6)
+    assert res.best["val_map"] > 0.7  # the fields are learnt, tags in their own order
+
+
+def test_head_is_its_best_epoch_not_its_last():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(380, 300)).astype(np.float32)  # 80 training images, 300 dimensions: it overfits
+    y = (rng.random((380, 4)) < 1 / (1 + np.exp(1 - 2 * x[:, :4]))).astype(np.uint8)
+    cfg = ProbeConfig(weight_decays=(1e-3,), epochs=10, batch_size=40, eval_every=1, lr=3e-2)
+    res = train_probe(x[:80], y[:80], x[80:], y[80:], cfg)
+    last = res.history[-1]["val_map"]["wd=0.001"]
+    assert res.best["epoch"] < cfg.epochs and res.best["val_map"] > last + 1e-3
+    with torch.no_grad():
+        scores = torch.sigmoid(res.head(torch.as_tensor(x[80:])))[None]
+    assert batched_macro_ap(torch.as_tensor(y[80:]), scores)[0] == pytest.approx(res.best["val_map"], abs=1e-6)
+
+
+def test_each_setting_trains_as_if_alone():
+    """The settings share batches, not weights: each one's decay, bias and best epoch stay its own."""
+    x, y, groups = _grouped_problem()
+
+    def sweep(decays: tuple[float, ...]) -> list[dict]:
+        cfg = ProbeConfig(weight_decays=decays, epochs=3, batch_size=100, eval_every=1, lr=3e-2)
+        return train_probe(x[:350], y[:350], x[350:], y[350:], cfg, HeadLoss(groups, n_tags=7)).sweep
+
+    alone = sweep((1e-3,)) + sweep((3.0,))
+    for joint, single in zip(sweep((1e-3, 3.0)), alone, strict=True):
+        assert joint["epoch"] == single["epoch"] and joint["val_map"] == pytest.approx(single["val_map"], abs=1e-4)
+
+
+def test_probe_is_deterministic_given_its_seed():
+    x, y, groups = _grouped_problem()
+    cfg = ProbeConfig(weight_decays=(1e-3, 1.0), epochs=2, batch_size=128, eval_every=1)
+    runs = [train_probe(x[:350], y[:350], x[350:], y[350:], c, HeadLoss(groups, n_tags=7))
+            for c in (cfg, cfg, ProbeConfig(**{**vars(cfg), "seed": 1}))]
+    assert runs[0].sweep == runs[1].sweep and runs[0].history == runs[1].history
+    torch.testing.assert_close(runs[0].head.state_dict(), runs[1].head.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(runs[0].head.weight, runs[2].head.weight)
+
+
+def test_probe_refuses_a_loss_its_sweep_loss_does_not_match():
+    class Doubled(HeadLoss):
+        def forward(self, logits, targets):
+            return 2 * super().forward(logits, targets)
+
+    x, y, groups = _grouped_problem()
+    with pytest.raises(RuntimeError, match="_SweepLoss"):
+        train_probe(x[:350], y[:350], x[350:], y[350:], ProbeConfig(epochs=1), Doubled(groups, n_tags=7))
+
+
 def test_free_tag_thresholds_pool_only_free_tags():
     """Group tags' softmax scores must not pull a bucket's pooled threshold (rare free tags score low)."""
     rng = np.random.default_rng(4)
@@ -95,7 +202,7 @@ def test_free_tag_thresholds_pool_only_free_tags():
 
 
 def test_finetune_grid_holds_the_default_rate():
-    from train.strategies import BLOCK_LR, finetune_lrs
+    from bakeoff.train.strategies import BLOCK_LR, finetune_lrs
 
     for trials in (2, 3, 8):
         grid = finetune_lrs("cnn", None, trials)

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from train.data.dataset import SPLITS, DatasetError, Rejected, load_dataset, write_dataset
-from train.data.splits import (
+from bakeoff.train.data.dataset import SPLITS, DatasetError, Rejected, load_dataset, write_dataset
+from bakeoff.train.data.splits import (
     ensure_coverage,
     format_stats,
     iterative_stratification,

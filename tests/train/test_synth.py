@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import synth
-from train.data.dataset import field_of, load_dataset
-from train.data.io import read_json
+from bakeoff.common.io import read_json
+from bakeoff.train.data import synth
+from bakeoff.train.data.dataset import field_of, load_dataset
 
 COL = {name: j for j, name in enumerate(synth.FIELD_NAMES)}
 
@@ -77,7 +77,7 @@ def test_generate_writes_a_loadable_dataset(tmp_path):
     with Image.open(back.image_path(0)) as im:
         assert im.size == (48, 48) and im.mode == "RGB"
     source = read_json(tmp_path / "taxonomy.json")["source"]
-    assert source["generator"] == "train.data.synth" and source["seed"] == 0 and source["n_images"] == 30
+    assert source["generator"] == "bakeoff.train.data.synth" and source["seed"] == 0 and source["n_images"] == 30
     assert sum(source["fields"].values()) == 60
 
 

@@ -1,4 +1,4 @@
-"""train.thresholds: the vectorised search equals brute force over candidate thresholds."""
+"""bakeoff.train.thresholds: the vectorised search equals brute force over candidate thresholds."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.thresholds import DEFAULT_THRESHOLD, fit_thresholds
+from bakeoff.train.thresholds import DEFAULT_THRESHOLD, fit_thresholds
 
 REPO = Path(__file__).resolve().parents[2]
 

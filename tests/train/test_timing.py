@@ -1,4 +1,4 @@
-from train.timing import phase_seconds, training_seconds
+from bakeoff.common.timing import phase_seconds, training_seconds
 
 
 def test_training_time_is_the_sum_of_phases_not_a_stale_total():

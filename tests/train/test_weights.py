@@ -3,9 +3,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bakeoff.train import weights as W
+from bakeoff.train.registry import get_spec
 from tests.conftest import SHARED_WEIGHTS, needs_shared
-from train import weights as W
-from train.registry import get_spec
 
 
 def test_pretrained_without_hub_or_file_fails_naming_model_and_dirs(tmp_path, monkeypatch):
@@ -62,7 +62,7 @@ def test_dinov2_position_embedding_resized_once_with_plain_bicubic():
 
 
 def test_plan_weights_says_where_weights_come_from_without_loading(tmp_path, monkeypatch, capsys):
-    from train.__main__ import main
+    from bakeoff.train.__main__ import main
 
     monkeypatch.setattr(W, "in_hub_cache", lambda spec: False)
     monkeypatch.setattr(W, "hub_unreachable", lambda: "the hub is off (test)")
@@ -139,7 +139,7 @@ def test_weights_without_a_note_keep_the_old_config_dict(tmp_path, monkeypatch):
 
 
 def test_a_derived_file_label_reaches_the_run_config_and_the_pair_label(tmp_path, monkeypatch):
-    from reports.artifacts import Document, Pair, pair_label
+    from bakeoff.reports.artifacts import Document, Pair, pair_label
 
     monkeypatch.delenv(W.WEIGHTS_ENV, raising=False)
     _weights_dir(tmp_path)

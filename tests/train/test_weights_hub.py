@@ -8,9 +8,9 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
+from bakeoff.train import weights as W
+from bakeoff.train.registry import get_spec
 from tests.train.fakehub import FakeHub
-from train import weights as W
-from train.registry import get_spec
 
 SPEC = get_spec("cnn", "efficientnet_lite0", 32)
 

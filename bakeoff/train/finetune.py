@@ -1,0 +1,292 @@
+"""Strategy 2: fine-tune the last 4 blocks (+ final norm) and the head; everything before them is frozen.
+
+The trainable part sees batches of *trunk activations* (the stem's output). They come either from the
+frozen-trunk cache (augmentation off: the stem's output is the same every epoch, so this is exact up to the
+cache dtype) or from images run through the stem under no-grad (augmentation on). AdamW, cosine schedule
+with linear warm-up, bf16 autocast, early stopping on validation mAP; every epoch writes a resume checkpoint
+(safetensors + JSON, no pickle) atomically.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from bakeoff.common.device import autocast
+from bakeoff.common.io import atomic_path, read_json, write_json
+from bakeoff.train.heads import tag_scores
+from bakeoff.train.losses import MultiLabelLoss
+from bakeoff.train.preprocess import Preprocess
+from bakeoff.train.registry import TaggingModel
+from bakeoff.train.valmetrics import macro_ap
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-4  # last 4 blocks
+    head_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    patience: int = 3
+    augment: bool = False
+    loss: str = "bce"
+    amp: bool = True
+    seed: int = 0
+
+
+class TrunkSource:
+    """Batches of cached trunk activations (train rows of a FeatureStore's ``trunk``)."""
+
+    def __init__(self, trunk: np.ndarray, device: torch.device):
+        self.trunk, self.device = trunk, device
+
+    def __call__(self, pos: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.trunk[np.sort(pos)], dtype=np.float32)[np.argsort(np.argsort(pos))]).to(self.device)
+
+
+class ImageSource:
+    """Batches of trunk activations computed from cached images (optionally augmented) under no-grad."""
+
+    def __init__(self, model: TaggingModel, images: np.ndarray, rows: np.ndarray, preprocess: Preprocess,
+                 augment: bool = False, amp: bool = True, seed: int = 0):
+        self.model, self.images, self.rows, self.preprocess = model, images, rows, preprocess
+        self.augment, self.amp = augment, amp
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, pos: np.ndarray) -> torch.Tensor:
+        x = self.preprocess(self.images[self.rows[pos]])
+        if self.augment:
+            x = light_augment(x, self.gen)
+        with autocast(self.preprocess.device, self.amp):
+            return self.model.backbone.stem(x).float()
+
+
+def light_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a small random translation (pad 1/16 with edge pixels, crop back)."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    pad = max(1, x.shape[-1] // 16)
+    xp = nn.functional.pad(x, (pad,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return xp[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+
+
+def trainable_parameters(model: TaggingModel) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the last 4 blocks (+ final norm) and the head."""
+    model.requires_grad_(False)
+    params = []
+    for m in [*model.backbone.tuned_modules(), model.head]:
+        for p in m.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return list({id(p): p for p in params}.values())
+
+
+def set_train_mode(model: TaggingModel) -> None:
+    """Tuned blocks and head in train mode (dropout, drop-path); everything else, and every BatchNorm, in eval.
+
+    BatchNorm keeps its pretrained statistics (its affine weights still train): batch statistics over the
+    last stages' 2x2..4x4 maps of a 64-image batch are noisy, and the probe's head was fitted on features
+    computed with the running statistics, so LP-then-FT starts exactly where the probe ended.
+    """
+    model.eval()
+    for m in [*model.backbone.tuned_modules(), model.head]:
+        m.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def make_optimizer(model: TaggingModel, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    params = trainable_parameters(model)
+    head_ids = {id(p) for p in model.head.parameters()}
+    groups: dict[str, list] = {"blocks_decay": [], "blocks_no_decay": [], "head": []}
+    for p in params:
+        if id(p) in head_ids:
+            groups["head"].append(p)
+        else:
+            groups["blocks_decay" if p.dim() >= 2 else "blocks_no_decay"].append(p)
+    return torch.optim.AdamW([
+        {"params": groups["blocks_decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": groups["blocks_no_decay"], "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
+        {"params": groups["head"], "lr": cfg.head_lr, "weight_decay": 1e-4, "base_lr": cfg.head_lr},
+    ])
+
+
+def lr_scale(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def batch_loss(model: TaggingModel, h: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, amp: bool) -> torch.Tensor:
+    """Loss of the trainable part on trunk activations ``h``: the same code for cached and uncached paths."""
+    with autocast(h.device, amp):
+        logits = model.head(model.backbone.tail(h))
+    return loss_fn(logits.float(), y)
+
+
+@torch.no_grad()
+def predict_from_trunk(model: TaggingModel, source: Callable[[np.ndarray], torch.Tensor], n: int,
+                       batch_size: int = 256, amp: bool = True, groups: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """Ranking scores for positions 0..n-1 of ``source``: softmax within ``groups``, sigmoid elsewhere."""
+    model.eval()
+    out = []
+    for o in range(0, n, batch_size):
+        h = source(np.arange(o, min(n, o + batch_size)))
+        with autocast(h.device, amp):
+            out.append(tag_scores(model.head(model.backbone.tail(h)), groups).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+
+
+# ---- resume checkpoints (safetensors for tensors, JSON for the rest; never pickle) ----------------------
+
+def _trainable_state(model: TaggingModel) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: p.detach().clone().contiguous() for p in trainable_parameters(model)}
+
+
+def save_resume(path: Path, model: TaggingModel, opt: torch.optim.Optimizer, state: dict,
+                best: dict[str, torch.Tensor]) -> None:
+    """Trainable weights, AdamW moments and the best weights so far in one safetensors file, plus JSON."""
+    tensors = {f"model.{k}": v for k, v in _trainable_state(model).items()}
+    tensors |= {f"best.{k}": v.contiguous() for k, v in best.items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    steps = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                n = names[id(p)]
+                tensors[f"opt.{n}.exp_avg"] = st["exp_avg"].contiguous()
+                tensors[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                steps[n] = float(st["step"])
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "resume.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(path / "resume.json", {**state, "opt_steps": steps})
+
+
+def load_resume(path: Path, model: TaggingModel, opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore what ``save_resume`` wrote; returns (state, best weights).
+
+    The file is read to CPU; the weights are copied into the parameters (any device and dtype) and the AdamW
+    moments go through ``Optimizer.load_state_dict``, which casts and moves each parameter's state to that
+    parameter's device and dtype (and keeps ``step`` as the optimizer wants it), as resuming on a GPU needs.
+    """
+    tensors = load_file(str(path / "resume.safetensors"))
+    state = read_json(path / "resume.json")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k.startswith("model."):
+                params[k[6:]].copy_(v)
+    steps = state.pop("opt_steps")
+    names = {id(p): n for n, p in params.items()}
+    saved = opt.state_dict()  # param_groups (hyper-parameters, and parameter indices in optimizer order)
+    order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+    unknown = sorted(set(steps) - set(order))
+    if unknown:
+        raise ValueError(f"{path}/resume.json: optimizer state for parameters this fine-tune does not train: "
+                         f"{unknown[:3]}; rerun without --resume to start over")
+    saved["state"] = {i: {"step": torch.tensor(steps[n], dtype=torch.float32), "exp_avg": tensors[f"opt.{n}.exp_avg"],
+                          "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"]}
+                      for i, n in enumerate(order) if n in steps}
+    opt.load_state_dict(saved)
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    return state, best
+
+
+def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Tensor], y_train: np.ndarray,
+             val_source: Callable[[np.ndarray], torch.Tensor], y_val: np.ndarray, cfg: FinetuneConfig,
+             resume_dir: Path, loss_fn: nn.Module | None = None, resume: bool = False,
+             log: Callable[[dict], None] = lambda rec: None, progress: bool = True,
+             stop_after_epochs: int | None = None, until_epoch: int | None = None) -> dict:
+    """Train the last 4 blocks + head; leaves the best-validation weights in ``model``; returns a summary.
+
+    ``stop_after_epochs`` stops early (as an interrupt would) after that many epochs of this call;
+    ``until_epoch`` stops once the schedule has reached that epoch (a trial: the prefix of a full run).
+    """
+    device = next(model.head.parameters()).device
+    loss_fn = (loss_fn or MultiLabelLoss(cfg.loss)).to(device)
+    opt = make_optimizer(model, cfg)
+    n = len(y_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    state = {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0,
+             "config": asdict(cfg)}
+    best = _trainable_state(model)
+    if resume and (resume_dir / "resume.json").exists():
+        state, best = load_resume(resume_dir, model, opt)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{resume_dir}/resume.json: saved fine-tune config {state['config']} differs from "
+                             f"this one {asdict(cfg)}; rerun without --resume to start over")
+    y_train_t = torch.as_tensor(y_train, dtype=torch.float32)
+    epochs_run = 0
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        if (stop_after_epochs is not None and epochs_run >= stop_after_epochs) or (
+                until_epoch is not None and state["epoch"] >= until_epoch):
+            break
+        t0 = time.perf_counter()
+        epoch = state["epoch"] + 1
+        rng = np.random.default_rng([cfg.seed, epoch])
+        perm = rng.permutation(n)
+        set_train_mode(model)
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not progress)
+        for k in bar:
+            pos = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            h = train_source(pos)
+            loss = batch_loss(model, h, y_train_t[pos].to(device), loss_fn, cfg.amp)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"fine-tune: loss is {loss.item()} at epoch {epoch}, step {k}; stopped. The last good "
+                    f"checkpoint (epoch {state['epoch']}) is kept in {resume_dir}; lower --lr and rerun.")
+            scale = lr_scale(state["step"], total, warmup)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        val_scores = predict_from_trunk(model, val_source, len(y_val), amp=cfg.amp,
+                                        groups=getattr(loss_fn, "groups", ()))
+        val_map = macro_ap(y_val, val_scores)
+        state["epoch"] = epoch
+        state["seconds"] += time.perf_counter() - t0
+        if val_map > state["best_map"]:
+            state.update(best_map=val_map, best_epoch=epoch, bad_epochs=0)
+            best = _trainable_state(model)
+        else:
+            state["bad_epochs"] += 1
+        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_map": val_map,
+               "lr": opt.param_groups[0]["lr"], "seconds": state["seconds"]}
+        log(rec)
+        save_resume(resume_dir, model, opt, state, best)
+        epochs_run += 1
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in best.items():
+            params[k].copy_(v)
+    return {"best_epoch": state["best_epoch"], "best_val_map": state["best_map"], "epochs": state["epoch"],
+            "seconds": state["seconds"], "stopped_early": state["bad_epochs"] >= cfg.patience,
+            "finished": state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience}

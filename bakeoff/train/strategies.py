@@ -1,0 +1,255 @@
+"""The two transfer strategies behind one interface: ``STRATEGIES[name](ctx) -> Outcome``.
+
+Both train the run's ``TaggingModel`` in place with the same head loss (:class:`train.heads.HeadLoss`) and
+the same budget of hyper-parameter *trials*, each scored on validation mAP:
+- ``probe``: a linear head on cached frozen features; the trials are the weight decays of the batched sweep.
+  With ``aug_views`` K, it trains on the original training features + K cached augmented views of each
+  training image (:mod:`train.views`, labels repeated); validation is never augmented.
+- ``ft``: the last 4 blocks + head from the frozen-trunk cache (or from images when augmenting), started
+  from the probe's head when a matching probe run exists (LP-then-FT), else from a zero head (``init_head`` None:
+  the caller says so and records it: :func:`bakeoff.train.run.init_head`). The trials are block learning rates
+  on a log grid around the family's default; each trial runs the first ``trial_epochs`` of the full
+  schedule, and the best one continues to the end (its trial is the prefix of its own full run).
+
+``rebalance="crt"`` (:mod:`train.rebalance`): the representation stays as it is and the linear head is trained
+anew, with the probe's weight-decay sweep, on a repeat-factor re-sample of the training set: the probe's head
+directly; the fine-tune's after fine-tuning, on the fine-tuned model's pooled train + validation features.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bakeoff.common.device import autocast
+from bakeoff.common.io import read_json, write_json
+from bakeoff.train.features import FeatureStore, cache_key, extract, extraction_seconds
+from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, finetune
+from bakeoff.train.heads import HeadLoss, initial_bias
+from bakeoff.train.preprocess import Preprocess
+from bakeoff.train.probe import DECAY_RANGE, ProbeConfig, ProbeResult, log_grid, train_probe
+from bakeoff.train.rebalance import rebalanced
+from bakeoff.train.registry import TaggingModel
+from bakeoff.train.views import RECIPE, ViewImages
+
+# Per-family fine-tune learning rates for the last 4 blocks (DINOv2 wants ~1e-5: dinov2 #252).
+BLOCK_LR = {"cnn": 3e-4, "dinov2": 2e-5, "clip": 3e-5}
+FT_LR_SPAN = 10.0  # the fine-tune's learning-rate grid spans default / sqrt(span) .. default * sqrt(span)
+
+
+@dataclass
+class Context:
+    """What a strategy needs: the model, its inputs, the rows and labels, the loss, where to write."""
+
+    model: TaggingModel
+    family: str
+    preprocess: Preprocess
+    images: np.ndarray
+    rows_train: np.ndarray
+    rows_val: np.ndarray
+    y_train: np.ndarray
+    y_val: np.ndarray
+    loss: HeadLoss
+    cache_root: Path
+    key_parts: dict
+    run_dir: Path
+    device: torch.device
+    trials: int
+    batch_size: int = 64
+    epochs: int | None = None
+    lr: float | None = None
+    augment: bool = False
+    trunk_cache_dtype: str = "float16"
+    rebalance: str = "none"
+    repeat_threshold: float = 0.0  # cRT's t (train.rebalance.repeat_threshold)
+    aug_views: int = 0
+    seed: int = 0
+    progress: bool = True
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    init_head: tuple[torch.Tensor, torch.Tensor, str] | None = None  # LP-then-FT: (weight, bias, source)
+    log: Callable[[dict], None] = lambda rec: None
+    describe: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    summary: dict
+    params_trained: int
+    timing: dict[str, float]
+    reused: dict[str, bool]
+
+
+def _store(ctx: Context, what: str, **extra) -> FeatureStore:
+    return FeatureStore(ctx.cache_root, f"{what}-" + cache_key(**ctx.key_parts, what=what, **extra))
+
+
+def view_stores(ctx: Context) -> list[FeatureStore]:
+    """One feature store per augmented view 1..``aug_views`` of the training images, keyed by the backbone, the
+    training rows, the seed, the view and its recipe: shared by every run of the backbone that asks for it."""
+    parts = ctx.key_parts | {"rows": cache_key(rows=ctx.rows_train.tolist())}
+    return [FeatureStore(ctx.cache_root, "view-" + cache_key(**parts, what="features", view=k, seed=ctx.seed,
+                                                              recipe=RECIPE)) for k in range(1, ctx.aug_views + 1)]
+
+
+def fit_head(ctx: Context, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
+             ) -> tuple[ProbeResult, ProbeConfig, dict | None]:
+    """The weight-decay sweep of linear heads (on the cRT re-sample of the training rows when asked); the best
+    head goes into the model. Returns (sweep result, its config, the re-sample's record or None)."""
+    x_train, y_train, crt = rebalanced(x_train, y_train, ctx.rebalance, ctx.repeat_threshold, ctx.seed)
+    cfg = replace(ctx.probe, weight_decays=log_grid(*DECAY_RANGE, ctx.trials), seed=ctx.seed)
+    result = train_probe(x_train, y_train, x_val, ctx.y_val, cfg, ctx.loss, ctx.device, progress=ctx.progress)
+    ctx.model.head.load_state_dict(result.head.state_dict())
+    return result, cfg, crt
+
+
+def run_probe(ctx: Context) -> Outcome:
+    """Extract (or reuse) frozen features (and augmented views), fit the weight-decay sweep, keep the best head."""
+    rows = np.concatenate([ctx.rows_train, ctx.rows_val])
+    store = _store(ctx, "features")
+    feats = extract(ctx.model.backbone, ctx.preprocess, ctx.images, rows, store, ("features",),
+                    batch_size=ctx.batch_size, progress=ctx.progress, describe=ctx.describe)["features"]
+    reused = {"features": not store.built_here}
+    x = np.asarray(feats, dtype=np.float32)
+    n = len(ctx.rows_train)
+    timing = {"feature_extraction": extraction_seconds(store)}
+    stores = view_stores(ctx)  # validation is never augmented: views are of the training rows only
+    views = [np.asarray(extract(ctx.model.backbone, ctx.preprocess, ViewImages(ctx.images, ctx.seed, k),
+                                ctx.rows_train, vs, ("features",), batch_size=ctx.batch_size, progress=ctx.progress,
+                                describe=ctx.describe | {"rows": n, "view": k, "recipe": RECIPE})["features"],
+                        dtype=np.float32) for k, vs in enumerate(stores, 1)]
+    if stores:
+        reused["views"] = not any(vs.built_here for vs in stores)
+    x_train = np.concatenate([x[:n], *views])
+    y_train = np.tile(ctx.y_train, (1 + len(views), 1))
+    result, cfg, crt = fit_head(ctx, x_train, y_train, x[n:])
+    for rec in result.history:
+        ctx.log(rec)
+    data = "train" + (f" + {len(views)} augmented view{'s' * (len(views) > 1)} per image" if views else "")
+    data = f"a cRT re-sample of {data}" if crt else data
+    searched = "weight decay (AdamW, decoupled" + (f"; head trained on {data})" if views or crt else ")")
+    summary = {"probe": asdict(cfg), "sweep": result.sweep, "selected": result.best, "feature_cache": store.key,
+               "tuning": {"trials": len(cfg.weight_decays), "searched": searched, "grid": list(cfg.weight_decays),
+                          "selected_by": "validation macro mAP"}}
+    if views:
+        summary["aug_views"] = {"views": len(views), "recipe": RECIPE, "caches": [vs.key for vs in stores]}
+        timing["view_extraction"] = sum(extraction_seconds(vs) for vs in stores)
+    if crt:
+        summary["crt"] = crt
+    timing["head_training"] = result.seconds
+    return Outcome(summary, sum(p.numel() for p in ctx.model.head.parameters()), timing, reused)
+
+
+def finetune_lrs(family: str, lr: float | None, trials: int) -> tuple[float, ...]:
+    """The block learning rates tried: a log grid spanning ``FT_LR_SPAN`` around ``lr`` (or the family
+    default), with that rate itself in place of the grid point nearest to it."""
+    base = lr or BLOCK_LR[family]
+    if trials <= 1:
+        return (base,)
+    grid = list(log_grid(base / FT_LR_SPAN ** 0.5, base * FT_LR_SPAN ** 0.5, trials))
+    grid[int(np.argmin([abs(np.log(g / base)) for g in grid]))] = base
+    return tuple(grid)
+
+
+@torch.no_grad()
+def tail_features(model: TaggingModel, source: Callable[[np.ndarray], torch.Tensor], n: int,
+                  batch_size: int = 256) -> np.ndarray:
+    """Pooled features (float32) of positions 0..n-1 of a trunk ``source``: the tuned blocks run in bf16
+    autocast, as the probe's features are extracted."""
+    model.eval()
+    out = []
+    for o in range(0, n, batch_size):
+        h = source(np.arange(o, min(n, o + batch_size)))
+        with autocast(h.device, True):
+            out.append(model.backbone.tail(h).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def run_finetune(ctx: Context) -> Outcome:
+    """Fine-tune the last 4 blocks + head: ``trials`` learning rates for ``trial_epochs``, the best to the end
+    (then, with cRT, the head trained anew on the fine-tuned features' re-sample)."""
+    model, timing, reused = ctx.model, {}, {}
+    with torch.no_grad():  # LP-then-FT, else a zero head at the training frequencies (as the probe starts)
+        if ctx.init_head is not None:
+            model.head.weight.copy_(ctx.init_head[0])
+            model.head.bias.copy_(ctx.init_head[1])
+        else:
+            model.head.weight.zero_()
+            model.head.bias.copy_(torch.as_tensor(initial_bias(ctx.y_train, ctx.loss.groups), dtype=torch.float32))
+    if ctx.augment:
+        train_src = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess, augment=True, seed=ctx.seed)
+        val_src = ImageSource(model, ctx.images, ctx.rows_val, ctx.preprocess)
+    else:
+        rows = np.concatenate([ctx.rows_train, ctx.rows_val])
+        store = _store(ctx, "trunk", dtype=ctx.trunk_cache_dtype)
+        trunk = extract(model.backbone, ctx.preprocess, ctx.images, rows, store, ("trunk",), batch_size=ctx.batch_size,
+                        dtype=ctx.trunk_cache_dtype, progress=ctx.progress, describe=ctx.describe)["trunk"]
+        reused["trunk"] = not store.built_here
+        n = len(ctx.rows_train)
+        train_src, val_src = TrunkSource(trunk[:n], ctx.device), TrunkSource(trunk[n:], ctx.device)
+        timing["trunk_caching"] = extraction_seconds(store)
+    base = FinetuneConfig(epochs=ctx.epochs or FinetuneConfig.epochs, batch_size=ctx.batch_size,
+                          augment=ctx.augment, loss=ctx.loss.kind, seed=ctx.seed)
+    lrs = finetune_lrs(ctx.family, ctx.lr, ctx.trials)
+    trial_epochs = 1 if len(lrs) > 1 else base.epochs
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    resume_root = ctx.run_dir / "resume"
+
+    def trial(k: int, until: int | None) -> dict:
+        """Trial k up to epoch ``until`` (None: the whole schedule), resuming its own checkpoint."""
+        model.load_state_dict(start)
+        return finetune(model, train_src, ctx.y_train, val_src, ctx.y_val, replace(base, lr=lrs[k]),
+                        resume_root / f"trial-{k}", ctx.loss, resume=True,
+                        log=lambda rec: ctx.log({"trial": k, "lr": lrs[k], **rec}), progress=ctx.progress,
+                        until_epoch=until)
+
+    # each trial's result after its trial epochs is kept, so a resumed sweep chooses as an uninterrupted one did
+    record = resume_root / "trials.json"
+    sweep: dict[str, dict] = read_json(record) if record.exists() else {}
+    for k in range(len(lrs) if len(lrs) > 1 else 0):
+        if str(k) not in sweep:
+            try:
+                sweep[str(k)] = trial(k, trial_epochs)
+            except TrainingDiverged as e:  # a learning rate too high for this backbone: the others still count
+                sweep[str(k)] = {"best_val_map": None, "epochs": 0, "seconds": 0.0, "diverged": str(e)}
+            write_json(record, sweep)
+    scored = {int(k): s["best_val_map"] for k, s in sweep.items() if s["best_val_map"] is not None}
+    if sweep and not scored:
+        raise TrainingDiverged(f"{ctx.run_dir}: every fine-tune trial diverged (learning rates {lrs}); lower --lr")
+    best = max(scored, key=scored.get) if scored else 0
+    result = trial(best, None)
+    for k in range(len(lrs)):  # the other trials' checkpoints are no longer needed
+        if k != best:
+            shutil.rmtree(resume_root / f"trial-{k}", ignore_errors=True)
+    timing["block_training"] = sum(s["seconds"] for k, s in sweep.items() if int(k) != best) + result["seconds"]
+    searched = "block learning rate"
+    crt = None
+    if ctx.rebalance == "crt":  # cRT: the fine-tuned representation fixed, the head trained anew on the re-sample
+        t = time.perf_counter()
+        plain = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess) if ctx.augment else train_src
+        x_train = tail_features(model, plain, len(ctx.rows_train))
+        x_val = tail_features(model, val_src, len(ctx.rows_val))
+        timing["crt_features"] = time.perf_counter() - t
+        head, cfg, crt = fit_head(ctx, x_train, ctx.y_train, x_val)
+        for rec in head.history:
+            ctx.log({"crt": True, **rec})
+        timing["crt_head"] = head.seconds
+        crt |= {"probe": asdict(cfg), "sweep": head.sweep, "selected": head.best}
+        searched += f" (then a cRT head over {len(cfg.weight_decays)} weight decays)"
+    summary = {"finetune": asdict(replace(base, lr=lrs[best])), "result": result,
+               "sweep": [{"lr": lrs[int(k)], "val_map": s["best_val_map"], "epochs": s["epochs"],
+                          **({"diverged": s["diverged"]} if "diverged" in s else {})} for k, s in sorted(sweep.items())],
+               "tuning": {"trials": len(lrs), "searched": searched, "grid": list(lrs),
+                          "trial_epochs": trial_epochs, "selected_by": "validation macro mAP after the trial epochs"},
+               "init_head": ctx.init_head[2] if ctx.init_head else "zero weights, bias at the training frequencies"}
+    if crt:
+        summary["crt"] = crt
+    return Outcome(summary, sum(p.numel() for p in model.parameters() if p.requires_grad), timing, reused)
+
+
+STRATEGIES: dict[str, Callable[[Context], Outcome]] = {"probe": run_probe, "ft": run_finetune}
