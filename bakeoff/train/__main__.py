@@ -190,17 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for fam, spec in specs.items():
         label = requested_weights(plan_weights(spec, weights.get(fam, "pretrained"), weights_dir))
-        for strat in strategies:  # probe first: fine-tune starts from the probe's head (LP-then-FT)
+        planned = {strat: RunOptions(family=fam, strategy=strat, model=spec.name, weights=weights.get(fam, "pretrained"),
+                                     weights_dir=weights_dir, image_size=spec.img_size, cache_size=resolved.cache_size,
+                                     max_train_images=resolved.max_train_images, loss=args.loss,
+                                     epochs=resolved.epochs, batch_size=args.batch_size, lr=args.lr,
+                                     augment=args.augment, seed=args.seed, device=args.device,
+                                     resume=args.resume or args.all, progress=not args.no_progress, head=args.head,
+                                     logit_adjust=args.logit_adjust, threshold_shrink=args.threshold_shrink,
+                                     trials=args.trials, probe=ProbeConfig(epochs=resolved.probe_epochs),
+                                     rebalance=args.rebalance, aug_views=args.aug_views,
+                                     profile={"name": profile.name, "reductions": reductions(profile, resolved)})
+                   for strat in strategies}
+        # one pass per backbone: the probe's extraction also fills the trunk cache of a fine-tune that will train
+        share = "ft" in planned and not args.augment and \
+            plan_run(Path(out) / pair_name(fam, "ft"), planned["ft"], spec, label, dataset_hash, args.force)[0]
+        for strat, opts in planned.items():  # probe first: fine-tune starts from the probe's head (LP-then-FT)
             name = pair_name(fam, strat)
-            opts = RunOptions(family=fam, strategy=strat, model=spec.name, weights=weights.get(fam, "pretrained"),
-                              weights_dir=weights_dir, image_size=spec.img_size, cache_size=resolved.cache_size,
-                              max_train_images=resolved.max_train_images, loss=args.loss, epochs=resolved.epochs,
-                              batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
-                              device=args.device, resume=args.resume or args.all, progress=not args.no_progress,
-                              head=args.head, logit_adjust=args.logit_adjust, threshold_shrink=args.threshold_shrink,
-                              trials=args.trials, probe=ProbeConfig(epochs=resolved.probe_epochs),
-                              rebalance=args.rebalance, aug_views=args.aug_views,
-                              profile={"name": profile.name, "reductions": reductions(profile, resolved)})
             train, resume, say = plan_run(Path(out) / name, opts, spec, label, dataset_hash, args.force)
             if say:
                 log.info(f"{name}: {say}")
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t = time.perf_counter()
             try:
-                run_dir = train_pair(data, out, replace(opts, resume=resume))
+                run_dir = train_pair(data, out, replace(opts, resume=resume), share_pass=share and strat == "probe")
             except (WeightsNotFound, RunError, TrainingDiverged, ValueError) as e:
                 log.error(f"{name}: FAILED: {e}")
                 failures.append(name)

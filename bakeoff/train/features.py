@@ -1,6 +1,7 @@
 """Run a frozen backbone over cached images once; keep its outputs on disk (float16 by default).
 
-Two outputs, computed in one pass when both are asked for:
+Two outputs, computed in one pass when both are asked for (also into two stores: :func:`extract_all`, which the
+grid uses to fill the probe's features and the fine-tune's trunk in one pass per backbone):
 - ``features``: the pooled feature vector (what the linear probe trains on);
 - ``trunk``: the stem's output, i.e. the input of the last 4 blocks (what the fine-tune trains from when
   augmentation is off: the frozen trunk gives the same output every epoch, so caching it is exact up to the
@@ -13,12 +14,15 @@ holder died half-way).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -77,64 +81,105 @@ class FeatureStore:
         return np.load(self.dir / "rows.npy")
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Target:
+    """What one store of a pass receives: its ``outputs``, kept as ``dtype``."""
+
+    store: FeatureStore
+    outputs: tuple[str, ...]
+    dtype: str = "float16"
+
+
 def extract(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray, store: FeatureStore,
             outputs: Iterable[str] = ("features",), *, batch_size: int = 64, dtype: str = "float16",
             amp: bool = True, describe: dict | None = None, progress: bool = True) -> dict[str, np.ndarray]:
     """Compute ``outputs`` for image-cache ``rows`` into ``store`` (resuming a partial run) under the store's lock,
     unless it holds them already (or another process completed it meanwhile); return memmaps."""
-    outputs = tuple(outputs)
-    if not store.holds(outputs):
-        with hold(store.dir / ".lock", f"feature cache {store.dir}", wait=True):
-            if not store.holds(outputs):
-                _compute(backbone, preprocess, images, rows, store, outputs, batch_size, dtype, amp, describe, progress)
-                store.built_here = True
-    return {o: store.load(o) for o in outputs}
+    return extract_all(backbone, preprocess, images, rows, [Target(store, tuple(outputs), dtype)],
+                       batch_size=batch_size, amp=amp, describe=describe, progress=progress)[0]
 
 
-def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray, store: FeatureStore,
-             outputs: tuple[str, ...], batch_size: int, dtype: str, amp: bool, describe: dict | None,
-             progress: bool) -> None:
-    """:func:`extract`'s work, with the store's lock held."""
+@torch.no_grad()
+def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
+                targets: Sequence[Target], *, batch_size: int = 64, amp: bool = True, describe: dict | None = None,
+                progress: bool = True) -> list[dict[str, np.ndarray]]:
+    """:func:`extract` for several stores in one pass over the images (each store resumes on its own), holding the
+    locks of the stores still to build, taken in the order of their paths (so two processes never deadlock);
+    returns each target's memmaps."""
+    pending = [t for t in targets if not t.store.holds(t.outputs)]
+    if pending:
+        with contextlib.ExitStack() as locks:
+            for t in sorted(pending, key=lambda t: str(t.store.dir)):
+                locks.enter_context(hold(t.store.dir / ".lock", f"feature cache {t.store.dir}", wait=True))
+            todo = [t for t in pending if not t.store.holds(t.outputs)]
+            if todo:
+                _compute(backbone, preprocess, images, rows, todo, batch_size, amp, describe, progress)
+                for t in todo:
+                    t.store.built_here = True
+    return [{o: t.store.load(o) for o in t.outputs} for t in targets]
+
+
+def _start(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, tuple[int, ...]]]) -> dict:
+    """The target's progress state, resumed when it matches, else new (its arrays allocated, ``shapes`` asked)."""
+    store, progress_file = target.store, target.store.dir / "progress.json"
+    state = read_json(progress_file) if progress_file.exists() else {}
+    if state.get("key") == store.key and state.get("outputs") == list(target.outputs) and state.get("n") == len(rows):
+        return state
+    (store.dir / "meta.json").unlink(missing_ok=True)  # the arrays are rewritten: not complete meanwhile
+    state = {"key": store.key, "outputs": list(target.outputs), "n": len(rows), "done": 0, "seconds": 0.0}
+    np.save(store.dir / "rows.npy", rows)
+    for o in target.outputs:
+        np.lib.format.open_memmap(store.dir / f"{o}.npy", mode="w+", dtype=target.dtype,
+                                  shape=(len(rows), *shapes()[o]))
+    write_json(progress_file, state)
+    return state
+
+
+def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
+             targets: list[Target], batch_size: int, amp: bool, describe: dict | None, progress: bool) -> None:
+    """:func:`extract_all`'s work, with the targets' locks held: one pass from the earliest resume point; each
+    store's progress advances with the pass."""
     device = preprocess.device
     backbone.eval().to(device)
-    progress_file = store.dir / "progress.json"
-    state = read_json(progress_file) if progress_file.exists() else {}
-    if state.get("key") != store.key or state.get("outputs") != list(outputs) or state.get("n") != len(rows):
-        (store.dir / "meta.json").unlink(missing_ok=True)  # the arrays are rewritten: not complete meanwhile
-        state = {"key": store.key, "outputs": list(outputs), "n": len(rows), "done": 0, "seconds": 0.0}
-        np.save(store.dir / "rows.npy", rows)
+
+    @functools.cache
+    def shapes() -> dict[str, tuple[int, ...]]:
         with autocast(device, amp):
             probe = backbone.stem(preprocess(images[rows[:1]]))
-        shapes = {"trunk": tuple(probe.shape[1:]), "features": (backbone.feature_dim,)}
-        for o in outputs:
-            np.lib.format.open_memmap(store.dir / f"{o}.npy", mode="w+", dtype=dtype, shape=(len(rows), *shapes[o]))
-        write_json(progress_file, state)
-    arrays = {o: np.load(store.dir / f"{o}.npy", mmap_mode="r+") for o in outputs}
+        return {"trunk": tuple(probe.shape[1:]), "features": (backbone.feature_dim,)}
+
+    states = [_start(t, rows, shapes) for t in targets]
+    arrays = [{o: np.load(t.store.dir / f"{o}.npy", mmap_mode="r+") for o in t.outputs} for t in targets]
+    wanted = {o for t in targets for o in t.outputs}
+    start = min(s["done"] for s in states)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(rows), initial=state["done"], desc=f"extract {'+'.join(outputs)}", unit="img",
+    bar = tqdm(total=len(rows), initial=start, desc=f"extract {'+'.join(sorted(wanted))}", unit="img",
                disable=not progress, leave=False)
-    for off, batch in iter_batches(images, rows, batch_size, start=state["done"]):
+    for off, batch in iter_batches(images, rows, batch_size, start=start):
         with autocast(device, amp):
             h = backbone.stem(preprocess(batch))
-            f = backbone.tail(h) if "features" in outputs else None
-        if "trunk" in arrays:
-            arrays["trunk"][off:off + len(batch)] = h.float().cpu().numpy()
-        if f is not None:
-            arrays["features"][off:off + len(batch)] = f.float().cpu().numpy()
-        state["done"] = off + len(batch)
-        if state["done"] % (batch_size * 16) == 0 or state["done"] == len(rows):
-            for a in arrays.values():
-                a.flush()
-            state["seconds"] += time.perf_counter() - t0
+            out = {"trunk": h, "features": backbone.tail(h) if "features" in wanted else None}
+        done = off + len(batch)
+        for state, arr in zip(states, arrays):
+            for o, a in arr.items():
+                a[off:done] = out[o].float().cpu().numpy()
+            state["done"] = done
+        if done % (batch_size * 16) == 0 or done == len(rows):
+            seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            write_json(progress_file, state)
+            for t, state, arr in zip(targets, states, arrays):
+                for a in arr.values():
+                    a.flush()
+                state["seconds"] += seconds
+                write_json(t.store.dir / "progress.json", state)
         bar.update(len(batch))
     bar.close()
-    for a in arrays.values():
-        a.flush()
-    write_json(store.dir / "meta.json", {"key": store.key, "outputs": list(outputs), "n": len(rows), "dtype": dtype,
-                                         "seconds": state["seconds"], "describe": describe or {}})
+    for t, state, arr in zip(targets, states, arrays):
+        for a in arr.values():
+            a.flush()
+        write_json(t.store.dir / "meta.json", {"key": t.store.key, "outputs": list(t.outputs), "n": len(rows),
+                                               "dtype": t.dtype, "seconds": state["seconds"],
+                                               "describe": describe or {}})
 
 
 def extraction_seconds(store: FeatureStore) -> float:

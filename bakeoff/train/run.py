@@ -196,9 +196,11 @@ def cache_weights(weights: dict) -> dict:
     return {k: weights.get(k) for k in ("kind", "source", "sha256")}
 
 
-def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
+def train_pair(data: str | Path, out: str | Path, opts: RunOptions, *, share_pass: bool = False) -> Path:
     """Train one (backbone, strategy) pair into ``out/<family>-<strategy>``; returns the run directory. Holds the
-    run directory's lock throughout; raises :class:`RunLocked`, naming the holder, when another process holds it."""
+    run directory's lock throughout; raises :class:`RunLocked`, naming the holder, when another process holds it.
+    ``share_pass`` (a probe; how it runs, not what it learns, so not an option): its feature extraction also fills
+    the frozen-trunk cache of the fine-tune with the same options, which then reuses it (one pass per backbone)."""
     if opts.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {opts.strategy!r}; choose from {tuple(STRATEGIES)}")
     if opts.head not in HEADS:
@@ -214,10 +216,10 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions) -> Path:
         except Locked as e:
             raise RunLocked(f"{run_dir} is in use by {describe(e.holder)}. Wait for it to finish or stop it (its lock "
                             "goes when it exits, also if it crashes), then run this again") from None
-        return _train(data, Path(out), run_dir, opts)
+        return _train(data, Path(out), run_dir, opts, share_pass)
 
 
-def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions) -> Path:
+def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_pass: bool) -> Path:
     """:func:`train_pair`'s work, with the run directory's lock held."""
     t_start = time.perf_counter()
     setup_threads()
@@ -300,7 +302,7 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions) -> Path
                   rebalance=opts.rebalance, aug_views=opts.aug_views,
                   repeat_threshold=repeat_threshold(stats.get("long_tail_threshold", 50), len(ds.split_indices("train"))),
                   seed=opts.seed, progress=opts.progress, probe=opts.probe,
-                  init_head=start,
+                  init_head=start, share_pass=share_pass,
                   log=lambda rec: _append_history(run_dir, rec), describe={"model": spec.name, "rows": len(rows)})
     outcome = STRATEGIES[opts.strategy](ctx)
     timing |= outcome.timing

@@ -28,7 +28,7 @@ import torch
 
 from bakeoff.common.device import autocast
 from bakeoff.common.io import read_json, write_json
-from bakeoff.train.features import FeatureStore, cache_key, extract, extraction_seconds
+from bakeoff.train.features import FeatureStore, Target, cache_key, extract, extract_all, extraction_seconds
 from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, finetune
 from bakeoff.train.heads import HeadLoss, initial_bias
 from bakeoff.train.preprocess import Preprocess
@@ -72,6 +72,7 @@ class Context:
     progress: bool = True
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     init_head: tuple[torch.Tensor, torch.Tensor, str] | None = None  # LP-then-FT: (weight, bias, source)
+    share_pass: bool = False  # probe: also fill the fine-tune's trunk store in its pass (the grid's one pass)
     log: Callable[[dict], None] = lambda rec: None
     describe: dict = field(default_factory=dict)
 
@@ -86,6 +87,12 @@ class Outcome:
 
 def _store(ctx: Context, what: str, **extra) -> FeatureStore:
     return FeatureStore(ctx.cache_root, f"{what}-" + cache_key(**ctx.key_parts, what=what, **extra))
+
+
+def trunk_store(ctx: Context) -> FeatureStore:
+    """The frozen-trunk store of the fine-tune of this backbone, rows and preprocessing (the probe fills it too
+    with ``share_pass``)."""
+    return _store(ctx, "trunk", dtype=ctx.trunk_cache_dtype)
 
 
 def view_stores(ctx: Context) -> list[FeatureStore]:
@@ -108,11 +115,15 @@ def fit_head(ctx: Context, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
 
 
 def run_probe(ctx: Context) -> Outcome:
-    """Extract (or reuse) frozen features (and augmented views), fit the weight-decay sweep, keep the best head."""
+    """Extract (or reuse) frozen features (and augmented views), fit the weight-decay sweep, keep the best head.
+    With ``share_pass`` the same pass fills the fine-tune's trunk store (:func:`trunk_store`)."""
     rows = np.concatenate([ctx.rows_train, ctx.rows_val])
     store = _store(ctx, "features")
-    feats = extract(ctx.model.backbone, ctx.preprocess, ctx.images, rows, store, ("features",),
-                    batch_size=ctx.batch_size, progress=ctx.progress, describe=ctx.describe)["features"]
+    targets = [Target(store, ("features",))]
+    if ctx.share_pass:
+        targets.append(Target(trunk_store(ctx), ("trunk",), ctx.trunk_cache_dtype))
+    feats = extract_all(ctx.model.backbone, ctx.preprocess, ctx.images, rows, targets, batch_size=ctx.batch_size,
+                        progress=ctx.progress, describe=ctx.describe)[0]["features"]
     reused = {"features": not store.built_here}
     x = np.asarray(feats, dtype=np.float32)
     n = len(ctx.rows_train)
@@ -135,6 +146,8 @@ def run_probe(ctx: Context) -> Outcome:
     summary = {"probe": asdict(cfg), "sweep": result.sweep, "selected": result.best, "feature_cache": store.key,
                "tuning": {"trials": len(cfg.weight_decays), "searched": searched, "grid": list(cfg.weight_decays),
                           "selected_by": "validation macro mAP"}}
+    if ctx.share_pass:
+        summary["trunk_cache"] = targets[1].store.key  # filled in the same pass, for the fine-tune
     if views:
         summary["aug_views"] = {"views": len(views), "recipe": RECIPE, "caches": [vs.key for vs in stores]}
         timing["view_extraction"] = sum(extraction_seconds(vs) for vs in stores)
@@ -185,7 +198,7 @@ def run_finetune(ctx: Context) -> Outcome:
         val_src = ImageSource(model, ctx.images, ctx.rows_val, ctx.preprocess)
     else:
         rows = np.concatenate([ctx.rows_train, ctx.rows_val])
-        store = _store(ctx, "trunk", dtype=ctx.trunk_cache_dtype)
+        store = trunk_store(ctx)
         trunk = extract(model.backbone, ctx.preprocess, ctx.images, rows, store, ("trunk",), batch_size=ctx.batch_size,
                         dtype=ctx.trunk_cache_dtype, progress=ctx.progress, describe=ctx.describe)["trunk"]
         reused["trunk"] = not store.built_here
