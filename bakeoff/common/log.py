@@ -170,7 +170,6 @@ class Steps:
     def __init__(self, desc: str, total: int, enabled: bool, say: Say | logging.Logger):
         self.desc, self.say = desc, say
         self.bar = progress_bar(enabled, total=total, desc=desc, unit="step", leave=False)
-        self.done: list[tuple[str, float]] = []  # (step, seconds) of the completed steps
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -178,7 +177,6 @@ class Steps:
         start = time.perf_counter()
         yield
         seconds = time.perf_counter() - start
-        self.done.append((name, seconds))
         self.say.debug(f"{self.desc}: {name} in {seconds:.1f} s")
         self.bar.update()
 
