@@ -15,13 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bakeoff.common.device import device_name, pick_device, setup_threads
+from bakeoff.common.device import device_name
 from bakeoff.train.features import FeatureStore, Target, extract_all
-from bakeoff.train.preprocess import Preprocess
-from bakeoff.train.registry import get_spec
-from bakeoff.train.weights import create_backbone
+from bench.random_inputs import random_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,21 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
-    setup_threads()
-    device = pick_device(a.device)
-    spec = get_spec("cnn", a.model, a.image_size)
-    backbone, _ = create_backbone(spec, "random")
-    prep = Preprocess(spec.img_size, spec.mean, spec.std, device)
-    images = np.random.default_rng(0).integers(0, 256, (a.images, a.image_size, a.image_size, 3), dtype=np.uint8)
-    rows = np.arange(a.images)
-    print(f"device: {device_name(device)}; {spec.name} @ {spec.img_size}px, batch {a.batch_size}, bf16 autocast, "
+    r = random_inputs(a.model, a.image_size, a.images, a.device)
+    print(f"device: {device_name(r.device)}; {r.spec.name} @ {r.spec.img_size}px, batch {a.batch_size}, bf16 autocast, "
           f"{a.images} synthetic images, trunk and features float16")
 
     def seconds(passes: list[list[str]], root: Path) -> float:
         """Wall time of ``passes``, each one pass filling a new store per output it names."""
         t = time.perf_counter()
         for outputs in passes:
-            extract_all(backbone, prep, images, rows, [Target(FeatureStore(root, f"{o}-{time.perf_counter_ns()}"),
+            extract_all(r.backbone, r.preprocess, r.images, r.rows, [Target(FeatureStore(root, f"{o}-{time.perf_counter_ns()}"),
                                                               (o,)) for o in outputs],
                         batch_size=a.batch_size, progress=False)
         return time.perf_counter() - t

@@ -23,7 +23,15 @@ from bakeoff.common.device import autocast, device_name, pick_device, setup_thre
 from bakeoff.train.data.cache import load_cache
 from bakeoff.train.data.dataset import load_dataset
 from bakeoff.train.features import FeatureStore, extract
-from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrunkSource, batch_loss, make_optimizer, set_train_mode
+from bakeoff.train.finetune import (
+    FinetuneConfig,
+    ImageSource,
+    TrunkSource,
+    TunedPart,
+    batch_loss,
+    make_optimizer,
+    set_train_mode,
+)
 from bakeoff.train.losses import MultiLabelLoss
 from bakeoff.train.preprocess import Preprocess
 from bakeoff.train.registry import TaggingModel, get_spec
@@ -44,7 +52,7 @@ def epoch_seconds(model, source, y, n, batch_size, amp) -> float:
     t = time.perf_counter()
     for o in range(0, n, batch_size):
         pos = np.arange(o, min(n, o + batch_size))
-        loss = batch_loss(model, source(pos), torch.as_tensor(y[pos], dtype=torch.float32), loss_fn, amp)
+        loss = batch_loss(TunedPart(model), source(pos), torch.as_tensor(y[pos], dtype=torch.float32), loss_fn, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

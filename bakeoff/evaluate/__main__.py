@@ -4,6 +4,7 @@
     python -m evaluate compare [RUNS] [--runtime torch] [--precision P] [--data DATASET]
     python -m evaluate compare [RUNS] --runtimes torch,onnxruntime,onnxruntime-fp16
     python -m evaluate rescore [--runs RUNS --data DATASET]   (scores again from saved predictions, no model run)
+    torchrun --nproc-per-node N -m evaluate ...   (scoring: the ranks share the test images; rank 0 writes)
 
 RUNS and DATASET default to ./bakeoff.json's (written by python -m reports.pipeline). Tables go to stdout,
 status to stderr (-q: warnings and errors only, no progress bars; -v: debug detail).
@@ -15,6 +16,7 @@ import logging
 import re
 import sys
 
+from bakeoff.common import distributed
 from bakeoff.common.device import setup_threads
 from bakeoff.common.log import add_verbosity_flags, progress_enabled, setup_logging
 from bakeoff.evaluate.compare import compare_table
@@ -70,10 +72,14 @@ def rescore_parser() -> argparse.ArgumentParser:
     return add_verbosity_flags(p)
 
 
-def parsed(p: argparse.ArgumentParser, argv: list[str], defaults: dict[str, str]) -> argparse.Namespace:
-    """``argv`` parsed (logging set up from its -v/-q), with what it leaves unset of ``defaults`` taken from the
-    project file."""
-    args = setup_logging(p.parse_args(argv))
+def parsed(p: argparse.ArgumentParser, argv: list[str], defaults: dict[str, str], quiet: bool = False
+           ) -> argparse.Namespace:
+    """``argv`` parsed (logging set up from its -v/-q, or quiet), with what it leaves unset of ``defaults`` taken
+    from the project file."""
+    args = p.parse_args(argv)
+    if quiet:
+        args.verbose, args.quiet = 0, True
+    args = setup_logging(args)
     fill(p, args, defaults)
     return args
 
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             args = parsed(compare_parser(), argv[1:], {"runs": "runs"})
             print(compare_table(args.runs, args.runtime, args.precision, data=args.data, runtimes=args.runtimes)[1])
             return 0
-        args = parsed(score_parser(), argv, {"runs": "runs", "data": "data"})
+        w = distributed.init()
+        args = parsed(score_parser(), argv, {"runs": "runs", "data": "data"}, quiet=not w.main)  # one voice per job
         threads = setup_threads()
         kw = {"device": args.device} | ({"precision": args.precision} if args.precision else {})
         log.debug(f"evaluating {args.runs} on {args.data}: runtime {args.runtime}, {kw}, batch {args.batch_size}, "
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, DatasetError, ValueError) as e:
         log.error(str(e))
         return 2
+    finally:
+        distributed.shutdown()
     bad = [p for p, m in results.items() if m["status"] in ("failed", "refused")]
     if bad:
         log.error(f"{len(bad)} of {len(results)} runs not scored: {', '.join(bad)}")

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bakeoff.common.device import library_versions, pick_device
+from bakeoff.common.distributed import world
 from bakeoff.common.io import atomic_path, read_json, sha256_file, write_json
 from bakeoff.common.timing import training_seconds
 from bakeoff.engines.runners import RUNTIMES, Runner, open_runner
@@ -120,11 +121,14 @@ def check_run_matches(run_dir: Path, config: dict, ds: Dataset) -> None:
 
 def predict_logits(runner: Runner, images: np.ndarray, rows: np.ndarray, preprocess: Preprocess,
                    batch_size: int = 128, progress: bool = False) -> np.ndarray:
-    """Logits (float32, len(rows) x T) of cached images ``rows``, preprocessed as the run was trained."""
-    starts = range(0, len(rows), batch_size)
-    out = [runner.predict(preprocess(images[rows[s:s + batch_size]]))
-           for s in tqdm(starts, desc=f"{runner.name} {runner.precision}", disable=not progress)]
-    return np.concatenate(out).astype(np.float32, copy=False)
+    """Logits (float32, len(rows) x T) of cached images ``rows``, preprocessed as the run was trained. Under
+    torchrun each rank predicts its contiguous part of the rows and every rank gets all of them, in order."""
+    w = world()
+    lo, hi = w.part(len(rows))
+    starts = range(lo, hi, batch_size)
+    out = [runner.predict(preprocess(images[rows[s:min(hi, s + batch_size)]])).astype(np.float32, copy=False)
+           for s in tqdm(starts, desc=f"{runner.name} {runner.precision}", disable=not progress or not w.main)]
+    return w.gather(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
 
 
 def bootstrap_cis(y_true: np.ndarray, y_pred: np.ndarray, masks: dict[str, np.ndarray]) -> dict:
@@ -308,7 +312,10 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
     metrics = provenance(run_dir, config, ds, runner, name) | {
         "test": {"split": "test", "n_images": int(len(rows)), "ids_sha256": test_hash,
                  "order": "ds.split_indices('test') (manifest order)"}}
-    (out / METRICS).unlink(missing_ok=True)  # from here on, an old metrics.json would describe new files
+    w = world()
+    if w.main:
+        (out / METRICS).unlink(missing_ok=True)  # from here on, an old metrics.json would describe new files
+    w.barrier()
 
     t = time.perf_counter()
     try:
@@ -316,6 +323,8 @@ def evaluate_run(run_dir: str | Path, ds: Dataset | str | Path, runtime: str = "
     finally:
         runner.close()
     seconds = time.perf_counter() - t
+    if not w.main:  # under torchrun the ranks shared the prediction; rank 0 scores and writes
+        return {}
     metrics["inference"] = {"seconds": round(seconds, 3), "images_per_s": round(len(rows) / seconds, 1),
                             "batch_size": batch_size, "runner_load_seconds": round(load_seconds, 3),
                             "includes": "cache read + preprocessing + runner.predict, first batch included"}
@@ -355,6 +364,8 @@ def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str 
     evaluation that is current (same checkpoint, thresholds and test rows) is kept unless ``force``.
     """
     ds = data if isinstance(data, Dataset) else load_dataset(data)
+    w = world()
+    log = log if w.main else (lambda line: None)
     results: dict[str, dict] = {}
     name = eval_name(runtime, runner_kw.get("precision") or default_precision(runtime))
     for run_dir in run_dirs(runs_dir, pairs):
@@ -363,7 +374,7 @@ def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str 
             results[pair] = {"status": "skipped", "reason": f"{run_dir}: incomplete run (status is not 'complete')"}
             log(f"{pair}: skipped, the run is incomplete")
             continue
-        if not force and (done := current_eval(run_dir, name, ds)) is not None:
+        if not force and (done := w.broadcast(current_eval(run_dir, name, ds) if w.main else None)) is not None:
             results[pair] = done
             log(f"{pair} ({name}): evaluation is current, kept (--force redoes it)")
             continue
@@ -372,6 +383,8 @@ def evaluate_all(runs_dir: str | Path, data: str | Path | Dataset, runtime: str 
         except (RunError, DatasetError, ValueError, OSError) as e:
             results[pair] = {"status": "refused", "reason": str(e)}
             log(f"{pair}: REFUSED: {e}")
+            continue
+        if not w.main:
             continue
         results[pair] = m
         if m["status"] == "failed":

@@ -1,7 +1,8 @@
 """The long-tail section: how the backbones differ on rare tags, and whether fine-tuning helps the tail.
 
 All on the PyTorch fp32 evaluations: tail macro-F1 of each pair, paired bootstraps between backbones (per
-strategy) and between strategies (per backbone) on the tail tags, and the rare tags where the pairs disagree
+strategy) and between strategies (per backbone) on the tail tags, macro-F1 and tail macro-F1 field by field
+(catalogs whose tags are ``field=value``: where the F1 is lost), and the rare tags where the pairs disagree
 most (per_tag.csv, matched by tag name). Random-init pairs are marked wherever they appear, and left out of
 the disagreement spread when at least two pretrained backbones can be compared.
 """
@@ -55,7 +56,7 @@ def analyse(pairs: list[Pair], comparer: Comparer) -> dict:
                         for p in scored},
             "leader": leader(scored, comparer),
             "threshold": scored[0].reference.get("buckets.tail.train_count_range.1").value if scored else None,
-            "backbones": backbones, "finetune": finetune, "disagreements": disagreements(spread),
+            "backbones": backbones, "finetune": finetune, "fields": by_field(scored), "disagreements": disagreements(spread),
             "left_out_of_disagreements": [p.name for p in scored if p not in spread],
             "paired_bootstrap": comparer.available, "unavailable": comparer.unavailable}
 
@@ -74,6 +75,21 @@ def leader(scored: list[Pair], comparer: Comparer) -> dict | None:
     first, second = ranked[:2]
     return {"pair": first.name, "runner_up": second.name,
             "result": comparer.compare(first.reference, second.reference, TAIL)}
+
+
+def by_field(pairs: list[Pair]) -> dict[str, dict]:
+    """Per field (the ``field`` of ``field=value`` tags), per pair: how many of its tags have a test positive, their
+    macro-F1, and the same over its long-tail tags; {} when no tag names a field."""
+    out: dict[str, dict] = {}
+    for p in pairs:
+        for field in dict.fromkeys(t["name"].split("=", 1)[0] for t in p.reference.per_tag if "=" in t["name"]):
+            scored = [t for t in p.reference.per_tag if t["name"].startswith(field + "=") and t["support"]
+                      and t["f1"] is not None]
+            tail = [t["f1"] for t in scored if t["bucket"] == TAIL]
+            out.setdefault(field, {})[p.name] = {
+                "n_tags": len(scored), "macro_f1": sum(t["f1"] for t in scored) / len(scored) if scored else None,
+                "n_tail": len(tail), "tail_macro_f1": sum(tail) / len(tail) if tail else None}
+    return out
 
 
 def disagreements(pairs: list[Pair], n: int = N_DISAGREE) -> list[dict]:
@@ -169,6 +185,16 @@ def blocks(analysis: dict, sources: str, subset: str) -> list[Block]:
     if analysis["finetune"]:
         out += [Para("Does fine-tuning help or hurt the tail?"),
                 Bullets([_finetune_item(c, shown, random) for c in analysis["finetune"]])]
+    if analysis["fields"]:
+        names = analysis["pairs"]
+        rows = [[field, f"{next(iter(per.values()))['n_tags']} ({next(iter(per.values()))['n_tail']})",
+                 *[f"{fmt.num(per[n]['macro_f1'])} ({fmt.num(per[n]['tail_macro_f1'])})" if n in per else fmt.DASH
+                   for n in names]]
+                for field, per in analysis["fields"].items()]
+        out += [Para("Field by field: macro-F1 over each field's tags with a test positive, and in brackets over its "
+                     "long-tail tags (no CI: the bootstraps above are over all tags or all tail tags). A field far "
+                     "below the others caps the overall macro-F1 whatever the tail methods do."),
+                Table(["field", "tags (long-tail)", *[shown[n] for n in names]], rows)]
     if analysis["disagreements"]:
         names = list(analysis["disagreements"][0]["f1"])
         rows = [[r["tag"], f"{r['train_count']:,}", f"{r['support']:,}",

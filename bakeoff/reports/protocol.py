@@ -74,8 +74,12 @@ def tuning_text(config: dict) -> str:
     chosen = dig(config, "summary.selected.weight_decay") if config.get("strategy") == "probe" \
         else dig(config, "summary.finetune.lr")
     span = f" on [{min(grid):g} .. {max(grid):g}]" if len(grid) > 1 else (f" = {grid[0]:g}" if grid else "")
+    picked = isinstance(chosen, (int, float)) and len(grid) > 1
+    edge = picked and len(grid) > 2 and chosen in (min(grid), max(grid))
     return (f"{t.get('trials')} trial{'s' if t.get('trials') != 1 else ''}: {t.get('searched')}{span}"
-            + (f", selected {chosen:g}" if isinstance(chosen, (int, float)) and len(grid) > 1 else ""))
+            + (f", selected {chosen:g}" if picked else "")
+            + (f" (the grid's {'lowest' if chosen == min(grid) else 'highest'}: the best may lie beyond it)"
+               if edge else ""))
 
 
 def budget_note(configs: dict[str, dict]) -> str:

@@ -49,8 +49,10 @@ def subset_sentence(sub: dict | None) -> str:
 
 
 def best_epoch(history: list[dict]) -> tuple[int, int] | None:
-    """(epoch of the highest validation mAP, last epoch) of a fine-tune's history.jsonl; None without epochs."""
-    scored = [r for r in history if isinstance(r.get("val_map"), (int, float)) and "epoch" in r]
+    """(epoch of the highest validation mAP, last epoch) of a fine-tune's history.jsonl (its final run's records,
+    ``"run": "final"``, when it has trials); None without epochs."""
+    final = [r for r in history if r.get("run") == "final"]
+    scored = [r for r in final or history if isinstance(r.get("val_map"), (int, float)) and "epoch" in r]
     if not scored:
         return None
     best = max(scored, key=lambda r: r["val_map"])  # the first of equal maxima

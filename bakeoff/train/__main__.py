@@ -7,6 +7,9 @@ weights (when the command names no other --data/--out). A complete run trained w
 and left alone; one trained with other options is retrained (--force retrains any). The image cache is, unless
 --cache-size, the largest input size of the grid (all three families as set, whichever pairs this command
 trains): one pair and --all share one cache, and no model sees an upsampled image.
+
+torchrun --nproc-per-node N -m train ...   (or bakeoff.train; several machines: torchrun's --nnodes and rendezvous)
+runs the same command as one job of N processes (bakeoff.common.distributed): rank 0 plans, logs and writes.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bakeoff.common import distributed
 from bakeoff.common.io import read_json
 from bakeoff.common.log import add_verbosity_flags, setup_logging
 from bakeoff.train.current import requested_weights, run_changes
@@ -142,7 +146,18 @@ def plan_run(run_dir: Path, opts: RunOptions, spec: BackboneSpec, weights: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = setup_logging(add_verbosity_flags(parser()).parse_args(argv))
+    w = distributed.init()
+    try:
+        return _main(argv, w)
+    finally:
+        distributed.shutdown()
+
+
+def _main(argv: list[str] | None, w: distributed.World) -> int:
+    args = add_verbosity_flags(parser()).parse_args(argv)
+    if not w.main:  # one voice per job: the other ranks say only what goes wrong
+        args.verbose, args.quiet, args.no_progress = 0, True, True
+    args = setup_logging(args)
     if args.all == bool(args.backbone or args.strategy):
         raise SystemExit("give either --backbone and --strategy, or --all")
     if not args.all and not (args.backbone and args.strategy):
@@ -168,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve(settings)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(describe(profile, resolved, reductions(profile, resolved)))
+    if w.main:
+        print(describe(profile, resolved, reductions(profile, resolved)))
     weights = per_family(args.weights or (project.weights if project else None), "--weights", families)
     weights_dir = args.weights_dir or (project.weights_dir if project else None)
     specs = {fam: get_spec(fam, resolved.model[fam], resolved.image_size[fam]) for fam in families}
@@ -202,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                                      profile={"name": profile.name, "reductions": reductions(profile, resolved)})
                    for strat in strategies}
         # one pass per backbone: the probe's extraction also fills the trunk cache of a fine-tune that will train
-        share = "ft" in planned and not args.augment and \
-            plan_run(Path(out) / pair_name(fam, "ft"), planned["ft"], spec, label, dataset_hash, args.force)[0]
+        share = "ft" in planned and not args.augment and w.broadcast(
+            plan_run(Path(out) / pair_name(fam, "ft"), planned["ft"], spec, label, dataset_hash, args.force)[0])
         for strat, opts in planned.items():  # probe first: fine-tune starts from the probe's head (LP-then-FT)
-            name = pair_name(fam, strat)
-            train, resume, say = plan_run(Path(out) / name, opts, spec, label, dataset_hash, args.force)
+            name = pair_name(fam, strat)  # rank 0's plan is the job's (the run files are what it writes)
+            train, resume, say = w.broadcast(plan_run(Path(out) / name, opts, spec, label, dataset_hash, args.force))
             if say:
                 log.info(f"{name}: {say}")
             if not train:

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from bakeoff.common.device import autocast
+from bakeoff.common.distributed import World, world
 from bakeoff.common.io import read_json, write_json
 from bakeoff.common.lock import hold
 from bakeoff.train.preprocess import Preprocess
@@ -105,42 +106,75 @@ def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, 
                 progress: bool = True) -> list[dict[str, np.ndarray]]:
     """:func:`extract` for several stores in one pass over the images (each store resumes on its own), holding the
     locks of the stores still to build, taken in the order of their paths (so two processes never deadlock);
-    returns each target's memmaps."""
-    pending = [t for t in targets if not t.store.holds(t.outputs)]
-    if pending:
-        with contextlib.ExitStack() as locks:
-            for t in sorted(pending, key=lambda t: str(t.store.dir)):
-                locks.enter_context(hold(t.store.dir / ".lock", f"feature cache {t.store.dir}", wait=True))
-            todo = [t for t in pending if not t.store.holds(t.outputs)]
-            if todo:
-                _compute(backbone, preprocess, images, rows, todo, batch_size, amp, describe, progress)
-                for t in todo:
-                    t.store.built_here = True
+    returns each target's memmaps.
+
+    Under torchrun the ranks share the pass (:func:`_compute`); rank 0 alone takes the locks and decides what is
+    still to build, so the ranks of one job never wait for each other's locks and other jobs wait for rank 0's.
+    """
+    w = world()
+    with contextlib.ExitStack() as locks:
+        todo: list[int] = []
+        pending = [t for t in targets if not t.store.holds(t.outputs)] if w.main else []
+        for t in sorted(pending, key=lambda t: str(t.store.dir)):
+            locks.enter_context(hold(t.store.dir / ".lock", f"feature cache {t.store.dir}", wait=True))
+        if pending:
+            todo = [i for i, t in enumerate(targets) if not t.store.holds(t.outputs)]
+        todo = w.broadcast(todo)
+        if todo:
+            _compute(backbone, preprocess, images, rows, [targets[i] for i in todo], batch_size, amp, describe,
+                     progress)
+            for i in todo:
+                targets[i].store.built_here = True
     return [{o: t.store.load(o) for o in t.outputs} for t in targets]
 
 
-def _start(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, tuple[int, ...]]]) -> dict:
-    """The target's progress state, resumed when it matches, else new (its arrays allocated, ``shapes`` asked)."""
+def _allocate(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, tuple[int, ...]]]) -> None:
+    """Keep the target's arrays when its ``progress.json`` says they are this key's, else allocate them anew
+    (``shapes`` asked), forgetting every progress record."""
     store, progress_file = target.store, target.store.dir / "progress.json"
     state = read_json(progress_file) if progress_file.exists() else {}
     if state.get("key") == store.key and state.get("outputs") == list(target.outputs) and state.get("n") == len(rows):
-        return state
+        return
     (store.dir / "meta.json").unlink(missing_ok=True)  # the arrays are rewritten: not complete meanwhile
-    state = {"key": store.key, "outputs": list(target.outputs), "n": len(rows), "done": 0, "seconds": 0.0}
+    for f in store.dir.glob("progress.*-of-*.json"):
+        f.unlink()
     np.save(store.dir / "rows.npy", rows)
     for o in target.outputs:
         np.lib.format.open_memmap(store.dir / f"{o}.npy", mode="w+", dtype=target.dtype,
                                   shape=(len(rows), *shapes()[o]))
-    write_json(progress_file, state)
-    return state
+    write_json(progress_file, {"key": store.key, "outputs": list(target.outputs), "n": len(rows), "done": 0,
+                               "seconds": 0.0})
+
+
+def _progress(target: Target, n: int, w: World) -> tuple[Path, dict]:
+    """This rank's progress record for its part of the rows (``done``: the next row offset), resumed when it
+    matches (key, outputs, rows, part), else new. One process: ``progress.json``; rank r of W writers:
+    ``progress.r-of-W.json``."""
+    lo, hi = w.writer_part(n)
+    store = target.store
+    path = store.dir / (f"progress.{w.rank}-of-{w.writers}.json" if w.distributed else "progress.json")
+    state = read_json(path) if path.exists() else {}
+    if state.get("key") == store.key and state.get("outputs") == list(target.outputs) and state.get("n") == n \
+            and (state.get("lo", 0), state.get("hi", n)) == (lo, hi):
+        return path, state
+    return path, {"key": store.key, "outputs": list(target.outputs), "n": n, "lo": lo, "hi": hi, "done": lo,
+                  "seconds": 0.0}
 
 
 def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
              targets: list[Target], batch_size: int, amp: bool, describe: dict | None, progress: bool) -> None:
     """:func:`extract_all`'s work, with the targets' locks held: one pass from the earliest resume point; each
-    store's progress advances with the pass."""
+    store's progress advances with the pass.
+
+    Under torchrun rank 0 allocates the arrays; then each rank computes its contiguous part of the rows
+    (:meth:`World.writer_part`) into them, keeping its own progress record, and rank 0 marks the stores complete
+    (``meta.json``, with the slowest rank's seconds) once every rank has flushed. The ranks write disjoint rows of
+    one memory-mapped file, which is safe within one machine (one page cache): a job across machines extracts on
+    rank 0's machine while the others wait.
+    """
     device = preprocess.device
     backbone.eval().to(device)
+    w = world()
 
     @functools.cache
     def shapes() -> dict[str, tuple[int, ...]]:
@@ -148,44 +182,51 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
             probe = backbone.stem(preprocess(images[rows[:1]]))
         return {"trunk": tuple(probe.shape[1:]), "features": (backbone.feature_dim,)}
 
-    states = [_start(t, rows, shapes) for t in targets]
+    if w.main:
+        for t in targets:
+            _allocate(t, rows, shapes)
+    w.barrier()
+    records = [_progress(t, len(rows), w) for t in targets]
     arrays = [{o: np.load(t.store.dir / f"{o}.npy", mmap_mode="r+") for o in t.outputs} for t in targets]
     wanted = {o for t in targets for o in t.outputs}
-    start = min(s["done"] for s in states)
+    lo, hi = w.writer_part(len(rows))
+    start = min(state["done"] for _, state in records)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(rows), initial=start, desc=f"extract {'+'.join(sorted(wanted))}", unit="img",
+    bar = tqdm(total=hi - lo, initial=start - lo, desc=f"extract {'+'.join(sorted(wanted))}", unit="img",
                disable=not progress, leave=False)
-    for off, batch in iter_batches(images, rows, batch_size, start=start):
+    for k, (off, batch) in enumerate(iter_batches(images, rows[:hi], batch_size, start=start)):
         with autocast(device, amp):
             h = backbone.stem(preprocess(batch))
             out = {"trunk": h, "features": backbone.tail(h) if "features" in wanted else None}
         done = off + len(batch)
-        for state, arr in zip(states, arrays):
+        for (_, state), arr in zip(records, arrays):
             for o, a in arr.items():
                 a[off:done] = out[o].float().cpu().numpy()
             state["done"] = done
-        if done % (batch_size * 16) == 0 or done == len(rows):
+        if k % 16 == 15 or done == hi:
             seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for t, state, arr in zip(targets, states, arrays):
+            for (path, state), arr in zip(records, arrays):
                 for a in arr.values():
                     a.flush()
                 state["seconds"] += seconds
-                write_json(t.store.dir / "progress.json", state)
+                write_json(path, state)
         bar.update(len(batch))
     bar.close()
-    for t, state, arr in zip(targets, states, arrays):
+    for arr in arrays:
         for a in arr.values():
             a.flush()
-        write_json(t.store.dir / "meta.json", {"key": t.store.key, "outputs": list(t.outputs), "n": len(rows),
-                                               "dtype": t.dtype, "seconds": state["seconds"],
-                                               "describe": describe or {}})
+    seconds = [float(w.gather(np.array([state["seconds"]])).max()) for _, state in records]
+    if w.main:
+        for t, s in zip(targets, seconds):
+            write_json(t.store.dir / "meta.json", {"key": t.store.key, "outputs": list(t.outputs), "n": len(rows),
+                                                   "dtype": t.dtype, "seconds": s, "ranks": w.writers,
+                                                   "describe": describe or {}})
+    w.barrier()
 
 
 def extraction_seconds(store: FeatureStore) -> float:
     return float(read_json(store.dir / "meta.json").get("seconds", 0.0)) if store.complete else 0.0
-
-
 
 
 @torch.no_grad()

@@ -5,6 +5,11 @@ frozen-trunk cache (augmentation off: the stem's output is the same every epoch,
 cache dtype) or from images run through the stem under no-grad (augmentation on). AdamW, cosine schedule
 with linear warm-up, bf16 autocast, early stopping on validation mAP; every epoch writes a resume checkpoint
 (safetensors + JSON, no pickle) atomically.
+
+Under torchrun (:mod:`bakeoff.common.distributed`) the trainable part runs in DistributedDataParallel: each rank
+takes a contiguous slice of every global batch (``batch_size`` stays the global batch, so the schedule, the
+number of steps and, up to float rounding, the gradients are those of one process), validation is sharded and
+gathered, and rank 0 alone writes the checkpoints and the history.
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bakeoff.common.device import autocast
+from bakeoff.common.distributed import World, world
 from bakeoff.common.io import atomic_path, read_json, write_json
 from bakeoff.train.heads import tag_scores
 from bakeoff.train.losses import MultiLabelLoss
@@ -135,24 +142,49 @@ def lr_scale(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def batch_loss(model: TaggingModel, h: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, amp: bool) -> torch.Tensor:
-    """Loss of the trainable part on trunk activations ``h``: the same code for cached and uncached paths."""
+class TunedPart(nn.Module):
+    """What a fine-tune trains, as one module: trunk activations -> logits through the tuned blocks and the head
+    (the module DistributedDataParallel wraps)."""
+
+    def __init__(self, model: TaggingModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.backbone.tail(h))
+
+
+def batch_loss(net: nn.Module, h: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, amp: bool) -> torch.Tensor:
+    """Loss of the trainable part ``net`` (a :class:`TunedPart`, maybe in DDP) on trunk activations ``h``: the same
+    code for cached and uncached paths."""
     with autocast(h.device, amp):
-        logits = model.head(model.backbone.tail(h))
+        logits = net(h)
     return loss_fn(logits.float(), y)
+
+
+def distributed(net: TunedPart, w: World) -> nn.Module:
+    """``net`` in DistributedDataParallel when several ranks train (its construction broadcasts rank 0's weights
+    and buffers; BatchNorm stays in eval mode, :func:`set_train_mode`, so its statistics never drift apart)."""
+    if not w.distributed:
+        return net
+    device = next(p for p in net.parameters() if p.requires_grad).device
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
 
 @torch.no_grad()
 def predict_from_trunk(model: TaggingModel, source: Callable[[np.ndarray], torch.Tensor], n: int,
                        batch_size: int = 256, amp: bool = True, groups: Sequence[Sequence[int]] = ()) -> np.ndarray:
-    """Ranking scores for positions 0..n-1 of ``source``: softmax within ``groups``, sigmoid elsewhere."""
+    """Ranking scores for positions 0..n-1 of ``source``: softmax within ``groups``, sigmoid elsewhere. Under
+    torchrun each rank scores its part and every rank gets all of them, in order."""
     model.eval()
+    w = world()
+    lo, hi = w.part(n)
     out = []
-    for o in range(0, n, batch_size):
-        h = source(np.arange(o, min(n, o + batch_size)))
+    for o in range(lo, hi, batch_size):
+        h = source(np.arange(o, min(hi, o + batch_size)))
         with autocast(h.device, amp):
             out.append(tag_scores(model.head(model.backbone.tail(h)), groups).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+    return w.gather(np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32))
 
 
 # ---- resume checkpoints (safetensors for tensors, JSON for the rest; never pickle) ----------------------
@@ -217,13 +249,13 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
              val_source: Callable[[np.ndarray], torch.Tensor], y_val: np.ndarray, cfg: FinetuneConfig,
              resume_dir: Path, loss_fn: nn.Module | None = None, resume: bool = False,
              log: Callable[[dict], None] = lambda rec: None, progress: bool = True,
-             stop_after_epochs: int | None = None, until_epoch: int | None = None) -> dict:
+             stop_after_epochs: int | None = None) -> dict:
     """Train the last 4 blocks + head; leaves the best-validation weights in ``model``; returns a summary.
 
-    ``stop_after_epochs`` stops early (as an interrupt would) after that many epochs of this call;
-    ``until_epoch`` stops once the schedule has reached that epoch (a trial: the prefix of a full run).
+    ``stop_after_epochs`` stops early (as an interrupt would) after that many epochs of this call.
     """
     device = next(model.head.parameters()).device
+    w = world()
     loss_fn = (loss_fn or MultiLabelLoss(cfg.loss)).to(device)
     opt = make_optimizer(model, cfg)
     n = len(y_train)
@@ -237,11 +269,11 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
         if state["config"] != asdict(cfg):
             raise ValueError(f"{resume_dir}/resume.json: saved fine-tune config {state['config']} differs from "
                              f"this one {asdict(cfg)}; rerun without --resume to start over")
+    net = distributed(TunedPart(model), w)
     y_train_t = torch.as_tensor(y_train, dtype=torch.float32)
     epochs_run = 0
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        if (stop_after_epochs is not None and epochs_run >= stop_after_epochs) or (
-                until_epoch is not None and state["epoch"] >= until_epoch):
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
             break
         t0 = time.perf_counter()
         epoch = state["epoch"] + 1
@@ -250,11 +282,17 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
         set_train_mode(model)
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not progress)
+                   disable=not progress or not w.main)
         for k in bar:
-            pos = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            batch = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            lo, hi = w.part(len(batch))
+            pos = batch[lo:hi]
             h = train_source(pos)
-            loss = batch_loss(model, h, y_train_t[pos].to(device), loss_fn, cfg.amp)
+            # DDP averages the ranks' gradients: weighting each rank's mean by its share of the batch makes the
+            # average the gradient of the whole batch's mean loss, also when the slices differ in size (a rank
+            # whose slice is empty still joins the step, with a zero loss)
+            loss = batch_loss(net, h, y_train_t[pos].to(device), loss_fn, cfg.amp) * (len(pos) * w.size / len(batch)) \
+                if len(pos) else net(h).sum() * 0.0
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"fine-tune: loss is {loss.item()} at epoch {epoch}, step {k}; stopped. The last good "
@@ -268,6 +306,7 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
             state["step"] += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        train_loss = w.mean(float(np.mean(losses)))
         val_scores = predict_from_trunk(model, val_source, len(y_val), amp=cfg.amp,
                                         groups=getattr(loss_fn, "groups", ()))
         val_map = macro_ap(y_val, val_scores)
@@ -278,11 +317,13 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
             best = _trainable_state(model)
         else:
             state["bad_epochs"] += 1
-        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_map": val_map,
+        rec = {"epoch": epoch, "train_loss": train_loss, "val_map": val_map,
                "lr": opt.param_groups[0]["lr"], "seconds": state["seconds"]}
-        log(rec)
-        save_resume(resume_dir, model, opt, state, best)
+        if w.main:
+            log(rec)
+            save_resume(resume_dir, model, opt, state, best)
         epochs_run += 1
+    w.barrier()  # rank 0's last checkpoint is on disk before any rank reads it (a later trial, a resume)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in best.items():

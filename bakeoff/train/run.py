@@ -14,6 +14,11 @@ of the matching probe run (LP-then-FT, :func:`init_head`): while another process
 the probe's run lock; with no matching probe it says so loudly, starts from a zero head and records it in
 config.json ``init_head`` (``kind`` "zero", the probe run it looked for and why it could not use it), and
 :mod:`train.current` counts it stale once that probe exists.
+
+Under torchrun (:mod:`bakeoff.common.distributed`) the ranks are one run: rank 0 holds the run's lock, builds the
+image cache and writes every file of the run directory once (config.json records ``world_size``); the ranks share
+the feature/trunk extraction and the fine-tune's steps (DDP); the probe's head sweep and the decision rule are
+fitted by rank 0 alone.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bakeoff.common.device import device_name, library_versions, pick_device, setup_threads
+from bakeoff.common.distributed import world
 from bakeoff.common.io import atomic_path, read_json, write_json
 from bakeoff.common.lock import Locked, describe, hold
 from bakeoff.train.data.cache import build_cache, load_cache
@@ -210,28 +216,38 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions, *, share_pas
     if opts.aug_views < 0:
         raise ValueError(f"aug_views must be >= 0, not {opts.aug_views}")
     run_dir = Path(out) / pair_name(opts.family, opts.strategy)
+    w = world()
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(hold(run_dir / LOCK, f"training {run_dir.name}", wait=False))
-        except Locked as e:
-            raise RunLocked(f"{run_dir} is in use by {describe(e.holder)}. Wait for it to finish or stop it (its lock "
-                            "goes when it exits, also if it crashes), then run this again") from None
-        return _train(data, Path(out), run_dir, opts, share_pass)
+        refused = ""
+        if w.main:  # the ranks of one torchrun job are one training: rank 0 holds the lock for all of them
+            try:
+                stack.enter_context(hold(run_dir / LOCK, f"training {run_dir.name}", wait=False))
+            except Locked as e:
+                refused = (f"{run_dir} is in use by {describe(e.holder)}. Wait for it to finish or stop it (its lock "
+                           "goes when it exits, also if it crashes), then run this again")
+        if refused := w.broadcast(refused):
+            raise RunLocked(refused)
+        _train(data, Path(out), run_dir, opts, share_pass)
+        w.barrier()  # every rank returns once rank 0 has written the run
+        return run_dir
 
 
 def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_pass: bool) -> Path:
     """:func:`train_pair`'s work, with the run directory's lock held."""
     t_start = time.perf_counter()
     setup_threads()
+    w = world()
     device = pick_device(opts.device)
+    if w.distributed and device.type == "cuda":
+        device = torch.device("cuda", w.local_rank)
     ds = load_dataset(data)
     stats = ds.stats()
     spec = get_spec(opts.family, opts.model, opts.image_size)
     opts = replace(opts, cache_size=opts.cache_size or spec.img_size)
-    if warning := cache_warning(spec.img_size, opts.cache_size):
+    if (warning := cache_warning(spec.img_size, opts.cache_size)) and w.main:
         print(f"WARNING {pair_name(opts.family, opts.strategy)}: {warning}")
     previous = read_json(run_dir / CONFIG) if opts.resume and (run_dir / CONFIG).is_file() else {}
-    if not opts.resume:
+    if not opts.resume and w.main:
         for name in (CONFIG, MODEL, THRESHOLDS, HISTORY, TIMING):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "resume", ignore_errors=True)
@@ -240,16 +256,18 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
     t = time.perf_counter()
     backbone, winfo = create_backbone(spec, opts.weights, opts.weights_dir, opts.seed)
     timing["weights_load"] = time.perf_counter() - t
-    if winfo.is_random:
+    if winfo.is_random and w.main:
         print(f"WARNING {pair_name(opts.family, opts.strategy)}: {spec.name} with {RANDOM_FLAG}")
-    if opts.strategy == "ft":
+    if opts.strategy == "ft" and w.main:
         print(f"{pair_name(opts.family, opts.strategy)}: {spec.name}: last 4 blocks = {backbone.describe_split()}")
     model = TaggingModel(backbone, len(ds.taxonomy)).to(device)
     prep_cfg = preprocess_config(spec, opts.cache_size)
     preprocess = Preprocess.from_config(prep_cfg, device)
 
     t = time.perf_counter()
-    build_cache(ds, opts.cache_size, progress=opts.progress)
+    if w.main:
+        build_cache(ds, opts.cache_size, progress=opts.progress)
+    w.barrier()
     images = load_cache(ds, opts.cache_size)
     timing["image_cache"] = time.perf_counter() - t
 
@@ -265,8 +283,10 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
     rows = np.concatenate([rows_train, rows_val])
     key_parts = dict(model=spec.to_dict(), weights=cache_weights(winfo.to_dict()), preprocess=prep_cfg,
                      dataset=ds.content_hash(), rows=cache_key(rows=rows.tolist()))
-    start, init = init_head(out, spec, winfo, ds, opts.head) if opts.strategy == "ft" else (None, None)
-    if init and previous.get("init_head", init)["kind"] != init["kind"]:
+    start, init = (None, None)
+    if opts.strategy == "ft":  # rank 0 reads the probe's head (under its lock) for every rank
+        start, init = w.broadcast(init_head(out, spec, winfo, ds, opts.head) if w.main else None)
+    if init and previous.get("init_head", init)["kind"] != init["kind"] and w.main:
         print(f"{run_dir.name}: its interrupted trials started from a {previous['init_head']['kind']} head, this start "
               f"is a {init['kind']} head: starting them over")
         shutil.rmtree(run_dir / "resume", ignore_errors=True)
@@ -291,9 +311,14 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
         "options": {k: v for k, v in asdict(opts).items() if k not in ("probe", "progress", "profile")},
         "profile": opts.profile,
         "device": device_name(device),
+        "world_size": w.size,
+        **({"distributed": {"backend": w.backend, "ranks": w.size, "batch_size": "global (split over the ranks)"}}
+           if w.distributed else {}),
         "versions": library_versions(),
     }
-    write_json(run_dir / CONFIG, config)
+    w.barrier()  # the ranks have read what they need of an earlier run before rank 0 rewrites it
+    if w.main:
+        write_json(run_dir / CONFIG, config)
 
     ctx = Context(model=model, family=spec.family, preprocess=preprocess, images=images, rows_train=rows_train,
                   rows_val=rows_val, y_train=y_train, y_val=y_val, loss=loss_fn, cache_root=out / ".cache",
@@ -305,6 +330,8 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
                   init_head=start, share_pass=share_pass,
                   log=lambda rec: _append_history(run_dir, rec), describe={"model": spec.name, "rows": len(rows)})
     outcome = STRATEGIES[opts.strategy](ctx)
+    if not w.main:
+        return run_dir
     timing |= outcome.timing
 
     # Validation logits as evaluation computes test logits (whole model, fp32, from the image cache; evaluation

@@ -8,8 +8,8 @@ the same budget of hyper-parameter *trials*, each scored on validation mAP:
 - ``ft``: the last 4 blocks + head from the frozen-trunk cache (or from images when augmenting), started
   from the probe's head when a matching probe run exists (LP-then-FT), else from a zero head (``init_head`` None:
   the caller says so and records it: :func:`bakeoff.train.run.init_head`). The trials are block learning rates
-  on a log grid around the family's default; each trial runs the first ``trial_epochs`` of the full
-  schedule, and the best one continues to the end (its trial is the prefix of its own full run).
+  on a log grid around the family's default; each trial is the whole schedule (warm-up, cosine decay to zero)
+  compressed into ``trial_epochs``, and the best learning rate then trains the full schedule from the start.
 
 ``rebalance="crt"`` (:mod:`train.rebalance`): the representation stays as it is and the linear head is trained
 anew, with the probe's weight-decay sweep, on a repeat-factor re-sample of the training set: the probe's head
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bakeoff.common.device import autocast
+from bakeoff.common.distributed import world
 from bakeoff.common.io import read_json, write_json
 from bakeoff.train.features import FeatureStore, Target, cache_key, extract, extract_all, extraction_seconds
 from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, finetune
@@ -125,7 +126,6 @@ def run_probe(ctx: Context) -> Outcome:
     feats = extract_all(ctx.model.backbone, ctx.preprocess, ctx.images, rows, targets, batch_size=ctx.batch_size,
                         progress=ctx.progress, describe=ctx.describe)[0]["features"]
     reused = {"features": not store.built_here}
-    x = np.asarray(feats, dtype=np.float32)
     n = len(ctx.rows_train)
     timing = {"feature_extraction": extraction_seconds(store)}
     stores = view_stores(ctx)  # validation is never augmented: views are of the training rows only
@@ -135,6 +135,9 @@ def run_probe(ctx: Context) -> Outcome:
                         dtype=np.float32) for k, vs in enumerate(stores, 1)]
     if stores:
         reused["views"] = not any(vs.built_here for vs in stores)
+    if not world().main:  # under torchrun the ranks share the extraction; rank 0 fits the heads (seconds)
+        return Outcome({}, 0, timing, reused)
+    x = np.asarray(feats, dtype=np.float32)
     x_train = np.concatenate([x[:n], *views])
     y_train = np.tile(ctx.y_train, (1 + len(views), 1))
     result, cfg, crt = fit_head(ctx, x_train, y_train, x[n:])
@@ -183,8 +186,8 @@ def tail_features(model: TaggingModel, source: Callable[[np.ndarray], torch.Tens
 
 
 def run_finetune(ctx: Context) -> Outcome:
-    """Fine-tune the last 4 blocks + head: ``trials`` learning rates for ``trial_epochs``, the best to the end
-    (then, with cRT, the head trained anew on the fine-tuned features' re-sample)."""
+    """Fine-tune the last 4 blocks + head: ``trials`` learning rates, each a schedule of ``trial_epochs``, then the
+    best one's full schedule (then, with cRT, the head trained anew on the fine-tuned features' re-sample)."""
     model, timing, reused = ctx.model, {}, {}
     with torch.no_grad():  # LP-then-FT, else a zero head at the training frequencies (as the probe starts)
         if ctx.init_head is not None:
@@ -210,36 +213,39 @@ def run_finetune(ctx: Context) -> Outcome:
     lrs = finetune_lrs(ctx.family, ctx.lr, ctx.trials)
     trial_epochs = 1 if len(lrs) > 1 else base.epochs
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
     resume_root = ctx.run_dir / "resume"
 
-    def trial(k: int, until: int | None) -> dict:
-        """Trial k up to epoch ``until`` (None: the whole schedule), resuming its own checkpoint."""
+    def train(k: int, cfg: FinetuneConfig, name: str, tag: dict) -> dict:
+        """Learning rate k under ``cfg`` from the start, resuming its own checkpoint ``resume/<name>``."""
         model.load_state_dict(start)
-        return finetune(model, train_src, ctx.y_train, val_src, ctx.y_val, replace(base, lr=lrs[k]),
-                        resume_root / f"trial-{k}", ctx.loss, resume=True,
-                        log=lambda rec: ctx.log({"trial": k, "lr": lrs[k], **rec}), progress=ctx.progress,
-                        until_epoch=until)
+        return finetune(model, train_src, ctx.y_train, val_src, ctx.y_val, replace(cfg, lr=lrs[k]), resume_root / name,
+                        ctx.loss, resume=True, log=lambda rec: ctx.log({**tag, "lr": lrs[k], **rec}),
+                        progress=ctx.progress)
 
-    # each trial's result after its trial epochs is kept, so a resumed sweep chooses as an uninterrupted one did
+    # a trial is the whole schedule (warm-up, cosine to zero) compressed into its epochs: scored at the end of a
+    # prefix of the long schedule instead, the trials still at full learning rate lose to the lowest one
+    trial_cfg = replace(base, epochs=trial_epochs, warmup_epochs=base.warmup_epochs * trial_epochs / base.epochs)
+    # each trial's result is kept, so a resumed sweep chooses as an uninterrupted one did
     record = resume_root / "trials.json"
     sweep: dict[str, dict] = read_json(record) if record.exists() else {}
     for k in range(len(lrs) if len(lrs) > 1 else 0):
         if str(k) not in sweep:
             try:
-                sweep[str(k)] = trial(k, trial_epochs)
+                sweep[str(k)] = train(k, trial_cfg, f"trial-{k}", {"trial": k})
             except TrainingDiverged as e:  # a learning rate too high for this backbone: the others still count
                 sweep[str(k)] = {"best_val_map": None, "epochs": 0, "seconds": 0.0, "diverged": str(e)}
-            write_json(record, sweep)
+            if world().main:
+                write_json(record, sweep)
     scored = {int(k): s["best_val_map"] for k, s in sweep.items() if s["best_val_map"] is not None}
     if sweep and not scored:
         raise TrainingDiverged(f"{ctx.run_dir}: every fine-tune trial diverged (learning rates {lrs}); lower --lr")
     best = max(scored, key=scored.get) if scored else 0
-    result = trial(best, None)
-    for k in range(len(lrs)):  # the other trials' checkpoints are no longer needed
-        if k != best:
-            shutil.rmtree(resume_root / f"trial-{k}", ignore_errors=True)
-    timing["block_training"] = sum(s["seconds"] for k, s in sweep.items() if int(k) != best) + result["seconds"]
+    result = train(best, base, "final", {"run": "final"})
+    if not world().main:  # rank 0 has the same weights (DDP): it alone goes on (cRT, the run's files)
+        return Outcome({}, 0, timing, reused)
+    for k in range(len(lrs)):  # the trials' checkpoints are no longer needed
+        shutil.rmtree(resume_root / f"trial-{k}", ignore_errors=True)
+    timing["block_training"] = sum(s["seconds"] for s in sweep.values()) + result["seconds"]
     searched = "block learning rate"
     crt = None
     if ctx.rebalance == "crt":  # cRT: the fine-tuned representation fixed, the head trained anew on the re-sample
@@ -257,8 +263,10 @@ def run_finetune(ctx: Context) -> Outcome:
     summary = {"finetune": asdict(replace(base, lr=lrs[best])), "result": result,
                "sweep": [{"lr": lrs[int(k)], "val_map": s["best_val_map"], "epochs": s["epochs"],
                           **({"diverged": s["diverged"]} if "diverged" in s else {})} for k, s in sorted(sweep.items())],
-               "tuning": {"trials": len(lrs), "searched": searched, "grid": list(lrs),
-                          "trial_epochs": trial_epochs, "selected_by": "validation macro mAP after the trial epochs"},
+               "tuning": {"trials": len(lrs), "searched": searched, "grid": list(lrs), "trial_epochs": trial_epochs,
+                          "trial_schedule": "the whole schedule compressed into the trial epochs; the selected "
+                                            "learning rate then trains the full schedule from the start",
+                          "selected_by": "validation macro mAP at the end of the trial"},
                "init_head": ctx.init_head[2] if ctx.init_head else "zero weights, bias at the training frequencies"}
     if crt:
         summary["crt"] = crt

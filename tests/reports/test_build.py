@@ -2,6 +2,7 @@
 and no model code imported."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -292,6 +293,15 @@ def test_long_tail_section_and_provenance(report, fake_runs):
     assert row["sources"] == [f"{p}/eval/torch/per_tag.csv" for p in row["f1"]]
     assert all((runs / source).is_file() for source in row["sources"])
     assert "random-init pairs (cnn-probe) are left out of the spread" in md
+    # field by field (every fake tag is tag=tNN: one field), from each pair's per_tag.csv
+    with open(runs / "dinov2-ft/eval/torch/per_tag.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if float(r["support"]) > 0]
+    tail_rows = [float(r["f1"]) for r in rows if r["bucket"] == "tail"]
+    field = tail["fields"]["tag"]["dinov2-ft"]
+    assert (field["n_tags"], field["n_tail"]) == (len(rows), len(tail_rows))
+    assert field["macro_f1"] == pytest.approx(sum(float(r["f1"]) for r in rows) / len(rows))
+    assert field["tail_macro_f1"] == pytest.approx(sum(tail_rows) / len(tail_rows))
+    assert f"| tag | {len(rows)} ({len(tail_rows)}) |" in md
     prov = summary["provenance"]
     (dataset,) = prov["datasets"]
     assert dataset["split_seed"] == 0 and dataset["n_images"] == 600 and dataset["split_sizes"]["test"] == 150
@@ -343,3 +353,12 @@ def test_document_renders_tables_and_bold(tmp_path):
     assert "| h\\|1 | h2 |" in md and "| 1\\|2 | l1<br>l2 |" in md and "n¹ note" in md
     html = to_html(blocks, "t")
     assert "<p>a <strong>b</strong> &lt;c&gt;</p>" in html and "<span>l1</span><br><span>l2</span>" in html
+
+
+def test_best_epoch_reads_the_final_run_not_the_trials():
+    from bakeoff.reports.setup import best_epoch
+
+    trials = [{"trial": k, "lr": lr, "epoch": 1, "val_map": m} for k, (lr, m) in enumerate([(1e-4, 0.9), (3e-4, 0.8)])]
+    final = [{"run": "final", "lr": 1e-4, "epoch": e, "val_map": m} for e, m in [(1, 0.5), (2, 0.7), (3, 0.6)]]
+    assert best_epoch(trials + final) == (2, 3)
+    assert best_epoch(trials) == (1, 1)  # a history from before final runs were marked: every record counts

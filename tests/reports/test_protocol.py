@@ -32,6 +32,10 @@ def test_head_and_tuning_text():
                                      "adjustment tau 0.5; 3 sigmoid tags with validation thresholds shrunk to their "
                                      "bucket (strength 10)")
     assert protocol.tuning_text(c) == "8 trials: weight decay on [0.001 .. 30], selected 0.362"
+    ft = cfg("cnn", 224, "x", strategy="ft", summary={
+        "tuning": {"trials": 3, "searched": "block learning rate", "grid": [1e-4, 3e-4, 9e-4]}, "finetune": {"lr": 1e-4}})
+    assert protocol.tuning_text(ft) == ("3 trials: block learning rate on [0.0001 .. 0.0009], selected 0.0001 (the "
+                                        "grid's lowest: the best may lie beyond it)")
     assert protocol.budget_note({"p": c, "q": {"summary": {"tuning": {"trials": 1}}}}).startswith(
         "Tuning budgets differ between pairs (p: 8, q: 1 trials)")
     assert protocol.budget_note({"p": c}) == ""

@@ -14,6 +14,7 @@ from bakeoff.train.finetune import (
     ImageSource,
     TrainingDiverged,
     TrunkSource,
+    TunedPart,
     batch_loss,
     finetune,
     load_resume,
@@ -52,13 +53,13 @@ def test_cached_and_uncached_paths_give_the_same_loss(tiny_data, tmp_path, famil
     model.eval()  # no dropout/BatchNorm-batch-statistics randomness between the two forward passes
     loss_fn = MultiLabelLoss("bce")
     yb = torch.as_tensor(y[pos], dtype=torch.float32)
-    cached = batch_loss(model, TrunkSource(trunk, torch.device("cpu"))(pos), yb, loss_fn, amp=True)
-    uncached = batch_loss(model, ImageSource(model, images, rows, prep)(pos), yb, loss_fn, amp=True)
+    cached = batch_loss(TunedPart(model), TrunkSource(trunk, torch.device("cpu"))(pos), yb, loss_fn, amp=True)
+    uncached = batch_loss(TunedPart(model), ImageSource(model, images, rows, prep)(pos), yb, loss_fn, amp=True)
     torch.testing.assert_close(cached, uncached, rtol=1e-6, atol=1e-6)
     # the default float16 cache differs only by float16 rounding of the trunk activations
     trunk16 = extract(model.backbone, prep, images, rows, FeatureStore(tmp_path, "trunk16"), ("trunk",),
                       batch_size=16, progress=False)["trunk"]
-    half = batch_loss(model, TrunkSource(trunk16, torch.device("cpu"))(pos), yb, loss_fn, amp=True)
+    half = batch_loss(TunedPart(model), TrunkSource(trunk16, torch.device("cpu"))(pos), yb, loss_fn, amp=True)
     assert abs(half.item() - cached.item()) < 1e-2 * abs(cached.item())
 
 
@@ -114,7 +115,7 @@ def test_resume_restores_the_optimizer_on_the_parameters_device_and_dtype(tiny_d
     set_train_mode(model)
     for _ in range(2):
         opt.zero_grad()
-        batch_loss(model, src(np.arange(8)), yb, loss_fn, amp=False).backward()
+        batch_loss(TunedPart(model), src(np.arange(8)), yb, loss_fn, amp=False).backward()
         opt.step()
     save_resume(tmp_path, model, opt, {"epoch": 1}, {})
 
@@ -138,7 +139,7 @@ def test_resume_restores_the_optimizer_on_the_parameters_device_and_dtype(tiny_d
     assert restored == len(trainable_parameters(other)) > 0
     # and AdamW steps on from there (mixed float32 state and float64 gradients would fail in its update)
     opt2.zero_grad()  # the same random-init stem (seed 0), so the float32 model's trunk activations, in float64
-    batch_loss(other, src(np.arange(8)).double(), yb.double(), loss_fn, amp=False).backward()
+    batch_loss(TunedPart(other), src(np.arange(8)).double(), yb.double(), loss_fn, amp=False).backward()
     opt2.step()
     assert all(float(opt2.state[p]["step"]) == 3.0 for g in opt2.param_groups for p in g["params"])
 

@@ -28,6 +28,24 @@ def test_complete_run_artifacts(tiny_runs):
     assert ft["params_trained"] < ft["params_total"]
 
 
+def test_finetune_trials_are_compressed_schedules_then_the_best_rate_from_the_start(tiny_runs):
+    d = tiny_runs / "cnn-ft"
+    cfg = json.loads((d / "config.json").read_text())
+    tuning, grid = cfg["summary"]["tuning"], cfg["summary"]["tuning"]["grid"]
+    recs = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+    trials = [r for r in recs if "trial" in r]
+    final = [r for r in recs if r.get("run") == "final"]
+    assert len(trials) == tuning["trials"] * tuning["trial_epochs"] == 2 and len(final) == 2 == cfg["options"]["epochs"]
+    # each trial ran a whole schedule: its one epoch's last step (5 here) had the rate decayed to 15% of the grid's,
+    # while the final run, on the full schedule, ends its first epoch near the top of its cosine (85%)
+    assert all(r["epoch"] == 1 and r["lr"] < 0.2 * grid[r["trial"]] for r in trials)
+    best = max(trials, key=lambda r: r["val_map"])["trial"]
+    assert cfg["summary"]["finetune"]["lr"] == grid[best]
+    assert final[0]["lr"] > 0.5 * grid[best] and [r["epoch"] for r in final] == [1, 2]
+    assert [s["lr"] for s in cfg["summary"]["sweep"]] == grid
+    assert not list((d / "resume").glob("trial-*")) and (d / "resume" / "final").is_dir()
+
+
 def test_rebuilt_model_reproduces_training_outputs(tiny_runs, tiny_data):
     ds = load_dataset(tiny_data)
     model, cfg, thr = R.load_run(tiny_runs / "cnn-probe", ds)

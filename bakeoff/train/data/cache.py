@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from bakeoff.common.io import read_json, write_json
 from bakeoff.common.lock import hold
+from bakeoff.common.workers import pool_context
 from bakeoff.train.data.dataset import CACHE_DIR, MANIFEST, Dataset, DatasetError
 
 VERSION = 1
@@ -278,7 +278,7 @@ def _build(ds: Dataset, state: _State, size: int, workers: int | None, progress:
     start, spent = time.perf_counter(), header["build_seconds"]
     with tqdm(total=len(ds), initial=len(ds) - sum(n_rows.values()), unit="img", disable=not progress,
               desc=f"cache {size}px") as bar:
-        pool = multiprocessing.Pool(workers) if workers > 1 else None
+        pool = pool_context().Pool(workers) if workers > 1 else None
         try:
             for k, content in (pool.imap_unordered(_build_chunk, tasks) if pool else map(_build_chunk, tasks)):
                 header["chunks"][k], header["contents"][k] = state.current[k], content

@@ -15,6 +15,8 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from bakeoff.common.workers import pool_context
+
 MISSING = "image file missing"
 EMPTY = "zero-byte image file"
 UNDECODABLE = "undecodable image"
@@ -67,5 +69,5 @@ def check_images(
     if workers == 1:
         return [check_image(p, decode) for p in tqdm(paths, **bar)]
     chunk = min(math.ceil(len(paths) / (workers * 8)), 512)  # at most 512 images between progress updates
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
         return list(tqdm(pool.map(check_image, paths, [decode] * len(paths), chunksize=chunk), **bar))

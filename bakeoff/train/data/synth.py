@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from bakeoff.common.workers import pool_context
 from bakeoff.train.data.dataset import SPLITS, STATS, Dataset, write_dataset
 
 GENERATOR_VERSION = 1
@@ -634,7 +635,7 @@ def generate(out: str | Path, n_images: int = 3000, n_tags: int = 250, seed: int
         for job in jobs:
             _render_chunk(job)
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
             list(pool.map(_render_chunk, jobs))
     names = [f"{i:0{width}d}" for i in range(n_images)]
     source = {"generator": "bakeoff.train.data.synth", "version": GENERATOR_VERSION, "n_images": n_images, "n_tags": n_tags,
