@@ -98,16 +98,18 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(timeout_minutes: float = 60.0) -> World:
+def init(timeout_minutes: float | None = None) -> World:
     """Join the process group torchrun described (once; later calls return it); a single process stays alone.
 
-    The timeout bounds how long a rank waits in a collective, e.g. while rank 0 alone builds a cache.
+    The timeout bounds how long a rank waits in a collective, e.g. while rank 0 alone builds the image cache
+    of a large catalog: ``timeout_minutes``, else ``$BAKEOFF_DIST_TIMEOUT_MIN``, else 180.
     """
+    minutes = timeout_minutes or float(os.environ.get("BAKEOFF_DIST_TIMEOUT_MIN") or 180)
     if launched() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
     return world()
 
 

@@ -48,8 +48,9 @@ def bootstrap_se(y: np.ndarray, pred: np.ndarray, tags: np.ndarray | None = None
     """Standard error of :func:`macro_f1` over images (seeded bootstrap resamples of the rows)."""
     y, pred = np.asarray(y, dtype=bool), np.asarray(pred, dtype=bool)
     rng = np.random.default_rng(seed)
-    vals = [macro_f1(y[i], pred[i], tags) for i in rng.integers(0, len(y), size=(n_resamples, len(y)))]
-    return float(np.nanstd(vals, ddof=1)) if len(y) > 1 else float("nan")
+    vals = np.array([macro_f1(y[i], pred[i], tags) for i in rng.integers(0, len(y), size=(n_resamples, len(y)))])
+    vals = vals[np.isfinite(vals)]  # a resample without a positive of ``tags`` has no macro-F1
+    return float(np.std(vals, ddof=1)) if len(y) > 1 and len(vals) > 1 else float("nan")
 
 
 def buckets(train_counts: np.ndarray, tail: int, head: int) -> np.ndarray:
