@@ -44,19 +44,36 @@ def flops(fn) -> float:
     return float(fc.get_total_flops())
 
 
-def epoch_seconds(model, source, y, n, batch_size, amp) -> float:
+def epoch_seconds(model, source, y, n, batch_size, amp) -> tuple[float, dict[str, float]]:
+    """One fine-tune epoch over ``n`` images: its seconds, and how they split over the phases of a step."""
     cfg = FinetuneConfig(batch_size=batch_size)
     opt = make_optimizer(model, cfg)
     loss_fn = MultiLabelLoss("bce")
     set_train_mode(model)
-    t = time.perf_counter()
+    device = next(model.parameters()).device
+    phases = dict.fromkeys(("batch", "forward + loss", "backward", "AdamW step"), 0.0)
+    t0 = last = time.perf_counter()
+
+    def tick(phase: str) -> None:
+        nonlocal last
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        phases[phase] += now - last
+        last = now
+
     for o in range(0, n, batch_size):
         pos = np.arange(o, min(n, o + batch_size))
-        loss = batch_loss(TunedPart(model), source(pos), torch.as_tensor(y[pos], dtype=torch.float32), loss_fn, amp)
+        h, yb = source(pos), torch.as_tensor(y[pos], dtype=torch.float32, device=device)
+        tick("batch")
+        loss = batch_loss(TunedPart(model), h, yb, loss_fn, amp)
+        tick("forward + loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        tick("backward")
         opt.step()
-    return time.perf_counter() - t
+        tick("AdamW step")
+    return time.perf_counter() - t0, phases
 
 
 def main() -> None:
@@ -104,8 +121,9 @@ def main() -> None:
         # 2. fine-tune epoch with and without the trunk cache
         trunk = extract(backbone, prep, images, rows, FeatureStore(Path(tmp), "t"), ("trunk",),
                         batch_size=a.batch_size, progress=False)["trunk"]
-        cached = epoch_seconds(model, TrunkSource(trunk, device), y, len(rows), a.batch_size, True)
-        uncached = epoch_seconds(model, ImageSource(model, images, rows, prep), y, len(rows), a.batch_size, True)
+        cached, cached_phases = epoch_seconds(model, TrunkSource(trunk, device), y, len(rows), a.batch_size, True)
+        uncached, uncached_phases = epoch_seconds(model, ImageSource(model, images, rows, prep), y, len(rows),
+                                                  a.batch_size, True)
     x1 = xs[0][:1]
     f_stem = flops(lambda: backbone.stem(x1))
     h1 = backbone.stem(x1).detach()
@@ -118,6 +136,10 @@ def main() -> None:
     print(f"fine-tune epoch: uncached {uncached:.1f} s, cached {cached:.1f} s -> speed-up {uncached / cached:.2f}x; "
           f"FLOP bound (stem fwd + tail fwd/bwd) / (tail fwd/bwd) = {bound:.2f}x -> "
           f"{100 * (uncached / cached) / bound:.0f}% of bound")
+    for name, phases in (("cached", cached_phases), ("uncached", uncached_phases)):
+        total = sum(phases.values())
+        print(f"where a {name} epoch's time goes: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)"
+                                                                 for k, v in phases.items()))
 
 
 if __name__ == "__main__":
