@@ -232,6 +232,8 @@ def _main(argv: list[str] | None, w: distributed.World) -> int:
                 run_dir = train_pair(data, out, replace(opts, resume=resume), share_pass=share and strat == "probe")
             except (WeightsNotFound, RunError, TrainingDiverged, ValueError) as e:
                 log.error(f"{name}: FAILED: {e}")
+                if w.distributed:  # the ranks may have failed at different points: torchrun stops them all
+                    raise SystemExit(1) from None
                 failures.append(name)
                 continue
             log.info(f"{name}: done in {time.perf_counter() - t:.0f} s -> {run_dir}")

@@ -223,7 +223,7 @@ def run_finetune(ctx: Context) -> Outcome:
                         progress=ctx.progress)
 
     # a trial is the whole schedule (warm-up, cosine to zero) compressed into its epochs: scored at the end of a
-    # prefix of the long schedule instead, the trials still at full learning rate lose to the lowest one
+    # prefix of the long schedule instead, trials still near their peak rate rank below lower rates (README)
     trial_cfg = replace(base, epochs=trial_epochs, warmup_epochs=base.warmup_epochs * trial_epochs / base.epochs)
     # each trial's result is kept, so a resumed sweep chooses as an uninterrupted one did
     record = resume_root / "trials.json"
