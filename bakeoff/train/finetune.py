@@ -3,7 +3,8 @@
 The trainable part sees batches of *trunk activations* (the stem's output). They come either from the
 frozen-trunk cache (augmentation off: the stem's output is the same every epoch, so this is exact up to the
 cache dtype) or from images run through the stem under no-grad (augmentation on). AdamW, cosine schedule
-with linear warm-up, bf16 autocast, early stopping on validation mAP; every epoch writes a resume checkpoint
+with linear warm-up, bf16 autocast (on CPU the depthwise convolutions stay fp32: :func:`fp32_depthwise`), early
+stopping on validation mAP; every epoch writes a resume checkpoint
 (safetensors + JSON, no pickle) atomically.
 
 Under torchrun (:mod:`bakeoff.common.distributed`) the trainable part runs in DistributedDataParallel: each rank
@@ -13,11 +14,13 @@ gathered, and rank 0 alone writes the checkpoints and the history.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -154,6 +157,31 @@ class TunedPart(nn.Module):
         return self.model.head(self.model.backbone.tail(h))
 
 
+def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return type(conv).forward(conv, x.float())
+
+
+@contextlib.contextmanager
+def fp32_depthwise(modules: Iterable[nn.Module], device: torch.device) -> Iterator[None]:
+    """On CPU, run the depthwise convolutions of ``modules`` in fp32 under bf16 autocast for the ``with`` block.
+
+    oneDNN's bf16 backward of a depthwise convolution is its slow path: 64 x 1152 x 7 x 7, 5x5, 2 threads, forward +
+    backward 58 ms in bf16 vs 17 ms in fp32 (channels-last both), and in EfficientNet-Lite0's last 4 blocks those
+    backwards were 56% of a fine-tune step (``bench/train_bench.py``). Depthwise convolutions are a sliver of the
+    FLOPs, so fp32 costs nothing elsewhere, and it is more precise. Nothing changes on GPU, or in the weights.
+    """
+    convs = [m for mod in modules for m in mod.modules()
+             if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels] if device.type == "cpu" else []
+    for conv in convs:
+        conv.forward = functools.partial(_fp32_forward, conv)  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.forward
+
+
 def batch_loss(net: nn.Module, h: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, amp: bool) -> torch.Tensor:
     """Loss of the trainable part ``net`` (a :class:`TunedPart`, maybe in DDP) on trunk activations ``h``: the same
     code for cached and uncached paths."""
@@ -272,57 +300,58 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
     net = distributed(TunedPart(model), w)
     y_train_t = torch.as_tensor(y_train, dtype=torch.float32)
     epochs_run = 0
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-            break
-        t0 = time.perf_counter()
-        epoch = state["epoch"] + 1
-        rng = np.random.default_rng([cfg.seed, epoch])
-        perm = rng.permutation(n)
-        set_train_mode(model)
-        losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not progress or not w.main)
-        for k in bar:
-            batch = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            lo, hi = w.part(len(batch))
-            pos = batch[lo:hi]
-            h = train_source(pos)
-            # DDP averages the ranks' gradients: weighting each rank's mean by its share of the batch makes the
-            # average the gradient of the whole batch's mean loss, also when the slices differ in size (a rank
-            # whose slice is empty still joins the step, with a zero loss)
-            loss = batch_loss(net, h, y_train_t[pos].to(device), loss_fn, cfg.amp) * (len(pos) * w.size / len(batch)) \
-                if len(pos) else net(h).sum() * 0.0
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"fine-tune: loss is {loss.item()} at epoch {epoch}, step {k}; stopped. The last good "
-                    f"checkpoint (epoch {state['epoch']}) is kept in {resume_dir}; lower --lr and rerun.")
-            scale = lr_scale(state["step"], total, warmup)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        train_loss = w.mean(float(np.mean(losses)))
-        val_scores = predict_from_trunk(model, val_source, len(y_val), amp=cfg.amp,
-                                        groups=getattr(loss_fn, "groups", ()))
-        val_map = macro_ap(y_val, val_scores)
-        state["epoch"] = epoch
-        state["seconds"] += time.perf_counter() - t0
-        if val_map > state["best_map"]:
-            state.update(best_map=val_map, best_epoch=epoch, bad_epochs=0)
-            best = _trainable_state(model)
-        else:
-            state["bad_epochs"] += 1
-        rec = {"epoch": epoch, "train_loss": train_loss, "val_map": val_map,
-               "lr": opt.param_groups[0]["lr"], "seconds": state["seconds"]}
-        if w.main:
-            log(rec)
-            save_resume(resume_dir, model, opt, state, best)
-        epochs_run += 1
+    with fp32_depthwise(model.backbone.tuned_modules(), device):
+        while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                break
+            t0 = time.perf_counter()
+            epoch = state["epoch"] + 1
+            rng = np.random.default_rng([cfg.seed, epoch])
+            perm = rng.permutation(n)
+            set_train_mode(model)
+            losses = []
+            bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,
+                       disable=not progress or not w.main)
+            for k in bar:
+                batch = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+                lo, hi = w.part(len(batch))
+                pos = batch[lo:hi]
+                h = train_source(pos)
+                # DDP averages the ranks' gradients: weighting each rank's mean by its share of the batch makes the
+                # average the gradient of the whole batch's mean loss, also when the slices differ in size (a rank
+                # whose slice is empty still joins the step, with a zero loss)
+                loss = batch_loss(net, h, y_train_t[pos].to(device), loss_fn, cfg.amp) * (len(pos) * w.size / len(batch)) \
+                    if len(pos) else net(h).sum() * 0.0
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"fine-tune: loss is {loss.item()} at epoch {epoch}, step {k}; stopped. The last good "
+                        f"checkpoint (epoch {state['epoch']}) is kept in {resume_dir}; lower --lr and rerun.")
+                scale = lr_scale(state["step"], total, warmup)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * scale
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                state["step"] += 1
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            train_loss = w.mean(float(np.mean(losses)))
+            val_scores = predict_from_trunk(model, val_source, len(y_val), amp=cfg.amp,
+                                            groups=getattr(loss_fn, "groups", ()))
+            val_map = macro_ap(y_val, val_scores)
+            state["epoch"] = epoch
+            state["seconds"] += time.perf_counter() - t0
+            if val_map > state["best_map"]:
+                state.update(best_map=val_map, best_epoch=epoch, bad_epochs=0)
+                best = _trainable_state(model)
+            else:
+                state["bad_epochs"] += 1
+            rec = {"epoch": epoch, "train_loss": train_loss, "val_map": val_map,
+                   "lr": opt.param_groups[0]["lr"], "seconds": state["seconds"]}
+            if w.main:
+                log(rec)
+                save_resume(resume_dir, model, opt, state, best)
+            epochs_run += 1
     w.barrier()  # rank 0's last checkpoint is on disk before any rank reads it (a later trial, a resume)
     params = dict(model.named_parameters())
     with torch.no_grad():

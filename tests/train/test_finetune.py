@@ -159,3 +159,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         finetune(model, poisoned, y, val, ds.labels()[val_rows], cfg, tmp_path, resume=True, progress=False)
     assert (tmp_path / "resume.safetensors").read_bytes() == saved
+
+
+def test_fp32_depthwise_on_cpu_only_for_the_block():
+    from bakeoff.train.finetune import fp32_depthwise
+
+    dw, pw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 4, 1)
+    block = torch.nn.Sequential(dw, pw)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        plain, plain_dw = block(x), dw(x)
+        with fp32_depthwise([block], torch.device("cpu")), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dw(x).dtype == torch.float32 and pw(x).dtype == torch.bfloat16  # only the depthwise one
+            torch.testing.assert_close(dw(x), plain_dw)  # the fp32 convolution itself
+        with fp32_depthwise([block], torch.device("meta")), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dw(x).dtype == torch.bfloat16  # another device: untouched
+        assert "forward" not in vars(dw)  # restored after the block
+        torch.testing.assert_close(block(x), plain)
