@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        ways = {(1, 1): None, (1, cores): None, (a.procs, 1): None}
-        for procs, threads in ways:
-            ways[(procs, threads)] = run_way(a, procs, threads, Path(tmp) / f"{procs}x{threads}")
+        ways = {(p, t): run_way(a, p, t, Path(tmp) / f"{p}x{t}") for p, t in dict.fromkeys([(1, 1), (1, cores),
+                                                                                              (a.procs, 1)])}
     first = next(iter(ways.values()))
     print(f"machine: {first['device'].rsplit(' (', 1)[0]}, {cores} cores; {first['spec']}, batch {a.batch_size}, "
           f"bf16 autocast, {a.images} synthetic images, features float16")

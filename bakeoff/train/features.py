@@ -128,12 +128,17 @@ def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, 
     return [{o: t.store.load(o) for o in t.outputs} for t in targets]
 
 
+def _same_store(state: dict, target: Target, n: int) -> bool:
+    """Whether a progress record describes ``target``'s arrays: same key, outputs and number of rows."""
+    return state.get("key") == target.store.key and state.get("outputs") == list(target.outputs) and state.get("n") == n
+
+
 def _allocate(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, tuple[int, ...]]]) -> None:
     """Keep the target's arrays when its ``progress.json`` says they are this key's, else allocate them anew
     (``shapes`` asked), forgetting every progress record."""
     store, progress_file = target.store, target.store.dir / "progress.json"
     state = read_json(progress_file) if progress_file.exists() else {}
-    if state.get("key") == store.key and state.get("outputs") == list(target.outputs) and state.get("n") == len(rows):
+    if _same_store(state, target, len(rows)):
         return
     (store.dir / "meta.json").unlink(missing_ok=True)  # the arrays are rewritten: not complete meanwhile
     for f in store.dir.glob("progress.*-of-*.json"):
@@ -154,8 +159,7 @@ def _progress(target: Target, n: int, w: World) -> tuple[Path, dict]:
     store = target.store
     path = store.dir / (f"progress.{w.rank}-of-{w.writers}.json" if w.distributed else "progress.json")
     state = read_json(path) if path.exists() else {}
-    if state.get("key") == store.key and state.get("outputs") == list(target.outputs) and state.get("n") == n \
-            and (state.get("lo", 0), state.get("hi", n)) == (lo, hi):
+    if _same_store(state, target, n) and (state.get("lo", 0), state.get("hi", n)) == (lo, hi):
         return path, state
     return path, {"key": store.key, "outputs": list(target.outputs), "n": n, "lo": lo, "hi": hi, "done": lo,
                   "seconds": 0.0}

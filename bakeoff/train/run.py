@@ -232,7 +232,7 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions, *, share_pas
         return run_dir
 
 
-def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_pass: bool) -> Path:
+def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_pass: bool) -> None:
     """:func:`train_pair`'s work, with the run directory's lock held."""
     t_start = time.perf_counter()
     setup_threads()
@@ -331,7 +331,7 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
                   log=lambda rec: _append_history(run_dir, rec), describe={"model": spec.name, "rows": len(rows)})
     outcome = STRATEGIES[opts.strategy](ctx)
     if not w.main:
-        return run_dir
+        return
     timing |= outcome.timing
 
     # Validation logits as evaluation computes test logits (whole model, fp32, from the image cache; evaluation
@@ -362,4 +362,3 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
                "params_trained": int(outcome.params_trained),
                "params_total": int(sum(p.numel() for p in model.parameters()))}
     write_json(run_dir / CONFIG, config)
-    return run_dir

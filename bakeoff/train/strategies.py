@@ -129,15 +129,16 @@ def run_probe(ctx: Context) -> Outcome:
     n = len(ctx.rows_train)
     timing = {"feature_extraction": extraction_seconds(store)}
     stores = view_stores(ctx)  # validation is never augmented: views are of the training rows only
-    views = [np.asarray(extract(ctx.model.backbone, ctx.preprocess, ViewImages(ctx.images, ctx.seed, k),
-                                ctx.rows_train, vs, ("features",), batch_size=ctx.batch_size, progress=ctx.progress,
-                                describe=ctx.describe | {"rows": n, "view": k, "recipe": RECIPE})["features"],
-                        dtype=np.float32) for k, vs in enumerate(stores, 1)]
+    view_feats = [extract(ctx.model.backbone, ctx.preprocess, ViewImages(ctx.images, ctx.seed, k), ctx.rows_train,
+                          vs, ("features",), batch_size=ctx.batch_size, progress=ctx.progress,
+                          describe=ctx.describe | {"rows": n, "view": k, "recipe": RECIPE})["features"]
+                  for k, vs in enumerate(stores, 1)]
     if stores:
         reused["views"] = not any(vs.built_here for vs in stores)
-    if not world().main:  # under torchrun the ranks share the extraction; rank 0 fits the heads (seconds)
+    if not world().main:  # under torchrun the ranks share the extraction; rank 0 loads it and fits the heads
         return Outcome({}, 0, timing, reused)
     x = np.asarray(feats, dtype=np.float32)
+    views = [np.asarray(v, dtype=np.float32) for v in view_feats]
     x_train = np.concatenate([x[:n], *views])
     y_train = np.tile(ctx.y_train, (1 + len(views), 1))
     result, cfg, crt = fit_head(ctx, x_train, y_train, x[n:])
