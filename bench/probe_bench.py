@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from bakeoff.common import shards
 from bakeoff.common.device import device_name, pick_device, setup_threads
 from bakeoff.train.data.dataset import load_dataset
 from bakeoff.train.decision import single_valued_groups
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("give --data and --features, or --synthetic N D T")
         ds = load_dataset(a.data)
         rows = np.load(f"{a.features}/rows.npy")
-        x = np.asarray(np.load(f"{a.features}/features.npy", mmap_mode="r"), dtype=np.float32)
+        x = np.asarray(shards.load(f"{a.features}/features"), dtype=np.float32)
         y = ds.labels()[rows]
         n_train = int(np.isin(rows, ds.split_indices("train")).sum())
         xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]

@@ -6,8 +6,6 @@ sets them) :func:`init` joins the default process group, NCCL when CUDA is there
 ``torch.distributed.init_process_group`` documents; :func:`world` then describes it. Conventions (DINOv2's
 training code keeps the same ones): rank 0 ("main") writes every artifact and log line; the ranks share a pass
 over rows by contiguous slices (:meth:`World.part`), and :meth:`World.gather` puts the slices back in row order.
-Ranks that write rows into one memory-mapped file share that work only with the ranks of their machine
-(:meth:`World.writer_part`).
 """
 from __future__ import annotations
 
@@ -45,17 +43,6 @@ class World:
     def part(self, n: int) -> tuple[int, int]:
         """[lo, hi) of this rank's contiguous slice of ``range(n)``; slice sizes differ by at most one."""
         return bounds(n, self.size, self.rank)
-
-    @property
-    def writers(self) -> int:
-        """How many ranks write into a shared memory-mapped file: all of them on one machine; across machines
-        those of rank 0's machine (torchrun numbers a machine's ranks contiguously, rank 0's first), since pages
-        of one file mapped on several machines (over NFS, say) are written back whole and clobber each other."""
-        return self.size if self.local_size in (None, self.size) else self.local_size
-
-    def writer_part(self, n: int) -> tuple[int, int]:
-        """[lo, hi) of ``range(n)`` this rank writes into a shared memory-mapped file (empty for non-writers)."""
-        return bounds(n, self.writers, self.rank) if self.rank < self.writers else (n, n)
 
     def barrier(self) -> None:
         if self.distributed:

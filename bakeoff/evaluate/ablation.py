@@ -175,7 +175,7 @@ def _train_store_key(config: dict, rows: np.ndarray) -> str:
 def _holds(store: FeatureStore, rows: np.ndarray, model_name: str, keyed: bool = False) -> bool:
     """A complete feature cache of ``rows`` (same order) by the backbone ``model_name`` (``keyed``: found by a key
     that already encodes the backbone, so a cache that does not name its model is accepted too)."""
-    if not (store.complete and (store.dir / "rows.npy").is_file() and (store.dir / "features.npy").is_file()):
+    if not (store.holds(("features",)) and (store.dir / "rows.npy").is_file()):
         return False
     named = read_json(store.dir / "meta.json").get("describe", {}).get("model")
     return (named == model_name or (keyed and named is None)) and np.array_equal(store.rows(), rows)

@@ -6,11 +6,13 @@ grid uses to fill the probe's features and the fine-tune's trunk in one pass per
 - ``trunk``: the stem's output, i.e. the input of the last 4 blocks (what the fine-tune trains from when
   augmentation is off: the frozen trunk gives the same output every epoch, so caching it is exact up to the
   cache dtype).
-A cache directory is keyed by everything its content depends on; a chunk-progress file makes an interrupted
-extraction resume, and ``meta.json`` (written last) marks it complete. A complete store is never rewritten, so it
-is read without a lock; an extraction holds the store's lock (``<dir>/.lock``, :mod:`bakeoff.common.lock`), and a
-second process asking for the same store waits for it, then reuses the complete store (or resumes it, when the
-holder died half-way).
+A cache directory is keyed by everything its content depends on and holds one sharded array per output
+(``<dir>/<output>/shard-*.npy``, files of at most 1 GiB, ``$BAKEOFF_SHARD_BYTES``: :mod:`bakeoff.common.shards`;
+a single ``<output>.npy`` from an earlier version is read as one shard); a chunk-progress file makes an
+interrupted extraction resume, and ``meta.json`` (written last) marks it complete. A complete store is never
+rewritten, so it is read without a lock; an extraction holds the store's lock (``<dir>/.lock``,
+:mod:`bakeoff.common.lock`), and a second process asking for the same store waits for it, then reuses the complete
+store (or resumes it, when the holder died half-way).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,10 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bakeoff.common import shards
 from bakeoff.common.device import autocast
-from bakeoff.common.distributed import World, world
+from bakeoff.common.distributed import World, bounds, world
 from bakeoff.common.io import read_json, write_json
 from bakeoff.common.lock import hold
+from bakeoff.common.shards import ShardedArray
 from bakeoff.train.preprocess import Preprocess
 from bakeoff.train.registry import Backbone
 
@@ -57,7 +63,7 @@ def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, start: i
 
 
 class FeatureStore:
-    """A directory of memory-mapped outputs for ``rows`` of a dataset, keyed and resumable."""
+    """A directory of sharded outputs for ``rows`` of a dataset, keyed and resumable."""
 
     def __init__(self, root: Path, key: str):
         self.dir = Path(root) / key
@@ -71,12 +77,13 @@ class FeatureStore:
 
     def holds(self, outputs: tuple[str, ...]) -> bool:
         """Complete, with every one of ``outputs``."""
-        return self.complete and all((self.dir / f"{o}.npy").exists() for o in outputs)
+        return self.complete and all(shards.exists(self.dir / o) for o in outputs)
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str) -> ShardedArray:
+        """Output ``name``, read-only, indexed like a memmap (``np.asarray`` reads it whole)."""
         if not self.complete:
             raise FileNotFoundError(f"{self.dir}: feature cache incomplete")
-        return np.load(self.dir / f"{name}.npy", mmap_mode="r")
+        return shards.load(self.dir / name)
 
     def rows(self) -> np.ndarray:
         return np.load(self.dir / "rows.npy")
@@ -93,9 +100,9 @@ class Target:
 
 def extract(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray, store: FeatureStore,
             outputs: Iterable[str] = ("features",), *, batch_size: int = 64, dtype: str = "float16",
-            amp: bool = True, describe: dict | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+            amp: bool = True, describe: dict | None = None, progress: bool = True) -> dict[str, ShardedArray]:
     """Compute ``outputs`` for image-cache ``rows`` into ``store`` (resuming a partial run) under the store's lock,
-    unless it holds them already (or another process completed it meanwhile); return memmaps."""
+    unless it holds them already (or another process completed it meanwhile); return them (read-only)."""
     return extract_all(backbone, preprocess, images, rows, [Target(store, tuple(outputs), dtype)],
                        batch_size=batch_size, amp=amp, describe=describe, progress=progress)[0]
 
@@ -103,10 +110,10 @@ def extract(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows
 @torch.no_grad()
 def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
                 targets: Sequence[Target], *, batch_size: int = 64, amp: bool = True, describe: dict | None = None,
-                progress: bool = True) -> list[dict[str, np.ndarray]]:
+                progress: bool = True) -> list[dict[str, ShardedArray]]:
     """:func:`extract` for several stores in one pass over the images (each store resumes on its own), holding the
     locks of the stores still to build, taken in the order of their paths (so two processes never deadlock);
-    returns each target's memmaps.
+    returns each target's outputs.
 
     Under torchrun the ranks share the pass (:func:`_compute`); rank 0 alone takes the locks and decides what is
     still to build, so the ranks of one job never wait for each other's locks and other jobs wait for rank 0's.
@@ -133,9 +140,10 @@ def _same_store(state: dict, target: Target, n: int) -> bool:
     return state.get("key") == target.store.key and state.get("outputs") == list(target.outputs) and state.get("n") == n
 
 
-def _allocate(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, tuple[int, ...]]]) -> None:
+def _allocate(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, tuple[int, ...]]],
+              per_shard: Callable[[], int]) -> None:
     """Keep the target's arrays when its ``progress.json`` says they are this key's, else allocate them anew
-    (``shapes`` asked), forgetting every progress record."""
+    (``shapes`` and ``per_shard``, the rows of a shard, asked), forgetting every progress record."""
     store, progress_file = target.store, target.store.dir / "progress.json"
     state = read_json(progress_file) if progress_file.exists() else {}
     if _same_store(state, target, len(rows)):
@@ -145,19 +153,32 @@ def _allocate(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, t
         f.unlink()
     np.save(store.dir / "rows.npy", rows)
     for o in target.outputs:
-        np.lib.format.open_memmap(store.dir / f"{o}.npy", mode="w+", dtype=target.dtype,
-                                  shape=(len(rows), *shapes()[o]))
+        shards.create(store.dir / o, (len(rows), *shapes()[o]), target.dtype, per_shard())
     write_json(progress_file, {"key": store.key, "outputs": list(target.outputs), "n": len(rows), "done": 0,
                                "seconds": 0.0})
 
 
-def _progress(target: Target, n: int, w: World) -> tuple[Path, dict]:
-    """This rank's progress record for its part of the rows (``done``: the next row offset), resumed when it
-    matches (key, outputs, rows, part), else new. One process: ``progress.json``; rank r of W writers:
+def writer_rows(n: int, unit: int, rank: int, machines: Sequence[int], size: int) -> tuple[int, int]:
+    """[lo, hi) of the ``n`` rows that rank ``rank`` of ``size`` writes. ``machines``: the first rank of each
+    machine, ascending (torchrun numbers a machine's ranks contiguously). Each machine takes a contiguous part of
+    whole ``unit``-row blocks (shards), so no shard file is written from two machines (pages of one file written from
+    two machines, over NFS say, are written back whole and clobber each other); the ranks of a machine split its part
+    by rows. A store smaller than one block is written by the first machine alone."""
+    m = bisect_right(machines, rank) - 1
+    first, last = machines[m], machines[m + 1] if m + 1 < len(machines) else size
+    a, b = bounds(-(-n // unit), len(machines), m)
+    lo, hi = min(a * unit, n), min(b * unit, n)
+    p, q = bounds(hi - lo, last - first, rank - first)
+    return lo + p, lo + q
+
+
+def _progress(target: Target, n: int, w: World, part: tuple[int, int]) -> tuple[Path, dict]:
+    """This rank's progress record for its ``part`` of the rows (``done``: the next row offset), resumed when it
+    matches (key, outputs, rows, part), else new. One process: ``progress.json``; rank r of W:
     ``progress.r-of-W.json``."""
-    lo, hi = w.writer_part(n)
+    lo, hi = part
     store = target.store
-    path = store.dir / (f"progress.{w.rank}-of-{w.writers}.json" if w.distributed else "progress.json")
+    path = store.dir / (f"progress.{w.rank}-of-{w.size}.json" if w.distributed else "progress.json")
     state = read_json(path) if path.exists() else {}
     if _same_store(state, target, n) and (state.get("lo", 0), state.get("hi", n)) == (lo, hi):
         return path, state
@@ -170,11 +191,11 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     """:func:`extract_all`'s work, with the targets' locks held: one pass from the earliest resume point; each
     store's progress advances with the pass.
 
-    Under torchrun rank 0 allocates the arrays; then each rank computes its contiguous part of the rows
-    (:meth:`World.writer_part`) into them, keeping its own progress record, and rank 0 marks the stores complete
-    (``meta.json``, with the slowest rank's seconds) once every rank has flushed. The ranks write disjoint rows of
-    one memory-mapped file, which is safe within one machine (one page cache): a job across machines extracts on
-    rank 0's machine while the others wait.
+    Under torchrun rank 0 allocates the arrays, every array of the pass with the same rows per shard; then each
+    rank computes its contiguous part of the rows (:func:`writer_rows`: a machine writes whole shards, its ranks
+    share them by rows) into them, keeping its own progress record, and rank 0 marks the stores complete
+    (``meta.json``, with the slowest rank's seconds) once every rank has flushed. Ranks of one machine may write
+    disjoint rows of one file (one page cache); a machine with no whole shard to write waits.
     """
     device = preprocess.device
     backbone.eval().to(device)
@@ -186,45 +207,51 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
             probe = backbone.stem(preprocess(images[rows[:1]]))
         return {"trunk": tuple(probe.shape[1:]), "features": (backbone.feature_dim,)}
 
+    @functools.cache
+    def per_shard() -> int:  # the rows of the largest output's shard, so that the parts can align with every array
+        return min(shards.rows_per_shard(int(np.prod(shapes()[o])) * np.dtype(t.dtype).itemsize)
+                   for t in targets for o in t.outputs)
+
     if w.main:
         for t in targets:
-            _allocate(t, rows, shapes)
+            _allocate(t, rows, shapes, per_shard)
     w.barrier()
-    records = [_progress(t, len(rows), w) for t in targets]
-    arrays = [{o: np.load(t.store.dir / f"{o}.npy", mmap_mode="r+") for o in t.outputs} for t in targets]
+    arrays = [{o: shards.load(t.store.dir / o) for o in t.outputs} for t in targets]
+    unit = math.lcm(*(a.rows_per_shard for arr in arrays for a in arr.values()))
+    machines = sorted(set(w.gather(np.array([w.rank - w.local_rank])).tolist()))
+    lo, hi = writer_rows(len(rows), unit, w.rank, machines, w.size)
+    records = [_progress(t, len(rows), w, (lo, hi)) for t in targets]
     wanted = {o for t in targets for o in t.outputs}
-    lo, hi = w.writer_part(len(rows))
     start = min(state["done"] for _, state in records)
     t0 = time.perf_counter()
     bar = tqdm(total=hi - lo, initial=start - lo, desc=f"extract {'+'.join(sorted(wanted))}", unit="img",
                disable=not progress, leave=False)
-    for k, (off, batch) in enumerate(iter_batches(images, rows[:hi], batch_size, start=start)):
-        with autocast(device, amp):
-            h = backbone.stem(preprocess(batch))
-            out = {"trunk": h, "features": backbone.tail(h) if "features" in wanted else None}
-        done = off + len(batch)
-        for (_, state), arr in zip(records, arrays):
-            for o, a in arr.items():
-                a[off:done] = out[o].float().cpu().numpy()
-            state["done"] = done
-        if k % 16 == 15 or done == hi:
-            seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for (path, state), arr in zip(records, arrays):
-                for a in arr.values():
-                    a.flush()
-                state["seconds"] += seconds
-                write_json(path, state)
-        bar.update(len(batch))
+    with contextlib.ExitStack() as files:  # on leaving, every writer flushes (fsync)
+        writers = [{o: files.enter_context(a.writer(lo, hi)) for o, a in arr.items()} for arr in arrays]
+        for k, (off, batch) in enumerate(iter_batches(images, rows[:hi], batch_size, start=start)):
+            with autocast(device, amp):
+                h = backbone.stem(preprocess(batch))
+                out = {"trunk": h, "features": backbone.tail(h) if "features" in wanted else None}
+            done = off + len(batch)
+            for (_, state), arr in zip(records, writers):
+                for o, a in arr.items():
+                    a[off:done] = out[o].float().cpu().numpy()
+                state["done"] = done
+            if k % 16 == 15 or done == hi:
+                seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for (path, state), arr in zip(records, writers):
+                    for a in arr.values():
+                        a.flush()
+                    state["seconds"] += seconds
+                    write_json(path, state)
+            bar.update(len(batch))
     bar.close()
-    for arr in arrays:
-        for a in arr.values():
-            a.flush()
     seconds = [float(w.gather(np.array([state["seconds"]])).max()) for _, state in records]
     if w.main:
         for t, s in zip(targets, seconds):
             write_json(t.store.dir / "meta.json", {"key": t.store.key, "outputs": list(t.outputs), "n": len(rows),
-                                                   "dtype": t.dtype, "seconds": s, "ranks": w.writers,
+                                                   "dtype": t.dtype, "seconds": s, "ranks": w.size,
                                                    "describe": describe or {}})
     w.barrier()
 

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from bakeoff.common.shards import ShardedArray
 from bakeoff.train.data.cache import resize_batch
 
 SCALE = (0.5, 1.0)
@@ -46,11 +47,13 @@ def view_of(image: np.ndarray, box: tuple[int, int, int, int], flip: bool) -> np
 
 class ViewImages:
     """The image cache seen through view ``view``: ``ViewImages(images, seed, k)[rows]`` is a uint8 batch like
-    ``images[rows]`` (what feature extraction reads), each image replaced by its view."""
+    ``images[rows]`` (what feature extraction reads), each image replaced by its view. ``images`` is the cache as
+    :func:`~bakeoff.train.data.cache.load_cache` returns it (or any array of its shape), read once per batch."""
 
-    def __init__(self, images: np.ndarray, seed: int, view: int):
+    def __init__(self, images: np.ndarray | ShardedArray, seed: int, view: int):
         self.images, self.seed, self.view = images, seed, view
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
         size = self.images.shape[1]
-        return np.stack([view_of(self.images[r], *view_params(self.seed, self.view, int(r), size)) for r in rows])
+        return np.stack([view_of(image, *view_params(self.seed, self.view, int(r), size))
+                         for image, r in zip(self.images[rows], rows)])

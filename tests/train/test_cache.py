@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bakeoff.common import shards
 from bakeoff.common.io import read_json
 from bakeoff.train.data.cache import (
     CacheError,
@@ -69,7 +70,7 @@ def test_build_and_load_round_trip(images):
         load_cache(ds, S)
     assert build(root) == [0, 1, 2, 3]
     x = load_cache(ds, S)
-    assert x.shape == (7, S, S, 3) and x.dtype == np.uint8 and not x.flags.writeable
+    assert x.shape == (7, S, S, 3) and x.dtype == np.uint8 and isinstance(x, shards.ShardedArray)  # read-only
     assert np.array_equal(x[0], square)  # already S x S: stored as is
     assert np.array_equal(x[1], np.pad(tall_image(), ((0, 0), (4, 4), (0, 0)), mode="edge"))  # GREEN padding
     assert (x[2] == 255).all() and (x[3] == 77).all()
@@ -102,6 +103,50 @@ def test_resume_after_interruption(images):
         load_cache(ds, S)
     assert build(root) == [1, 2, 3]
     assert load_cache(ds, S).shape == (7, S, S, 3)
+
+
+def test_a_tiny_shard_limit_gives_the_same_images_in_more_files(images, tmp_path, monkeypatch):
+    """Shards hold whole chunks (2 rows here) and stay under the limit; an interrupted build resumes its chunks."""
+    root, _ = images
+    build(root)
+    one = np.asarray(load_cache(load_dataset(root), S))
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("cache"))
+    limit = shards.HEADER_ROOM + 5 * S * S * 3  # room for 5 rows: shards of 4 (2 chunks)
+    monkeypatch.setenv(shards.ENV, str(limit))
+    stops = []
+
+    def stop(k):
+        stops.append(k)
+        if len(stops) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(load_dataset(copy), S, workers=1, progress=False, chunk_rows=2, on_chunk=stop)
+    assert build(copy) == [2, 3]  # chunks 0 and 1 (shard 0) were done
+    data = cache_paths(load_dataset(copy), S)[0]
+    files = sorted(data.glob("shard-*.npy"))
+    assert [np.load(f, mmap_mode="r").shape[0] for f in files] == [4, 3]
+    assert max(f.stat().st_size for f in files) <= limit
+    assert np.array_equal(np.asarray(load_cache(load_dataset(copy), S)), one)
+    assert "in 2 files" in cache_status(load_dataset(copy), S)
+
+
+def test_a_single_file_cache_of_an_earlier_version_is_read_and_refreshed(images):
+    """Earlier versions wrote one images_<S>.npy: it stays usable, and stale chunks are rebuilt in it."""
+    root, _ = images
+    build(root)
+    ds = load_dataset(root)
+    data = cache_paths(ds, S)[0]
+    want = np.asarray(load_cache(ds, S))
+    shards.remove(data)
+    np.save(data.with_suffix(".npy"), want)
+    assert np.array_equal(load_cache(ds, S)[[6, 0]], want[[6, 0]])
+    assert "in 1 file," in cache_status(ds, S)
+    Image.new("RGB", (S, S), (1, 2, 3)).save(root / "img/5.jpg")
+    assert build(root) == [2]
+    assert not (data / shards.HEADER).exists()  # still the one file
+    assert np.abs(np.load(data.with_suffix(".npy"))[5].astype(int) - (1, 2, 3)).max() <= 2
 
 
 def test_changed_source_image_is_stale_and_only_its_chunk_rebuilt(images):

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bakeoff.common import shards
 from bakeoff.common.distributed import World, bounds
-from bakeoff.train.features import FeatureStore, Target, _progress
+from bakeoff.train.features import FeatureStore, Target, _progress, writer_rows
 from tests.conftest import TINY_CACHE, TINY_MODELS, tiny_options
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,22 +35,25 @@ def test_a_world_of_one_needs_no_process_group():
     w.barrier()
 
 
-def test_only_rank_0s_machine_writes_a_shared_file():
-    one_machine = [World(rank=r, size=4, local_rank=r, local_size=4) for r in range(4)]
-    assert [w.writer_part(10) for w in one_machine] == [w.part(10) for w in one_machine]
-    two_machines = [World(rank=r, size=4, local_rank=r % 2, local_size=2) for r in range(4)]
-    assert [w.writer_part(10) for w in two_machines] == [(0, 5), (5, 10), (10, 10), (10, 10)]
+def test_machines_write_whole_shards_and_their_ranks_share_them():
+    def parts(n, unit, machines, size):
+        return [writer_rows(n, unit, r, machines, size) for r in range(size)]
+
+    assert parts(10, 4, [0], 4) == [bounds(10, 4, r) for r in range(4)]  # one machine: rows, whatever the shards
+    assert parts(20, 4, [0, 2], 4) == [(0, 6), (6, 12), (12, 16), (16, 20)]  # shards 0-2 | 3-4
+    assert parts(20, 4, [0, 3], 5) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]  # 3 ranks, then 2
+    assert parts(10, 16, [0, 2], 4) == [(0, 5), (5, 10), (10, 10), (10, 10)]  # one shard: the first machine
 
 
 def test_each_rank_keeps_its_own_extraction_progress(tmp_path):
     target = Target(FeatureStore(tmp_path, "k"), ("features",))
     (tmp_path / "k").mkdir()
-    path, state = _progress(target, 10, World(rank=1, size=2))
+    path, state = _progress(target, 10, World(rank=1, size=2), (5, 10))
     assert path.name == "progress.1-of-2.json" and (state["lo"], state["hi"], state["done"]) == (5, 10, 5)
     path.write_text(json.dumps(state | {"done": 8}))
-    assert _progress(target, 10, World(rank=1, size=2))[1]["done"] == 8  # resumed
-    assert _progress(target, 10, World(rank=1, size=3))[1]["done"] == 4  # another split: starts its part over
-    assert _progress(target, 10, World())[0].name == "progress.json"
+    assert _progress(target, 10, World(rank=1, size=2), (5, 10))[1]["done"] == 8  # resumed
+    assert _progress(target, 10, World(rank=1, size=2), (4, 10))[1]["done"] == 4  # another split: starts over
+    assert _progress(target, 10, World(), (0, 10))[0].name == "progress.json"
 
 
 def _train(cmd: list[str], out: Path, data: Path) -> subprocess.CompletedProcess:
@@ -87,7 +91,7 @@ def test_torchrun_two_processes_train_as_one(tiny_data, tmp_path):
     # the ranks shared the trunk extraction: the same store, every row filled, marked complete by rank 0 only
     (store1,), (store2,) = (list((o / ".cache").glob("trunk-*")) for o in (one, two))
     assert store1.name == store2.name and json.loads((store2 / "meta.json").read_text())["ranks"] == 2
-    t1, t2 = np.load(store1 / "trunk.npy"), np.load(store2 / "trunk.npy")
+    t1, t2 = np.asarray(shards.load(store1 / "trunk")), np.asarray(shards.load(store2 / "trunk"))
     np.testing.assert_allclose(t2.astype(np.float32), t1.astype(np.float32), atol=2e-2, rtol=1e-2)
     # the same schedule and, within float rounding, the same model: DDP on slices of the one-process batches
     # (bf16 autocast rounds differently for 16- than for 32-image batches, and the gradient all-reduce sums in

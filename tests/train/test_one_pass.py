@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bakeoff.common import shards
 from bakeoff.train import features as F
 from bakeoff.train import run as R
 from tests.conftest import tiny_options
@@ -21,7 +22,7 @@ def test_joint_pass_writes_what_each_strategy_writes_alone(tiny_runs, tiny_data,
     for what, name in (("features", "features"), ("trunk", "trunk")):
         alone, joint = _cache(tiny_runs, what), _cache(tmp_path, what)
         assert joint.name == alone.name  # the same key: the fine-tune finds it
-        a, b = np.load(alone / f"{name}.npy"), np.load(joint / f"{name}.npy")
+        a, b = np.asarray(shards.load(alone / name)), np.asarray(shards.load(joint / name))
         assert a.dtype == b.dtype == np.float16 and a.shape == b.shape
         assert a.tobytes() == b.tobytes()
         assert (np.load(alone / "rows.npy") == np.load(joint / "rows.npy")).all()
@@ -55,7 +56,8 @@ def test_probe_then_finetune_is_one_pass(tiny_data, tmp_path, monkeypatch):
     assert json.loads((ft / "timing.json").read_text())["caches_reused"]["trunk"] is True
 
 
-def test_joint_pass_resumes_each_store_and_locks_in_path_order(tiny_data, tmp_path, monkeypatch):
+def _extraction(data: Path) -> tuple:
+    """(backbone, preprocess, images, train rows) for extracting from ``data`` with a random-init MobileNetV2."""
     from bakeoff.train.data.cache import load_cache
     from bakeoff.train.data.dataset import load_dataset
     from bakeoff.train.preprocess import Preprocess
@@ -64,9 +66,12 @@ def test_joint_pass_resumes_each_store_and_locks_in_path_order(tiny_data, tmp_pa
 
     spec = get_spec("cnn", "mobilenetv2_100", 32)
     backbone, _ = create_backbone(spec, "random", seed=0)
-    prep = Preprocess(spec.img_size, spec.mean, spec.std)
-    ds = load_dataset(tiny_data)
-    images, rows = load_cache(ds, 32), ds.split_indices("train")
+    ds = load_dataset(data)
+    return backbone, Preprocess(spec.img_size, spec.mean, spec.std), load_cache(ds, 32), ds.split_indices("train")
+
+
+def test_joint_pass_resumes_each_store_and_locks_in_path_order(tiny_data, tmp_path, monkeypatch):
+    backbone, prep, images, rows = _extraction(tiny_data)
     kw = {"batch_size": 4, "progress": False}
     ref = F.extract_all(backbone, prep, images, rows, [F.Target(F.FeatureStore(tmp_path / "ref", "f"), ("features",)),
                                                        F.Target(F.FeatureStore(tmp_path / "ref", "t"), ("trunk",))], **kw)
@@ -104,3 +109,39 @@ def test_all_shares_the_probe_pass_unless_the_finetune_augments(tiny_data, tmp_p
     assert M.main(["--all", "--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--weights", "random",
                    "--no-progress", "-q", *flags]) == 0
     assert seen == {(fam, s): shared and s == "probe" for fam in ("cnn", "dinov2", "clip") for s in ("probe", "ft")}
+
+
+def test_stores_cut_into_small_shards_read_back_the_same_and_resume(tiny_data, tmp_path, monkeypatch):
+    """One pass into stores of many small shard files (every array of the pass cut at the same rows) equals one
+    into single-shard stores; interrupted, it resumes where its progress record says."""
+    backbone, prep, images, rows = _extraction(tiny_data)
+    kw = {"batch_size": 4, "progress": False}
+
+    def targets(root):
+        return [F.Target(F.FeatureStore(root, "f"), ("features",)), F.Target(F.FeatureStore(root, "t"), ("trunk",))]
+
+    ref = F.extract_all(backbone, prep, images, rows, targets(tmp_path / "one"), **kw)
+    widest = max(ref[0]["features"].row_bytes, ref[1]["trunk"].row_bytes)
+    monkeypatch.setenv(shards.ENV, str(shards.HEADER_ROOM + 20 * widest))  # 20 rows of the widest output a shard
+    small = targets(tmp_path / "small")
+    stopped = []
+    real = F.iter_batches
+
+    def interrupted(*a, **k):  # the pass dies in its 21st batch, as a killed process would
+        for i, item in enumerate(real(*a, **k)):
+            if i == 20 and not stopped:
+                stopped.append(i)
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(F, "iter_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        F.extract_all(backbone, prep, images, rows, small, **kw)
+    progress = json.loads((tmp_path / "small" / "f" / "progress.json").read_text())
+    assert progress["done"] == 64  # recorded every 16 batches
+    got = F.extract_all(backbone, prep, images, rows, small, **kw)
+    for r, g, t in zip(ref, got, small):
+        (o,) = t.outputs
+        assert len(r[o].files) == 1 and g[o].rows_per_shard == 20 and len(g[o].files) == -(-len(rows) // 20)
+        assert max(f.stat().st_size for f in g[o].files) <= shards.shard_bytes()
+        assert np.asarray(r[o]).tobytes() == np.asarray(g[o]).tobytes()

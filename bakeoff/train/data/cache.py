@@ -1,10 +1,13 @@
-"""The decoded-image cache: every image decoded once, padded square, resized to S, in one uint8 memmap.
+"""The decoded-image cache: every image decoded once, padded square, resized to S, in one uint8 sharded array.
 
-``DATASET/cache/images_<S>.npy`` holds an N x S x S x 3 uint8 array in manifest order (an ``.npy`` file, so
-``np.load(mmap_mode="r")`` reads it without copying); ``images_<S>.json`` is its header. The build runs in
-chunks of rows, and the header records, per chunk, a fingerprint of its source files taken when the chunk was
-written: a chunk is done when its recorded fingerprint equals the current one. So an interrupted build resumes
-where it stopped, and after an edit only the chunks whose files changed are rebuilt.
+``DATASET/cache/images_<S>/`` holds an N x S x S x 3 uint8 array in manifest order, split into shard files of at most
+1 GiB (``$BAKEOFF_SHARD_BYTES``; :mod:`bakeoff.common.shards`: plain ``.npy`` files, ``np.load(mmap_mode="r")``
+reads each without copying); ``images_<S>.json`` is its header. :func:`load_cache` returns a read-only view that
+indexes like the memmap earlier versions returned; a single ``images_<S>.npy`` that they wrote is read (and
+refreshed) as a one-shard cache. The build runs in chunks of rows (a shard holds whole chunks), and the header
+records, per chunk, a fingerprint of its source files taken when the chunk was written: a chunk is done when its
+recorded fingerprint equals the current one. So an interrupted build resumes where it stopped, and after an edit
+only the chunks whose files changed are rebuilt.
 
 Two fingerprints per chunk, as git's index does it: a stat one (each file's manifest row, path, size and
 ``mtime_ns``; one ``stat`` per file, well under a second for 44k files, so every ``load_cache`` checks it) and a
@@ -36,8 +39,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from bakeoff.common import shards
 from bakeoff.common.io import read_json, write_json
 from bakeoff.common.lock import hold
+from bakeoff.common.shards import ShardedArray
 from bakeoff.common.workers import pool_context
 from bakeoff.train.data.dataset import CACHE_DIR, MANIFEST, Dataset, DatasetError
 
@@ -96,9 +101,9 @@ def resize_batch(x: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
 
 
 def cache_paths(ds: Dataset, size: int) -> tuple[Path, Path]:
-    """The data file and header of the cache at resolution ``size``."""
+    """The sharded array (a directory, :mod:`bakeoff.common.shards`) and the header of the cache at ``size``."""
     base = ds.root / CACHE_DIR / f"images_{size}"
-    return base.with_suffix(".npy"), base.with_suffix(".json")
+    return base, base.with_suffix(".json")
 
 
 def _images_hash(ds: Dataset) -> str:
@@ -143,7 +148,7 @@ def _fingerprints(ds: Dataset, chunk_rows: int) -> list[str]:
 class _State:
     """What is on disk for one cache resolution, against the dataset as it is now."""
 
-    data: Path
+    data: Path  # the sharded array
     header_path: Path
     header: dict  # the header to continue with (a fresh one when nothing usable is on disk)
     current: list[str]  # fingerprints of the source files now, per chunk
@@ -171,16 +176,17 @@ def _inspect(ds: Dataset, size: int, chunk_rows: int = CHUNK_ROWS) -> _State:
         "contents": [None] * len(current),
         "complete": False, "build_seconds": 0.0, "built": None,
     }
-    if old is None or not data.exists():
+    if old is None or not shards.exists(data):
         return _State(data, header_path, new, current, True, "missing")
     if old.get("version") != VERSION or old.get("shape") != shape or len(old.get("chunks", ())) != len(current):
         return _State(data, header_path, new, current, True, f"stale: built for shape {old.get('shape')}, dataset needs {shape}")
     try:
-        on_disk = np.load(data, mmap_mode="r")
+        on_disk = shards.load(data)
     except (ValueError, OSError) as e:
-        return _State(data, header_path, new, current, True, f"unreadable data file {data.name}: {e}")
+        return _State(data, header_path, new, current, True, f"unreadable data: {e}")
     if list(on_disk.shape) != shape or on_disk.dtype != np.uint8:
-        return _State(data, header_path, new, current, True, f"data file {data.name} has shape {on_disk.shape}, expected {shape}")
+        return _State(data, header_path, new, current, True,
+                      f"data {data.name} has shape {on_disk.shape}, expected {shape}")
     state = _State(data, header_path, old, current, False, "")
     if old["images_hash"] == new["images_hash"]:
         _verify_by_content(ds, state)
@@ -215,18 +221,17 @@ def _verify_by_content(ds: Dataset, state: _State) -> None:
 
 
 def _build_chunk(task: tuple[str, int, list[tuple[int, str, str, str]], int, str]) -> tuple[int, str]:
-    """Decode one chunk's images into the memmap; returns (chunk index, content fingerprint) (runs in a worker)."""
+    """Decode one chunk's images into its shard; returns (chunk index, content fingerprint) (runs in a worker)."""
     data, k, rows, size, manifest = task
-    out = np.load(data, mmap_mode="r+")
     h = hashlib.sha256()
-    for i, row_id, entry, path in rows:
-        try:
-            raw = Path(path).read_bytes()
-            _content_update(h, i, entry, raw)
-            out[i] = load_square(io.BytesIO(raw), size)
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on damaged files
-            raise DatasetError(f"{manifest}: row {i + 1} (id {row_id}): cannot decode image {path}: {type(e).__name__}: {e}") from None
-    out.flush()
+    with shards.load(data).writer(rows[0][0], rows[-1][0] + 1) as out:  # flushed (fsync) on leaving
+        for i, row_id, entry, path in rows:
+            try:
+                raw = Path(path).read_bytes()
+                _content_update(h, i, entry, raw)
+                out[i] = load_square(io.BytesIO(raw), size)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on damaged files
+                raise DatasetError(f"{manifest}: row {i + 1} (id {row_id}): cannot decode image {path}: {type(e).__name__}: {e}") from None
     return k, h.hexdigest()
 
 
@@ -238,7 +243,7 @@ def build_cache(
     chunk_rows: int = CHUNK_ROWS,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Path:
-    """Build (or finish, or refresh) the cache at ``size``; returns the data file.
+    """Build (or finish, or refresh) the cache at ``size``; returns its sharded array's directory.
 
     Chunks already done with unchanged sources are kept. ``workers`` processes (default: all CPUs; 1 runs
     in-process). ``on_chunk(k)`` is called after chunk ``k`` is recorded done. The header says complete only
@@ -258,8 +263,7 @@ def _build(ds: Dataset, state: _State, size: int, workers: int | None, progress:
     """:func:`build_cache`'s work, with the cache's lock held."""
     header = state.header
     if state.fresh:
-        state.data.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(state.data, mode="w+", dtype=np.uint8, shape=tuple(header["shape"])).flush()
+        shards.create(state.data, tuple(header["shape"]), np.uint8, multiple=header["chunk_rows"])
     done = state.done
     header["chunks"] = [fp if ok else None for fp, ok in zip(state.current, done)]
     header["contents"] = [c if ok else None for c, ok in zip(header.get("contents", [None] * len(done)), done)]
@@ -296,13 +300,14 @@ def _build(ds: Dataset, state: _State, size: int, workers: int | None, progress:
     write_json(state.header_path, header)
 
 
-def load_cache(ds: Dataset, size: int = 128) -> np.ndarray:
-    """The complete, current cache at ``size`` as a read-only N x S x S x 3 uint8 memmap; else ``CacheError``."""
+def load_cache(ds: Dataset, size: int = 128) -> ShardedArray:
+    """The complete, current cache at ``size`` as a read-only N x S x S x 3 uint8 array (indexed like a memmap:
+    ``images[rows]`` is a new uint8 array); else ``CacheError``."""
     state = _inspect(ds, size)
     if state.reason:
         raise CacheError(f"{state.header_path}: image cache {state.reason}; build it with "
                          f"`python -m train.data cache {ds.root} --size {size}`")
-    return np.load(state.data, mmap_mode="r")
+    return shards.load(state.data)
 
 
 def cache_status(ds: Dataset, size: int = 128) -> str:
@@ -311,6 +316,8 @@ def cache_status(ds: Dataset, size: int = 128) -> str:
     h = state.header
     if state.reason:
         return f"{state.data}: {state.reason}"
-    gb = np.prod(h["shape"]) / 1e9
-    return (f"{state.data}: complete, {' x '.join(map(str, h['shape']))} uint8 ({gb:.2f} GB), "
+    files = shards.load(state.data).files
+    gb, largest = np.prod(h["shape"]) / 1e9, max((f.stat().st_size for f in files), default=0) / 1e9
+    return (f"{state.data}: complete, {' x '.join(map(str, h['shape']))} uint8 ({gb:.2f} GB in {len(files)} "
+            f"file{'s' * (len(files) > 1)}, the largest {largest:.2f} GB), "
             f"built {h['built']} in {h['build_seconds']:.0f} s")
