@@ -106,7 +106,7 @@ def setup_rows(pairs: list[Pair], sub: dict | None) -> list[dict]:
                      "weights_label": cfg.get("weights.label").value, "weights": cfg.get("weights.kind").to_json(),
                      "train_images": cfg.get("dataset.n_train_used").to_json(), "train_split": split,
                      "schedule": values, "schedule_text": lines, "augment": cfg.get("options.augment").to_json(),
-                     "profile": cfg.get("profile").to_json()})
+                     "aug_views": cfg.get("options.aug_views").to_json(), "profile": cfg.get("profile").to_json()})
     return rows
 
 
@@ -140,6 +140,16 @@ def _images(row: dict) -> str:
     return f"{n:,}" + (f" of {split:,} ({n / split:.0%})" if split and n < split else "")
 
 
+def augmentation(row: dict) -> str:
+    """``off``, ``online: flip + shift`` (``--augment``) or ``K cached views: crop + flip`` (``--aug-views K``)."""
+    online, views = row["augment"]["value"], row.get("aug_views", {}).get("value")
+    if online:
+        return "online: flip + shift"
+    if views:
+        return f"{views} cached view{'s' * (views > 1)} per image: crop + flip"
+    return {False: "off"}.get(online, fmt.DASH)
+
+
 def blocks(rows: list[dict], sub: dict | None, notes: list[str] = ()) -> list[Block]:
     """The section: the subset sentence, then one table row per pair, then ``notes`` (resolution, budgets)."""
     table = [[f"**{r['pair']}**", [r["weights_label"] or r["label"] or fmt.DASH,
@@ -147,7 +157,7 @@ def blocks(rows: list[dict], sub: dict | None, notes: list[str] = ()) -> list[Bl
               [f"{r['input_px']['value']} px", r["grid"]],
               WEIGHTS.get(r["weights"]["value"], str(r["weights"]["value"])),
               _images(r), r["head"], [*r["schedule_text"], r["tuning"]],
-              {True: "on", False: "off"}.get(r["augment"]["value"], fmt.DASH)]
+              augmentation(r)]
              for r in rows]
     intro = ("What each run trained, from its config.json (fine-tune best epoch: history.jsonl; train split size: "
              "the dataset's splits.json). " + subset_sentence(sub))

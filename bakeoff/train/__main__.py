@@ -92,13 +92,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (extraction and fine-tune)")
     p.add_argument("--lr", type=float, help="fine-tune learning rate for the last 4 blocks (per-family default)")
     p.add_argument("--augment", action="store_true",
-                   help="fine-tune only: light augmentation, flip + shift (disables the frozen-trunk cache); the "
-                        "probe's augmentation is --aug-views")
+                   help="fine-tune only: light augmentation, flip + shift, computed every step (disables the "
+                        "frozen-trunk cache; --aug-views keeps it)")
     p.add_argument("--aug-views", type=int, default=RunOptions.aug_views, metavar="K",
-                   help="linear probe only: K extra views per training image (random resized crop, scale 0.5-1, "
-                        "ratio 3/4-4/3, horizontal flip; no colour jitter: colour is a tag), each view's features "
-                        "cached once per backbone; the head trains on the original + K views, validation and test "
-                        "are never augmented (the fine-tune augments with --augment)")
+                   help="K extra views per training image (random resized crop, scale 0.5-1, ratio 3/4-4/3, "
+                        "horizontal flip; no colour jitter: colour is a tag), each view's features (probe) or trunk "
+                        "(fine-tune) cached once per backbone: the probe's head trains on the original + K views; "
+                        "the fine-tune shows each image as one of them, drawn per epoch. Validation and test are "
+                        "never augmented")
     p.add_argument("--rebalance", choices=REBALANCE, default=RunOptions.rebalance,
                    help="crt: classifier re-training on a class-balanced re-sample (Kang et al. 2020) by repeat-factor "
                         "sampling (LVIS; tags under the long-tail threshold are repeated): the probe's head, or the "

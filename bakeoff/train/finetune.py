@@ -1,8 +1,9 @@
 """Strategy 2: fine-tune the last 4 blocks (+ final norm) and the head; everything before them is frozen.
 
 The trainable part sees batches of *trunk activations* (the stem's output). They come either from the
-frozen-trunk cache (augmentation off: the stem's output is the same every epoch, so this is exact up to the
-cache dtype) or from images run through the stem under no-grad (augmentation on). AdamW, cosine schedule
+frozen-trunk cache (the stem's output is the same every epoch, so this is exact up to the cache dtype), from the
+trunk caches of K augmented views of each training image besides it (``--aug-views``: each epoch draws one of the
+K + 1 for each image, :class:`ViewTrunkSource`), or from images run through the stem under no-grad (``--augment``). AdamW, cosine schedule
 with linear warm-up, bf16 autocast (on CPU the depthwise convolutions stay fp32: :func:`fp32_depthwise`), early
 stopping on validation mAP; every epoch writes a resume checkpoint
 (safetensors + JSON, no pickle) atomically.
@@ -53,6 +54,7 @@ class FinetuneConfig:
     warmup_epochs: float = 0.5
     patience: int = 3
     augment: bool = False
+    views: int = 0  # cached augmented views per training image besides the original (ViewTrunkSource)
     loss: str = "bce"
     amp: bool = True
     seed: int = 0
@@ -66,6 +68,33 @@ class TrunkSource:
 
     def __call__(self, pos: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.trunk[np.sort(pos)], dtype=np.float32)[np.argsort(np.argsort(pos))]).to(self.device)
+
+
+class ViewTrunkSource:
+    """Cached trunk activations of each training image's original and K augmented views (``trunks[0]`` the
+    originals, ``trunks[k]`` view k, row-aligned): :meth:`set_epoch` draws, for every image, which of the K + 1
+    it shows this epoch (seeded by (seed, epoch), as ``DistributedSampler.set_epoch`` seeds its shuffle, so every
+    rank and a resumed run draw the same)."""
+
+    def __init__(self, trunks: Sequence[np.ndarray], device: torch.device, seed: int = 0):
+        if len({len(t) for t in trunks}) != 1:
+            raise ValueError(f"view trunks must have the same rows, got {[len(t) for t in trunks]}")
+        self.sources = [TrunkSource(t, device) for t in trunks]
+        self.seed = seed
+        self.choice = np.zeros(len(trunks[0]), dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.choice = np.random.default_rng([self.seed, epoch, 1]).integers(0, len(self.sources), len(self.choice))
+
+    def __call__(self, pos: np.ndarray) -> torch.Tensor:
+        pos = np.asarray(pos, dtype=np.int64)
+        view = self.choice[pos]
+        empty = self.sources[0](pos[:0])  # a batch's shape, device and dtype
+        out = empty.new_empty((len(pos), *empty.shape[1:]))
+        for k in np.unique(view):
+            at = np.flatnonzero(view == k)
+            out[torch.from_numpy(at).to(out.device)] = self.sources[k](pos[at])
+        return out
 
 
 class ImageSource:
@@ -294,6 +323,7 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
     best = _trainable_state(model)
     if resume and (resume_dir / "resume.json").exists():
         state, best = load_resume(resume_dir, model, opt)
+        state["config"] = asdict(FinetuneConfig()) | state["config"]  # fields added since: their defaults then
         if state["config"] != asdict(cfg):
             raise ValueError(f"{resume_dir}/resume.json: saved fine-tune config {state['config']} differs from "
                              f"this one {asdict(cfg)}; rerun without --resume to start over")
@@ -308,6 +338,8 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
             epoch = state["epoch"] + 1
             rng = np.random.default_rng([cfg.seed, epoch])
             perm = rng.permutation(n)
+            if hasattr(train_source, "set_epoch"):  # a source that changes with the epoch (ViewTrunkSource)
+                train_source.set_epoch(epoch)
             set_train_mode(model)
             losses = []
             bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,

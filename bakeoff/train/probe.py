@@ -188,7 +188,7 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     device = torch.device(device)
     loss_fn = (loss or HeadLoss()).to(device)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    xt = _as_tensor(x_train, device)
+    xt = torch.tensor(np.asarray(x_train), dtype=torch.float32, device=device)  # a copy: standardised in place
     n, d = xt.shape
     t = np.shape(y_train)[1]
     decays = cfg.grid()
@@ -197,7 +197,7 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     sweep_loss = _SweepLoss(loss_fn, t, s, mm_dtype)
     rows = sweep_loss.rows  # every (S*T)-long axis below is in its layout
     mu = xt.mean(0)
-    xt = xt - mu
+    xt.sub_(mu)
     sd = (xt.square().sum(0) / max(n - 1, 1)).sqrt_().clamp_(min=1e-6)  # Tensor.std(0) is 4x slower on CPU
     xt = xt.div_(sd).to(mm_dtype)
     xv = (_as_tensor(x_val, device) - mu).div_(sd)  # fp32: bf16 logits tie often enough to move AP

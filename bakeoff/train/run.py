@@ -88,7 +88,7 @@ class RunOptions:
     augment: bool = False  # fine-tune only (light flip + shift, uncached trunk); the probe's is aug_views
     trunk_cache_dtype: str = "float16"
     rebalance: str = "none"  # train.rebalance.REBALANCE: "crt" trains the head on a repeat-factor re-sample
-    aug_views: int = 0  # probe only: K cached augmented views per training image (train.views)
+    aug_views: int = 0  # K cached augmented views per training image (train.views): probe features, fine-tune trunks
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -215,6 +215,9 @@ def train_pair(data: str | Path, out: str | Path, opts: RunOptions, *, share_pas
         raise ValueError(f"unknown rebalance {opts.rebalance!r}; choose from {REBALANCE}")
     if opts.aug_views < 0:
         raise ValueError(f"aug_views must be >= 0, not {opts.aug_views}")
+    if opts.strategy == "ft" and opts.augment and opts.aug_views:
+        raise ValueError("augment (flip + shift computed every step) and aug_views (cached crop + flip views) are two "
+                         "ways to augment the fine-tune: choose one")
     run_dir = Path(out) / pair_name(opts.family, opts.strategy)
     w = world()
     with contextlib.ExitStack() as stack:

@@ -5,7 +5,8 @@ the same budget of hyper-parameter *trials*, each scored on validation mAP:
 - ``probe``: a linear head on cached frozen features; the trials are the weight decays of the batched sweep.
   With ``aug_views`` K, it trains on the original training features + K cached augmented views of each
   training image (:mod:`train.views`, labels repeated); validation is never augmented.
-- ``ft``: the last 4 blocks + head from the frozen-trunk cache (or from images when augmenting), started
+- ``ft``: the last 4 blocks + head from the frozen-trunk cache (with ``aug_views`` K, also the cached trunks of
+  K augmented views of each training image, one drawn per image and epoch; with ``augment``, from images), started
   from the probe's head when a matching probe run exists (LP-then-FT), else from a zero head (``init_head`` None:
   the caller says so and records it: :func:`bakeoff.train.run.init_head`). The trials are block learning rates
   on a log grid around the family's default; each trial is the whole schedule (warm-up, cosine decay to zero)
@@ -30,7 +31,7 @@ from bakeoff.common.device import autocast
 from bakeoff.common.distributed import world
 from bakeoff.common.io import read_json, write_json
 from bakeoff.train.features import FeatureStore, Target, cache_key, extract, extract_all, extraction_seconds
-from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, finetune
+from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, ViewTrunkSource, finetune
 from bakeoff.train.heads import HeadLoss, initial_bias
 from bakeoff.train.preprocess import Preprocess
 from bakeoff.train.probe import DECAY_RANGE, ProbeConfig, ProbeResult, log_grid, train_probe
@@ -96,12 +97,31 @@ def trunk_store(ctx: Context) -> FeatureStore:
     return _store(ctx, "trunk", dtype=ctx.trunk_cache_dtype)
 
 
-def view_stores(ctx: Context) -> list[FeatureStore]:
-    """One feature store per augmented view 1..``aug_views`` of the training images, keyed by the backbone, the
-    training rows, the seed, the view and its recipe: shared by every run of the backbone that asks for it."""
+def view_stores(ctx: Context, what: str = "features") -> list[FeatureStore]:
+    """One store of output ``what`` (the probe's ``features``, the fine-tune's ``trunk``) per augmented view
+    1..``aug_views`` of the training images, keyed by the backbone, the training rows, the seed, the view and its
+    recipe: shared by every run of the backbone that asks for it."""
     parts = ctx.key_parts | {"rows": cache_key(rows=ctx.rows_train.tolist())}
-    return [FeatureStore(ctx.cache_root, "view-" + cache_key(**parts, what="features", view=k, seed=ctx.seed,
-                                                              recipe=RECIPE)) for k in range(1, ctx.aug_views + 1)]
+    dtype = {"dtype": ctx.trunk_cache_dtype} if what == "trunk" else {}
+    return [FeatureStore(ctx.cache_root, "view-" + cache_key(**parts, what=what, view=k, seed=ctx.seed,
+                                                              recipe=RECIPE, **dtype))
+            for k in range(1, ctx.aug_views + 1)]
+
+
+def extract_views(ctx: Context, outputs: tuple[str, ...]) -> tuple[dict[str, list[np.ndarray]], float, bool]:
+    """``outputs`` of each augmented view of the training images, one pass per view for all of them (the grid's
+    probe fills the fine-tune's view trunks too). Returns ({output: [view 1, ..]}, extraction seconds, reused)."""
+    stores = {o: view_stores(ctx, o) for o in outputs}
+    got: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+    for k in range(ctx.aug_views):
+        targets = [Target(stores[o][k], (o,), ctx.trunk_cache_dtype if o == "trunk" else "float16") for o in outputs]
+        arrays = extract_all(ctx.model.backbone, ctx.preprocess, ViewImages(ctx.images, ctx.seed, k + 1),
+                             ctx.rows_train, targets, batch_size=ctx.batch_size, progress=ctx.progress,
+                             describe=ctx.describe | {"rows": len(ctx.rows_train), "view": k + 1, "recipe": RECIPE})
+        for o, a in zip(outputs, arrays):
+            got[o].append(a[o])
+    every = [vs for o in outputs for vs in stores[o]]
+    return got, sum(extraction_seconds(vs) for vs in stores[outputs[0]]), not any(vs.built_here for vs in every)
 
 
 def fit_head(ctx: Context, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
@@ -128,23 +148,22 @@ def run_probe(ctx: Context) -> Outcome:
     reused = {"features": not store.built_here}
     n = len(ctx.rows_train)
     timing = {"feature_extraction": extraction_seconds(store)}
-    stores = view_stores(ctx)  # validation is never augmented: views are of the training rows only
-    view_feats = [extract(ctx.model.backbone, ctx.preprocess, ViewImages(ctx.images, ctx.seed, k), ctx.rows_train,
-                          vs, ("features",), batch_size=ctx.batch_size, progress=ctx.progress,
-                          describe=ctx.describe | {"rows": n, "view": k, "recipe": RECIPE})["features"]
-                  for k, vs in enumerate(stores, 1)]
-    if stores:
-        reused["views"] = not any(vs.built_here for vs in stores)
+    if ctx.aug_views:  # validation is never augmented: views are of the training rows only
+        extracted, timing["view_extraction"], reused["views"] = extract_views(
+            ctx, ("features", "trunk") if ctx.share_pass else ("features",))
+        view_feats = extracted["features"]
+    else:
+        view_feats = []
     if not world().main:  # under torchrun the ranks share the extraction; rank 0 loads it and fits the heads
         return Outcome({}, 0, timing, reused)
-    x = np.asarray(feats, dtype=np.float32)
-    views = [np.asarray(v, dtype=np.float32) for v in view_feats]
-    x_train = np.concatenate([x[:n], *views])
-    y_train = np.tile(ctx.y_train, (1 + len(views), 1))
-    result, cfg, crt = fit_head(ctx, x_train, y_train, x[n:])
+    # the training features stay float16 here (the sweep makes the one float32 copy it standardises in place)
+    x_train = np.concatenate([feats[:n], *view_feats])
+    y_train = np.tile(ctx.y_train, (1 + len(view_feats), 1))
+    result, cfg, crt = fit_head(ctx, x_train, y_train, np.asarray(feats[n:], dtype=np.float32))
     for rec in result.history:
         ctx.log(rec)
-    data = "train" + (f" + {len(views)} augmented view{'s' * (len(views) > 1)} per image" if views else "")
+    views = len(view_feats)
+    data = "train" + (f" + {views} augmented view{'s' * (views > 1)} per image" if views else "")
     data = f"a cRT re-sample of {data}" if crt else data
     searched = "weight decay (AdamW, decoupled" + (f"; head trained on {data})" if views or crt else ")")
     summary = {"probe": asdict(cfg), "sweep": result.sweep, "selected": result.best, "feature_cache": store.key,
@@ -153,8 +172,7 @@ def run_probe(ctx: Context) -> Outcome:
     if ctx.share_pass:
         summary["trunk_cache"] = targets[1].store.key  # filled in the same pass, for the fine-tune
     if views:
-        summary["aug_views"] = {"views": len(views), "recipe": RECIPE, "caches": [vs.key for vs in stores]}
-        timing["view_extraction"] = sum(extraction_seconds(vs) for vs in stores)
+        summary["aug_views"] = {"views": views, "recipe": RECIPE, "caches": [vs.key for vs in view_stores(ctx)]}
     if crt:
         summary["crt"] = crt
     timing["head_training"] = result.seconds
@@ -209,8 +227,11 @@ def run_finetune(ctx: Context) -> Outcome:
         n = len(ctx.rows_train)
         train_src, val_src = TrunkSource(trunk[:n], ctx.device), TrunkSource(trunk[n:], ctx.device)
         timing["trunk_caching"] = extraction_seconds(store)
+        if ctx.aug_views:
+            extracted, timing["view_extraction"], reused["views"] = extract_views(ctx, ("trunk",))
+            train_src = ViewTrunkSource([trunk[:n], *extracted["trunk"]], ctx.device, ctx.seed)
     base = FinetuneConfig(epochs=ctx.epochs or FinetuneConfig.epochs, batch_size=ctx.batch_size,
-                          augment=ctx.augment, loss=ctx.loss.kind, seed=ctx.seed)
+                          augment=ctx.augment, views=ctx.aug_views, loss=ctx.loss.kind, seed=ctx.seed)
     lrs = finetune_lrs(ctx.family, ctx.lr, ctx.trials)
     trial_epochs = 1 if len(lrs) > 1 else base.epochs
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -251,7 +272,8 @@ def run_finetune(ctx: Context) -> Outcome:
     crt = None
     if ctx.rebalance == "crt":  # cRT: the fine-tuned representation fixed, the head trained anew on the re-sample
         t = time.perf_counter()
-        plain = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess) if ctx.augment else train_src
+        plain = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess) if ctx.augment else \
+            TrunkSource(trunk[:len(ctx.rows_train)], ctx.device)
         x_train = tail_features(model, plain, len(ctx.rows_train))
         x_val = tail_features(model, val_src, len(ctx.rows_val))
         timing["crt_features"] = time.perf_counter() - t
@@ -269,6 +291,10 @@ def run_finetune(ctx: Context) -> Outcome:
                                             "learning rate then trains the full schedule from the start",
                           "selected_by": "validation macro mAP at the end of the trial"},
                "init_head": ctx.init_head[2] if ctx.init_head else "zero weights, bias at the training frequencies"}
+    if ctx.aug_views:
+        summary["aug_views"] = {"views": ctx.aug_views, "recipe": RECIPE,
+                                "caches": [vs.key for vs in view_stores(ctx, "trunk")],
+                                "drawn": "each epoch, one of the original and its views per training image"}
     if crt:
         summary["crt"] = crt
     return Outcome(summary, sum(p.numel() for p in model.parameters() if p.requires_grad), timing, reused)

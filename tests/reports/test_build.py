@@ -134,7 +134,7 @@ def test_setup_section_says_what_each_run_trained(report):
     pair, model, size, weights, images, head, schedule, augment = rows["dinov2-ft"]
     assert pair == "**dinov2-ft**" and model == "DINOV2<br>dinov2_model (timm)" and size.startswith("224 px<br>")
     assert weights == "pretrained (local file)" and head.startswith("sigmoid per tag")  # a config from before heads
-    assert images == "240 of 360 (67%)" and augment == "off" and rows["clip-ft"][7] == "on"
+    assert images == "240 of 360 (67%)" and augment == "off" and rows["clip-ft"][7] == "online: flip + shift"
     budget = "budget not recorded (trained before tuning budgets were)"
     assert schedule == ("fine-tune: 3 epochs, from the linear probe's head<br>best epoch 3 = last: may be "
                         f"under-trained<br>{budget}")

@@ -15,6 +15,7 @@ from bakeoff.train.finetune import (
     TrainingDiverged,
     TrunkSource,
     TunedPart,
+    ViewTrunkSource,
     batch_loss,
     finetune,
     load_resume,
@@ -176,3 +177,24 @@ def test_fp32_depthwise_on_cpu_only_for_the_block():
             assert dw(x).dtype == torch.bfloat16  # another device: untouched
         assert "forward" not in vars(dw)  # restored after the block
         torch.testing.assert_close(block(x), plain)
+
+
+def test_view_trunk_source_shows_each_image_as_one_seeded_view_per_epoch():
+    n = 300
+    trunks = [np.stack([np.full((2, 1, 1), 10 * v + r % 7, np.float16) for r in range(n)]) for v in range(3)]
+    src = ViewTrunkSource(trunks, torch.device("cpu"), seed=4)
+    pos = np.array([5, 0, 299, 5])
+    assert torch.equal(src(pos)[:, 0, 0, 0], torch.tensor([5.0, 0, 5, 5]))  # before any epoch: the originals
+    src.set_epoch(1)
+    views = src(np.arange(n))[:, 0, 0, 0].numpy() // 10
+    assert all(70 <= c <= 130 for c in np.bincount(views.astype(int), minlength=3))  # about 1/3 each
+    got = src(pos)  # any order, duplicates: each image as its drawn view, same rows
+    np.testing.assert_array_equal(got[:, 0, 0, 0].numpy(), [10 * views[p] + p % 7 for p in pos])
+    again = ViewTrunkSource(trunks, torch.device("cpu"), seed=4)
+    again.set_epoch(1)  # a resumed run (or another rank) draws the same
+    assert torch.equal(again(np.arange(n)), src(np.arange(n)))
+    src.set_epoch(2)
+    assert not np.array_equal(src(np.arange(n))[:, 0, 0, 0].numpy() // 10, views)
+    assert src(np.arange(0)).shape == (0, 2, 1, 1)  # an empty slice (a rank with no rows of a batch)
+    with pytest.raises(ValueError, match="same rows"):
+        ViewTrunkSource([trunks[0], trunks[1][:10]], torch.device("cpu"))

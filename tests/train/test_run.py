@@ -194,6 +194,39 @@ def test_view_features_are_reused_never_recomputed(longtail_probe, tiny_data):
     assert meta.stat().st_mtime_ns == stamp and len(list((out / ".cache").glob("view-*"))) == 2
 
 
+def test_finetune_with_views_trains_on_the_views_trunks_filled_by_the_probes_pass(tiny_data, tmp_path, monkeypatch):
+    from bakeoff.train import strategies
+    from bakeoff.train.features import FeatureStore
+    from bakeoff.train.finetune import ViewTrunkSource
+
+    probe = R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "probe", aug_views=2), share_pass=True)
+    seen = []
+    finetune = strategies.finetune
+
+    def spy(model, train_source, *a, **k):
+        seen.append(train_source)
+        return finetune(model, train_source, *a, **k)
+
+    monkeypatch.setattr(strategies, "finetune", spy)
+    run_dir = R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "ft", aug_views=2, trials=1))
+    cfg = json.loads((run_dir / "config.json").read_text())
+    timing = json.loads((run_dir / "timing.json").read_text())
+    assert timing["caches_reused"] == {"trunk": True, "views": True}  # the probe's one pass filled them
+    assert cfg["summary"]["finetune"]["views"] == 2 and len(cfg["summary"]["aug_views"]["caches"]) == 2
+    (src,) = seen
+    assert isinstance(src, ViewTrunkSource) and len(src.sources) == 3
+    trunk = FeatureStore(tmp_path / ".cache", json.loads((probe / "config.json").read_text())["summary"]["trunk_cache"])
+    n = cfg["dataset"]["n_train_used"]
+    np.testing.assert_array_equal(src.sources[0].trunk, trunk.load("trunk")[:n])
+    for key, s in zip(cfg["summary"]["aug_views"]["caches"], src.sources[1:]):
+        view = FeatureStore(tmp_path / ".cache", key)
+        assert np.array_equal(view.rows(), load_dataset(tiny_data).split_indices("train"))
+        np.testing.assert_array_equal(s.trunk, view.load("trunk"))
+        assert np.abs(np.asarray(s.trunk, np.float32) - np.asarray(trunk.load("trunk")[:n], np.float32)).max() > 0
+    with pytest.raises(ValueError, match="choose one"):
+        R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "ft", aug_views=1, augment=True))
+
+
 def test_finetune_crt_retrains_the_head_on_fine_tuned_features(tiny_data, tmp_path, monkeypatch):
     from bakeoff.train import strategies
 
