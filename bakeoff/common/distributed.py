@@ -6,10 +6,13 @@ sets them) :func:`init` joins the default process group, NCCL when CUDA is there
 ``torch.distributed.init_process_group`` documents; :func:`world` then describes it. Conventions (DINOv2's
 training code keeps the same ones): rank 0 ("main") writes every artifact and log line; the ranks share a pass
 over rows by contiguous slices (:meth:`World.part`), and :meth:`World.gather` puts the slices back in row order.
+Rows written into shard files are shared by :meth:`World.write_part`: a machine writes whole shards.
 """
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -43,6 +46,12 @@ class World:
     def part(self, n: int) -> tuple[int, int]:
         """[lo, hi) of this rank's contiguous slice of ``range(n)``; slice sizes differ by at most one."""
         return bounds(n, self.size, self.rank)
+
+    def write_part(self, n: int, unit: int) -> tuple[int, int]:
+        """[lo, hi) of the ``n`` rows this rank writes into files of ``unit`` rows (shards): :func:`writer_rows`
+        over the machines of the group (a collective: every rank calls it)."""
+        machines = sorted(set(self.gather(np.array([self.rank - self.local_rank])).tolist()))
+        return writer_rows(n, unit, self.rank, machines, self.size)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -80,6 +89,20 @@ def bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     return lo, lo + q + (rank < r)
 
 
+def writer_rows(n: int, unit: int, rank: int, machines: Sequence[int], size: int) -> tuple[int, int]:
+    """[lo, hi) of the ``n`` rows that rank ``rank`` of ``size`` writes. ``machines``: the first rank of each
+    machine, ascending (torchrun numbers a machine's ranks contiguously). Each machine takes a contiguous part of
+    whole ``unit``-row blocks (shards), so no shard file is written from two machines (pages of one file written from
+    two machines, over NFS say, are written back whole and clobber each other); the ranks of a machine split its part
+    by rows. A store smaller than one block is written by the first machine alone."""
+    m = bisect_right(machines, rank) - 1
+    first, last = machines[m], machines[m + 1] if m + 1 < len(machines) else size
+    a, b = bounds(-(-n // unit), len(machines), m)
+    lo, hi = min(a * unit, n), min(b * unit, n)
+    p, q = bounds(hi - lo, last - first, rank - first)
+    return lo + p, lo + q
+
+
 def launched() -> bool:
     """Started by torchrun (or another launcher that sets torch.distributed's environment) with several processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -88,8 +111,8 @@ def launched() -> bool:
 def init(timeout_minutes: float | None = None) -> World:
     """Join the process group torchrun described (once; later calls return it); a single process stays alone.
 
-    The timeout bounds how long a rank waits in a collective, e.g. while rank 0 alone builds the image cache
-    of a large catalog: ``timeout_minutes``, else ``$BAKEOFF_DIST_TIMEOUT_MIN``, else 180.
+    The timeout bounds how long a rank waits in a collective, e.g. for the slowest rank's share of a large
+    catalog's image cache: ``timeout_minutes``, else ``$BAKEOFF_DIST_TIMEOUT_MIN``, else 180.
     """
     minutes = timeout_minutes or float(os.environ.get("BAKEOFF_DIST_TIMEOUT_MIN") or 180)
     if launched() and not dist.is_initialized():

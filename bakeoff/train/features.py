@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from bakeoff.common import shards
 from bakeoff.common.device import autocast
-from bakeoff.common.distributed import World, bounds, world
+from bakeoff.common.distributed import World, world
 from bakeoff.common.io import read_json, write_json
 from bakeoff.common.lock import hold
 from bakeoff.common.shards import ShardedArray
@@ -158,20 +157,6 @@ def _allocate(target: Target, rows: np.ndarray, shapes: Callable[[], dict[str, t
                                "seconds": 0.0})
 
 
-def writer_rows(n: int, unit: int, rank: int, machines: Sequence[int], size: int) -> tuple[int, int]:
-    """[lo, hi) of the ``n`` rows that rank ``rank`` of ``size`` writes. ``machines``: the first rank of each
-    machine, ascending (torchrun numbers a machine's ranks contiguously). Each machine takes a contiguous part of
-    whole ``unit``-row blocks (shards), so no shard file is written from two machines (pages of one file written from
-    two machines, over NFS say, are written back whole and clobber each other); the ranks of a machine split its part
-    by rows. A store smaller than one block is written by the first machine alone."""
-    m = bisect_right(machines, rank) - 1
-    first, last = machines[m], machines[m + 1] if m + 1 < len(machines) else size
-    a, b = bounds(-(-n // unit), len(machines), m)
-    lo, hi = min(a * unit, n), min(b * unit, n)
-    p, q = bounds(hi - lo, last - first, rank - first)
-    return lo + p, lo + q
-
-
 def _progress(target: Target, n: int, w: World, part: tuple[int, int]) -> tuple[Path, dict]:
     """This rank's progress record for its ``part`` of the rows (``done``: the next row offset), resumed when it
     matches (key, outputs, rows, part), else new. One process: ``progress.json``; rank r of W:
@@ -192,7 +177,7 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     store's progress advances with the pass.
 
     Under torchrun rank 0 allocates the arrays, every array of the pass with the same rows per shard; then each
-    rank computes its contiguous part of the rows (:func:`writer_rows`: a machine writes whole shards, its ranks
+    rank computes its contiguous part of the rows (:meth:`World.write_part`: a machine writes whole shards, its ranks
     share them by rows) into them, keeping its own progress record, and rank 0 marks the stores complete
     (``meta.json``, with the slowest rank's seconds) once every rank has flushed. Ranks of one machine may write
     disjoint rows of one file (one page cache); a machine with no whole shard to write waits.
@@ -218,8 +203,7 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     w.barrier()
     arrays = [{o: shards.load(t.store.dir / o) for o in t.outputs} for t in targets]
     unit = math.lcm(*(a.rows_per_shard for arr in arrays for a in arr.values()))
-    machines = sorted(set(w.gather(np.array([w.rank - w.local_rank])).tolist()))
-    lo, hi = writer_rows(len(rows), unit, w.rank, machines, w.size)
+    lo, hi = w.write_part(len(rows), unit)
     records = [_progress(t, len(rows), w, (lo, hi)) for t in targets]
     wanted = {o for t in targets for o in t.outputs}
     start = min(state["done"] for _, state in records)

@@ -15,10 +15,10 @@ the probe's run lock; with no matching probe it says so loudly, starts from a ze
 config.json ``init_head`` (``kind`` "zero", the probe run it looked for and why it could not use it), and
 :mod:`train.current` counts it stale once that probe exists.
 
-Under torchrun (:mod:`bakeoff.common.distributed`) the ranks are one run: rank 0 holds the run's lock, builds the
-image cache and writes every file of the run directory once (config.json records ``world_size``); the ranks share
-the feature/trunk extraction and the fine-tune's steps (DDP); the probe's head sweep and the decision rule are
-fitted by rank 0 alone.
+Under torchrun (:mod:`bakeoff.common.distributed`) the ranks are one run: rank 0 holds the run's lock and writes
+every file of the run directory once (config.json records ``world_size``); the ranks share the image cache's
+decoding, the feature/trunk extraction and the fine-tune's steps (DDP); the probe's head sweep and the decision
+rule are fitted by rank 0 alone.
 """
 from __future__ import annotations
 
@@ -268,9 +268,7 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
     preprocess = Preprocess.from_config(prep_cfg, device)
 
     t = time.perf_counter()
-    if w.main:
-        build_cache(ds, opts.cache_size, progress=opts.progress)
-    w.barrier()
+    build_cache(ds, opts.cache_size, progress=opts.progress, world=w)  # under torchrun the ranks share it
     images = load_cache(ds, opts.cache_size)
     timing["image_cache"] = time.perf_counter() - t
 

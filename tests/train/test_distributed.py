@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bakeoff.common import shards
-from bakeoff.common.distributed import World, bounds
-from bakeoff.train.features import FeatureStore, Target, _progress, writer_rows
+from bakeoff.common.distributed import World, bounds, writer_rows
+from bakeoff.train.features import FeatureStore, Target, _progress
 from tests.conftest import TINY_CACHE, TINY_MODELS, tiny_options
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,6 +103,38 @@ def test_torchrun_two_processes_train_as_one(tiny_data, tmp_path):
         assert abs(h2[k]["val_map"] - h1[k]["val_map"]) < 0.02, (k, h1[k], h2[k])
         assert abs(h2[k]["train_loss"] - h1[k]["train_loss"]) < 0.02 * h1[k]["train_loss"], (k, h1[k], h2[k])
     assert abs(cfg2["summary"]["result"]["best_val_map"] - cfg1["summary"]["result"]["best_val_map"]) < 0.02
+
+
+def test_torchrun_ranks_share_the_image_cache(tiny_data, tmp_path):
+    from bakeoff.train.data.cache import build_cache, cache_paths, load_cache
+    from bakeoff.train.data.dataset import load_dataset
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        shutil.copytree(tiny_data, d, ignore=shutil.ignore_patterns("cache"))
+    build_cache(load_dataset(one), 24, workers=1, progress=False, chunk_rows=16)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "tests.train.distcache", str(two), "24", "16"], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ds1, ds2 = load_dataset(one), load_dataset(two)
+    np.testing.assert_array_equal(np.asarray(load_cache(ds2, 24)), np.asarray(load_cache(ds1, 24)))
+    h1, h2 = (json.loads(cache_paths(ds, 24)[1].read_text()) for ds in (ds1, ds2))
+    assert h2["complete"] and h2["contents"] == h1["contents"]  # the same bytes decoded per chunk
+    assert h2["built_by"] == [0] * 8 + [1] * 7 and h1["built_by"] == [0] * 15  # 15 chunks: each rank decoded its half
+    assert not list((two / "cache").glob("images_24.rank*"))  # the ranks' records are folded into the header
+
+    # a job stopped after rank 1 recorded its chunks but before rank 0 folded them: the rerun keeps them
+    header, files = cache_paths(ds2, 24)[1], list((two / "cache" / "images_24").glob("shard-*.npy"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    (two / "cache" / "images_24.rank1-of-2.json").write_text(json.dumps(
+        {"chunks": {str(k): [h2["chunks"][k], h2["contents"][k], 1] for k in range(8, 15)}}))
+    header.write_text(json.dumps(h2 | {"complete": False, **{f: h2[f][:8] + [None] * 7 for f in
+                                                             ("chunks", "contents", "built_by")}}))
+    assert subprocess.run(proc.args, capture_output=True, cwd=REPO, timeout=600, check=False).returncode == 0
+    h3 = json.loads(header.read_text())
+    assert h3["complete"] and h3["built_by"] == h2["built_by"] and h3["contents"] == h1["contents"]
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing decoded again
 
 
 def test_torchrun_evaluation_shares_the_test_images(tiny_runs, tiny_data, tmp_path):

@@ -25,6 +25,7 @@ counts as done only when its fingerprint equals the sources' current one).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -40,6 +41,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from bakeoff.common import shards
+from bakeoff.common.distributed import World
 from bakeoff.common.io import read_json, write_json
 from bakeoff.common.lock import hold
 from bakeoff.common.shards import ShardedArray
@@ -128,20 +130,22 @@ def _content_fingerprint(ds: Dataset, k: int, chunk_rows: int) -> str:
     return h.hexdigest()
 
 
+def _stat_fingerprint(ds: Dataset, k: int, chunk_rows: int) -> str:
+    """sha256 over (row, path, size, mtime_ns) of chunk ``k``'s source files."""
+    h = hashlib.sha256()
+    for i in _chunk(ds, k, chunk_rows):
+        path = ds.image_path(i)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise DatasetError(f"{ds.root / MANIFEST}: row {i + 1} (id {ds.ids[i]}): image {path}: {e.strerror}") from e
+        h.update(f"{i}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _fingerprints(ds: Dataset, chunk_rows: int) -> list[str]:
-    """Per chunk: sha256 over (row, path, size, mtime_ns) of its source files."""
-    out = []
-    for k in range(-(-len(ds) // chunk_rows)):
-        h = hashlib.sha256()
-        for i in _chunk(ds, k, chunk_rows):
-            path = ds.image_path(i)
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                raise DatasetError(f"{ds.root / MANIFEST}: row {i + 1} (id {ds.ids[i]}): image {path}: {e.strerror}") from e
-            h.update(f"{i}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        out.append(h.hexdigest())
-    return out
+    """Per chunk: :func:`_stat_fingerprint`."""
+    return [_stat_fingerprint(ds, k, chunk_rows) for k in range(-(-len(ds) // chunk_rows))]
 
 
 @dataclass
@@ -242,13 +246,17 @@ def build_cache(
     progress: bool = True,
     chunk_rows: int = CHUNK_ROWS,
     on_chunk: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> Path:
     """Build (or finish, or refresh) the cache at ``size``; returns its sharded array's directory.
 
     Chunks already done with unchanged sources are kept. ``workers`` processes (default: all CPUs; 1 runs
     in-process). ``on_chunk(k)`` is called after chunk ``k`` is recorded done. The header says complete only
-    once every chunk is done. Builds under the cache's lock, waiting for another process's build.
+    once every chunk is done. Builds under the cache's lock, waiting for another process's build. Under torchrun
+    (``world`` of several ranks, every rank calling) the ranks share the chunks: :func:`_build_shared`.
     """
+    if world is not None and world.distributed:
+        return _build_shared(ds, size, world, workers, progress, chunk_rows)
     state = _inspect(ds, size, chunk_rows)
     if state.reason:
         with hold(state.data.with_suffix(".lock"), f"image cache {state.data}", wait=True):
@@ -258,46 +266,123 @@ def build_cache(
     return state.data
 
 
-def _build(ds: Dataset, state: _State, size: int, workers: int | None, progress: bool,
-           on_chunk: Callable[[int], None] | None) -> None:
-    """:func:`build_cache`'s work, with the cache's lock held."""
+def _reset(ds: Dataset, state: _State) -> list[int]:
+    """Start (or go on with) a build, with the cache's lock held: the array created when nothing on disk is
+    usable, the header keeping only the chunks that are current; returns the chunks still to build."""
     header = state.header
     if state.fresh:
         shards.create(state.data, tuple(header["shape"]), np.uint8, multiple=header["chunk_rows"])
     done = state.done
     header["chunks"] = [fp if ok else None for fp, ok in zip(state.current, done)]
     header["contents"] = [c if ok else None for c, ok in zip(header.get("contents", [None] * len(done)), done)]
+    header["built_by"] = [r if ok else None for r, ok in zip(header.get("built_by", [0] * len(done)), done)]
     header["images_hash"] = _images_hash(ds)
     header["complete"] = False
     write_json(state.header_path, header)
-    rows_per = header["chunk_rows"]
-    todo = [k for k, ok in enumerate(done) if not ok]
-    tasks = [
-        (str(state.data), k, [(i, ds.ids[i], ds.images[i], str(ds.image_path(i))) for i in _chunk(ds, k, rows_per)],
-         size, str(ds.root / MANIFEST))
-        for k in todo
-    ]
+    return [k for k, ok in enumerate(done) if not ok]
+
+
+def _decode(ds: Dataset, data: Path, todo: list[int], size: int, chunk_rows: int, workers: int | None,
+            progress: bool, done: Callable[[int, str], None]) -> None:
+    """Decode chunks ``todo`` into the array at ``data`` in ``workers`` processes; ``done(k, content
+    fingerprint)`` after each."""
+    tasks = [(str(data), k, [(i, ds.ids[i], ds.images[i], str(ds.image_path(i))) for i in _chunk(ds, k, chunk_rows)],
+              size, str(ds.root / MANIFEST)) for k in todo]
     n_rows = {t[1]: len(t[2]) for t in tasks}
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    start, spent = time.perf_counter(), header["build_seconds"]
-    with tqdm(total=len(ds), initial=len(ds) - sum(n_rows.values()), unit="img", disable=not progress,
-              desc=f"cache {size}px") as bar:
+    with tqdm(total=sum(n_rows.values()), unit="img", disable=not progress, desc=f"cache {size}px") as bar:
         pool = pool_context().Pool(workers) if workers > 1 else None
         try:
             for k, content in (pool.imap_unordered(_build_chunk, tasks) if pool else map(_build_chunk, tasks)):
-                header["chunks"][k], header["contents"][k] = state.current[k], content
-                header["build_seconds"] = round(spent + time.perf_counter() - start, 3)
-                write_json(state.header_path, header)
+                done(k, content)
                 bar.update(n_rows[k])
-                if on_chunk is not None:
-                    on_chunk(k)
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    header["complete"] = True
-    header["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_json(state.header_path, header)
+
+
+def _finish(state: _State) -> None:
+    state.header["complete"] = True
+    state.header["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json(state.header_path, state.header)
+
+
+def _build(ds: Dataset, state: _State, size: int, workers: int | None, progress: bool,
+           on_chunk: Callable[[int], None] | None) -> None:
+    """:func:`build_cache`'s work, with the cache's lock held."""
+    header = state.header
+    todo = _reset(ds, state)
+    start, spent = time.perf_counter(), header["build_seconds"]
+
+    def done(k: int, content: str) -> None:
+        header["chunks"][k], header["contents"][k], header["built_by"][k] = state.current[k], content, 0
+        header["build_seconds"] = round(spent + time.perf_counter() - start, 3)
+        write_json(state.header_path, header)
+        if on_chunk is not None:
+            on_chunk(k)
+
+    _decode(ds, state.data, todo, size, header["chunk_rows"], workers, progress, done)
+    _finish(state)
+
+
+def _records(state: _State) -> list[Path]:
+    return sorted(state.header_path.parent.glob(f"{state.data.name}.rank*.json"))
+
+
+def _fold_records(state: _State, usable: bool = True) -> None:
+    """Chunks the ranks of a shared build recorded (``images_<S>.rank<r>-of-<W>.json``: stat fingerprint, content
+    fingerprint, rank) go into the header when their sources are unchanged (none when not ``usable``: the records
+    of an array about to be created anew); the records are then removed."""
+    h = state.header
+    for path in _records(state):
+        for k, (fp, content, rank) in (read_json(path)["chunks"] if usable else {}).items():
+            if int(k) < len(state.current) and fp == state.current[int(k)]:
+                h["chunks"][int(k)], h["contents"][int(k)], h.setdefault("built_by", [None] * len(h["chunks"]))[int(k)] = \
+                    fp, content, rank
+        path.unlink()
+
+
+def _build_shared(ds: Dataset, size: int, w: World, workers: int | None, progress: bool, chunk_rows: int) -> Path:
+    """:func:`build_cache` under torchrun, every rank calling. Rank 0 holds the cache's lock throughout, folds in
+    what an interrupted shared build recorded and says which chunks are still to build; the ranks share them
+    (:meth:`World.write_part` over chunks: a machine decodes whole shards, its ranks split them), each with
+    ``workers`` processes (default: its share of the machine's CPUs) and each recording the chunks it finishes in
+    its own file (so an interrupted job resumes them); rank 0 folds the records into the header and marks it
+    complete once every rank is done."""
+    data, _ = cache_paths(ds, size)
+    with contextlib.ExitStack() as stack:
+        plan = None
+        if w.main:
+            t0 = time.perf_counter()
+            state = _inspect(ds, size, chunk_rows)
+            if state.reason:
+                stack.enter_context(hold(data.with_suffix(".lock"), f"image cache {data}", wait=True))
+                state = _inspect(ds, size, chunk_rows)
+            if state.reason:
+                _fold_records(state, usable=not state.fresh)  # what an interrupted shared build finished
+                plan = (_reset(ds, state), state.header["chunk_rows"])
+        plan = w.broadcast(plan)
+        if plan is not None:
+            todo, rows = plan
+            per_shard = max(1, -(-shards.load(data).rows_per_shard // rows))  # chunks per shard
+            lo, hi = w.write_part(-(-len(ds) // rows), per_shard)
+            record = data.with_name(f"{data.name}.rank{w.rank}-of-{w.size}.json")
+            mine: dict[str, list] = {}
+
+            def done(k: int, content: str) -> None:
+                mine[str(k)] = [_stat_fingerprint(ds, k, rows), content, w.rank]
+                write_json(record, {"chunks": mine})
+
+            share = workers or max(1, (os.cpu_count() or 1) // (w.local_size or w.size))
+            _decode(ds, data, [k for k in todo if lo <= k < hi], size, rows, share, progress and w.main, done)
+            w.barrier()
+            if w.main:
+                _fold_records(state)
+                state.header["build_seconds"] = round(state.header["build_seconds"] + time.perf_counter() - t0, 3)
+                _finish(state)
+        w.barrier()
+    return data
 
 
 def load_cache(ds: Dataset, size: int = 128) -> ShardedArray:
