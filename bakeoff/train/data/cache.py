@@ -326,20 +326,17 @@ def _build(ds: Dataset, state: _State, size: int, workers: int | None, progress:
     _finish(state)
 
 
-def _records(state: _State) -> list[Path]:
-    return sorted(state.header_path.parent.glob(f"{state.data.name}.rank*.json"))
-
-
 def _fold_records(state: _State, usable: bool = True) -> None:
     """Chunks the ranks of a shared build recorded (``images_<S>.rank<r>-of-<W>.json``: stat fingerprint, content
     fingerprint, rank) go into the header when their sources are unchanged (none when not ``usable``: the records
     of an array about to be created anew); the records are then removed."""
     h = state.header
-    for path in _records(state):
-        for k, (fp, content, rank) in (read_json(path)["chunks"] if usable else {}).items():
-            if int(k) < len(state.current) and fp == state.current[int(k)]:
-                h["chunks"][int(k)], h["contents"][int(k)], h.setdefault("built_by", [None] * len(h["chunks"]))[int(k)] = \
-                    fp, content, rank
+    built_by = h.setdefault("built_by", [None] * len(h["chunks"]))  # headers of earlier versions have none
+    for path in sorted(state.header_path.parent.glob(f"{state.data.name}.rank*.json")):
+        for key, (fp, content, rank) in (read_json(path)["chunks"] if usable else {}).items():
+            k = int(key)
+            if k < len(state.current) and fp == state.current[k]:
+                h["chunks"][k], h["contents"][k], built_by[k] = fp, content, rank
         path.unlink()
 
 
