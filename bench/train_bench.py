@@ -68,9 +68,9 @@ def epoch_seconds(model, source, y, n, batch_size, amp, fp32_dw: bool = True) ->
     with fp32_depthwise(model.backbone.tuned_modules(), device) if fp32_dw else contextlib.nullcontext():
         for o in range(0, n, batch_size):
             pos = np.arange(o, min(n, o + batch_size))
-            h, yb = source(pos), torch.as_tensor(y[pos], dtype=torch.float32, device=device)
+            inputs, yb = source(pos), torch.as_tensor(y[pos], dtype=torch.float32, device=device)
             tick("batch")
-            loss = batch_loss(TunedPart(model), h, yb, loss_fn, amp)
+            loss = batch_loss(TunedPart(model), inputs, yb, loss_fn, amp)
             tick("forward + loss")
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -157,9 +157,11 @@ def rule_lines(c: Constraints, pairs: list[Pair], metric: str | None = None,
          "margin of the best on validation (1 standard error of the best pair's validation metric where config.json "
          f"records one, {SELECTION}.<metric>_se, else {VAL_MARGIN:g}) are indistinguishable on validation; among them "
          f"the lower measured p99 latency at batch 1 {where} wins (latencies within {LATENCY_TIE:.0%} of the fastest "
-         "count as equal, and a pair without a measured latency comes last), then the lower training cost: the sum "
-         "of timing.json's phases, plus the linear probe's for a fine-tune that starts from the probe's head "
-         "(LP-then-FT). The runner-up is the same rule applied to the rest. Test macro-F1 and long-tail F1 with "
+         "count as equal, and a pair without a measured latency comes last), then the higher validation mAP "
+         f"({SELECTION}.{VAL_MAP}: threshold-free, so the noise of fitting the decision rule on few positives does not "
+         "decide it) where the metric above is another and every tied pair records it, else the lower training "
+         "cost: the sum of timing.json's phases, plus the linear probe's for a fine-tune that starts from the "
+         "probe's head (LP-then-FT). The runner-up is the same rule applied to the rest. Test macro-F1 and long-tail F1 with "
          "their 95% CIs, and the paired bootstrap of the top two, are reported below; they never change the choice."),
     ]
 
@@ -403,7 +405,8 @@ def margin(best: Candidate, metric: str) -> tuple[float, str]:
 
 def choose(cands: list[Candidate], metric: str) -> tuple[Candidate, str]:
     """The rule's pick among ``cands`` (non-empty, each recording ``metric``) and why, in words. Validation only:
-    the highest ``metric``, then among those within the margin of it, latency, then training cost."""
+    the highest ``metric``, then among those within the margin of it, latency, then validation mAP (else training
+    cost)."""
     def val(c: Candidate) -> float:
         return c.val(metric).value
 
@@ -425,17 +428,28 @@ def choose(cands: list[Candidate], metric: str) -> tuple[Candidate, str]:
 
     fastest = min(tied, key=_measured_ms)
     if not math.isfinite(_measured_ms(fastest)):
-        pick = min(tied, key=_seconds)
-        return pick, (f"{within}; none has a measured latency, and {pick.name} has the lowest training cost "
-                      f"({fmt.duration(_seconds(pick) if math.isfinite(_seconds(pick)) else None)})")
+        pick, why = _best_ranker(tied, metric)
+        return pick, f"{within}; none has a measured latency, and {why}"
     fast = [c for c in tied if _measured_ms(c) <= _measured_ms(fastest) * (1 + LATENCY_TIE)]
     if len(fast) == 1:
         return fastest, (f"{within}; {fastest.name} has the lowest measured p99 latency at batch 1 "
                          f"({latency_words(tied)})")
-    pick = min(fast, key=_seconds)
+    pick, why = _best_ranker(fast, metric)
     return pick, (f"{within}; the measured p99 latencies at batch 1 of {', '.join(c.name for c in fast)} are within "
-                  f"{LATENCY_TIE:.0%} of each other ({latency_words(fast)}), and {pick.name} has the lowest training "
-                  f"cost ({fmt.duration(_seconds(pick) if math.isfinite(_seconds(pick)) else None)})")
+                  f"{LATENCY_TIE:.0%} of each other ({latency_words(fast)}), and {why}")
+
+
+def _best_ranker(tied: list[Candidate], metric: str) -> tuple[Candidate, str]:
+    """Among candidates tied on ``metric`` and on latency: the highest validation mAP (threshold-free: how well the
+    model ranks, which the decision rule's fit does not move), where ``metric`` is another and every one records
+    it; else the lowest training cost."""
+    if metric != VAL_MAP and all(c.val(VAL_MAP) is not None for c in tied):
+        pick = max(tied, key=lambda c: c.val(VAL_MAP).value)
+        return pick, (f"{pick.name} has the highest {VAL_METRICS[VAL_MAP]} ("
+                      + ", ".join(f"{c.name} {fmt.num(c.val(VAL_MAP).value)}" for c in tied) + ")")
+    pick = min(tied, key=_seconds)
+    return pick, (f"{pick.name} has the lowest training cost "
+                  f"({fmt.duration(_seconds(pick) if math.isfinite(_seconds(pick)) else None)})")
 
 
 TEST_ONLY = "Test split (reported once, not used to choose): "

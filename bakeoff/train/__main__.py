@@ -104,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
                    help="crt: classifier re-training on a class-balanced re-sample (Kang et al. 2020) by repeat-factor "
                         "sampling (LVIS; tags under the long-tail threshold are repeated): the probe's head, or the "
                         "fine-tune's head re-trained on the fine-tuned features")
+    p.add_argument("--colour", action="store_true",
+                   help="the head also sees the image's colour histograms (joint RGB of the whole image and of its "
+                        "foreground, 432 numbers, part of the model and of its export): for catalogs whose tags "
+                        "include colour, which pretrained backbones are trained to ignore")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, subsets, shuffling and folds")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -215,7 +219,7 @@ def _main(argv: list[str] | None, w: distributed.World) -> int:
                                      resume=args.resume or args.all, progress=not args.no_progress, head=args.head,
                                      logit_adjust=args.logit_adjust, threshold_shrink=args.threshold_shrink,
                                      trials=args.trials, probe=ProbeConfig(epochs=resolved.probe_epochs),
-                                     rebalance=args.rebalance, aug_views=args.aug_views,
+                                     rebalance=args.rebalance, aug_views=args.aug_views, colour=args.colour,
                                      profile={"name": profile.name, "reductions": reductions(profile, resolved)})
                    for strat in strategies}
         # one pass per backbone: the probe's extraction also fills the trunk cache of a fine-tune that will train

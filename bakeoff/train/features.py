@@ -1,11 +1,13 @@
 """Run a frozen backbone over cached images once; keep its outputs on disk (float16 by default).
 
-Two outputs, computed in one pass when both are asked for (also into two stores: :func:`extract_all`, which the
-grid uses to fill the probe's features and the fine-tune's trunk in one pass per backbone):
+Three outputs, computed in one pass when several are asked for (also into several stores: :func:`extract_all`,
+which the grid uses to fill the probe's features and the fine-tune's trunk in one pass per backbone):
 - ``features``: the pooled feature vector (what the linear probe trains on);
 - ``trunk``: the stem's output, i.e. the input of the last 4 blocks (what the fine-tune trains from when
   augmentation is off: the frozen trunk gives the same output every epoch, so caching it is exact up to the
-  cache dtype).
+  cache dtype);
+- ``colour``: the model's side input (:meth:`TaggingModel.side`, the colour histograms of ``--colour``), computed
+  from the preprocessed images without the backbone when asked for alone.
 A cache directory is keyed by everything its content depends on and holds one sharded array per output
 (``<dir>/<output>/shard-*.npy``, files of at most 1 GiB, ``$BAKEOFF_SHARD_BYTES``: :mod:`bakeoff.common.shards`;
 a single ``<output>.npy`` from an earlier version is read as one shard); a chunk-progress file makes an
@@ -40,7 +42,7 @@ from bakeoff.common.shards import ShardedArray
 from bakeoff.train.preprocess import Preprocess
 from bakeoff.train.registry import Backbone
 
-OUTPUTS = ("features", "trunk")
+OUTPUTS = ("features", "trunk", "colour")
 
 
 def cache_key(**parts) -> str:
@@ -99,18 +101,19 @@ class Target:
 
 def extract(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray, store: FeatureStore,
             outputs: Iterable[str] = ("features",), *, batch_size: int = 64, dtype: str = "float16",
-            amp: bool = True, describe: dict | None = None, progress: bool = True) -> dict[str, ShardedArray]:
+            amp: bool = True, describe: dict | None = None, progress: bool = True,
+            side: torch.nn.Module | None = None) -> dict[str, ShardedArray]:
     """Compute ``outputs`` for image-cache ``rows`` into ``store`` (resuming a partial run) under the store's lock,
     unless it holds them already (or another process completed it meanwhile); return them (read-only)."""
     return extract_all(backbone, preprocess, images, rows, [Target(store, tuple(outputs), dtype)],
-                       batch_size=batch_size, amp=amp, describe=describe, progress=progress)[0]
+                       batch_size=batch_size, amp=amp, describe=describe, progress=progress, side=side)[0]
 
 
 @torch.no_grad()
 def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
                 targets: Sequence[Target], *, batch_size: int = 64, amp: bool = True, describe: dict | None = None,
-                progress: bool = True) -> list[dict[str, ShardedArray]]:
-    """:func:`extract` for several stores in one pass over the images (each store resumes on its own), holding the
+                progress: bool = True, side: torch.nn.Module | None = None) -> list[dict[str, ShardedArray]]:
+    """:func:`extract` (``side``: the module of output ``colour``) for several stores in one pass over the images (each store resumes on its own), holding the
     locks of the stores still to build, taken in the order of their paths (so two processes never deadlock);
     returns each target's outputs.
 
@@ -128,7 +131,7 @@ def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, 
         todo = w.broadcast(todo)
         if todo:
             _compute(backbone, preprocess, images, rows, [targets[i] for i in todo], batch_size, amp, describe,
-                     progress)
+                     progress, side)
             for i in todo:
                 targets[i].store.built_here = True
     return [{o: t.store.load(o) for o in t.outputs} for t in targets]
@@ -172,7 +175,8 @@ def _progress(target: Target, n: int, w: World, part: tuple[int, int]) -> tuple[
 
 
 def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
-             targets: list[Target], batch_size: int, amp: bool, describe: dict | None, progress: bool) -> None:
+             targets: list[Target], batch_size: int, amp: bool, describe: dict | None, progress: bool,
+             side: torch.nn.Module | None = None) -> None:
     """:func:`extract_all`'s work, with the targets' locks held: one pass from the earliest resume point; each
     store's progress advances with the pass.
 
@@ -185,12 +189,18 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     device = preprocess.device
     backbone.eval().to(device)
     w = world()
+    wanted = {o for t in targets for o in t.outputs}
+    if "colour" in wanted and side is None:
+        raise ValueError("output 'colour' asked for without the module that computes it (side)")
+    run_backbone = bool(wanted & {"trunk", "features"})
 
     @functools.cache
     def shapes() -> dict[str, tuple[int, ...]]:
-        with autocast(device, amp):
-            probe = backbone.stem(preprocess(images[rows[:1]]))
-        return {"trunk": tuple(probe.shape[1:]), "features": (backbone.feature_dim,)}
+        out = {"features": (backbone.feature_dim,), "colour": (getattr(side, "dim", 0),)}
+        if run_backbone:
+            with autocast(device, amp):
+                out["trunk"] = tuple(backbone.stem(preprocess(images[rows[:1]])).shape[1:])
+        return out
 
     @functools.cache
     def per_shard() -> int:  # the rows of the largest output's shard, so that the parts can align with every array
@@ -205,7 +215,6 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     unit = math.lcm(*(a.rows_per_shard for arr in arrays for a in arr.values()))
     lo, hi = w.write_part(len(rows), unit)
     records = [_progress(t, len(rows), w, (lo, hi)) for t in targets]
-    wanted = {o for t in targets for o in t.outputs}
     start = min(state["done"] for _, state in records)
     t0 = time.perf_counter()
     bar = tqdm(total=hi - lo, initial=start - lo, desc=f"extract {'+'.join(sorted(wanted))}", unit="img",
@@ -213,9 +222,12 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     with contextlib.ExitStack() as files:  # on leaving, every writer flushes (fsync)
         writers = [{o: files.enter_context(a.writer(lo, hi)) for o, a in arr.items()} for arr in arrays]
         for k, (off, batch) in enumerate(iter_batches(images, rows[:hi], batch_size, start=start)):
-            with autocast(device, amp):
-                h = backbone.stem(preprocess(batch))
-                out = {"trunk": h, "features": backbone.tail(h) if "features" in wanted else None}
+            x = preprocess(batch)
+            out = {"colour": side(x) if "colour" in wanted else None}
+            if run_backbone:
+                with autocast(device, amp):
+                    h = backbone.stem(x)
+                    out |= {"trunk": h, "features": backbone.tail(h) if "features" in wanted else None}
             done = off + len(batch)
             for (_, state), arr in zip(records, writers):
                 for o, a in arr.items():

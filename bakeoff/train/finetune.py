@@ -60,14 +60,24 @@ class FinetuneConfig:
     seed: int = 0
 
 
+# what a source gives the trainable part for a batch: trunk activations, and the model's side input (or None)
+Inputs = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def _rows(array: np.ndarray, pos: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array[pos]`` as float32 on ``device``, read in row order (a store reads sorted rows fastest)."""
+    return torch.from_numpy(np.asarray(array[np.sort(pos)], dtype=np.float32)[np.argsort(np.argsort(pos))]).to(device)
+
+
 class TrunkSource:
-    """Batches of cached trunk activations (train rows of a FeatureStore's ``trunk``)."""
+    """Batches of cached trunk activations (rows of a FeatureStore's ``trunk``), with the cached side input of the
+    same rows (a store's ``colour``) when the model has one."""
 
-    def __init__(self, trunk: np.ndarray, device: torch.device):
-        self.trunk, self.device = trunk, device
+    def __init__(self, trunk: np.ndarray, device: torch.device, side: np.ndarray | None = None):
+        self.trunk, self.device, self.side = trunk, device, side
 
-    def __call__(self, pos: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.trunk[np.sort(pos)], dtype=np.float32)[np.argsort(np.argsort(pos))]).to(self.device)
+    def __call__(self, pos: np.ndarray) -> Inputs:
+        return _rows(self.trunk, pos, self.device), None if self.side is None else _rows(self.side, pos, self.device)
 
 
 class ViewTrunkSource:
@@ -76,29 +86,32 @@ class ViewTrunkSource:
     it shows this epoch (seeded by (seed, epoch), as ``DistributedSampler.set_epoch`` seeds its shuffle, so every
     rank and a resumed run draw the same)."""
 
-    def __init__(self, trunks: Sequence[np.ndarray], device: torch.device, seed: int = 0):
-        if len({len(t) for t in trunks}) != 1:
+    def __init__(self, trunks: Sequence[np.ndarray], device: torch.device, seed: int = 0,
+                 sides: Sequence[np.ndarray] | None = None):
+        if len({len(t) for t in [*trunks, *(sides or [])]}) != 1:
             raise ValueError(f"view trunks must have the same rows, got {[len(t) for t in trunks]}")
-        self.sources = [TrunkSource(t, device) for t in trunks]
+        self.sources = [TrunkSource(t, device, sides[k] if sides else None) for k, t in enumerate(trunks)]
         self.seed = seed
         self.choice = np.zeros(len(trunks[0]), dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.choice = np.random.default_rng([self.seed, epoch, 1]).integers(0, len(self.sources), len(self.choice))
 
-    def __call__(self, pos: np.ndarray) -> torch.Tensor:
+    def __call__(self, pos: np.ndarray) -> Inputs:
         pos = np.asarray(pos, dtype=np.int64)
         view = self.choice[pos]
-        empty = self.sources[0](pos[:0])  # a batch's shape, device and dtype
-        out = empty.new_empty((len(pos), *empty.shape[1:]))
+        empty = [t for t in self.sources[0](pos[:0]) if t is not None]  # a batch's shapes, device and dtype
+        out = [t.new_empty((len(pos), *t.shape[1:])) for t in empty]
         for k in np.unique(view):
             at = np.flatnonzero(view == k)
-            out[torch.from_numpy(at).to(out.device)] = self.sources[k](pos[at])
-        return out
+            for o, got in zip(out, self.sources[k](pos[at])):
+                o[torch.from_numpy(at).to(o.device)] = got
+        return out[0], out[1] if len(out) > 1 else None
 
 
 class ImageSource:
-    """Batches of trunk activations computed from cached images (optionally augmented) under no-grad."""
+    """Batches of trunk activations (and the model's side input) computed from cached images (optionally
+    augmented) under no-grad."""
 
     def __init__(self, model: TaggingModel, images: np.ndarray, rows: np.ndarray, preprocess: Preprocess,
                  augment: bool = False, amp: bool = True, seed: int = 0):
@@ -107,12 +120,12 @@ class ImageSource:
         self.gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
-    def __call__(self, pos: np.ndarray) -> torch.Tensor:
+    def __call__(self, pos: np.ndarray) -> Inputs:
         x = self.preprocess(self.images[self.rows[pos]])
         if self.augment:
             x = light_augment(x, self.gen)
         with autocast(self.preprocess.device, self.amp):
-            return self.model.backbone.stem(x).float()
+            return self.model.backbone.stem(x).float(), self.model.side(x)
 
 
 def light_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -175,15 +188,15 @@ def lr_scale(step: int, total: int, warmup: int) -> float:
 
 
 class TunedPart(nn.Module):
-    """What a fine-tune trains, as one module: trunk activations -> logits through the tuned blocks and the head
-    (the module DistributedDataParallel wraps)."""
+    """What a fine-tune trains, as one module: trunk activations (+ side input) -> logits through the tuned blocks
+    and the head (the module DistributedDataParallel wraps)."""
 
     def __init__(self, model: TaggingModel):
         super().__init__()
         self.model = model
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.backbone.tail(h))
+    def forward(self, h: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.from_trunk(h, side)
 
 
 def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -211,11 +224,11 @@ def fp32_depthwise(modules: Iterable[nn.Module], device: torch.device) -> Iterat
             del conv.forward
 
 
-def batch_loss(net: nn.Module, h: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, amp: bool) -> torch.Tensor:
-    """Loss of the trainable part ``net`` (a :class:`TunedPart`, maybe in DDP) on trunk activations ``h``: the same
+def batch_loss(net: nn.Module, inputs: Inputs, y: torch.Tensor, loss_fn: nn.Module, amp: bool) -> torch.Tensor:
+    """Loss of the trainable part ``net`` (a :class:`TunedPart`, maybe in DDP) on a source's ``inputs``: the same
     code for cached and uncached paths."""
-    with autocast(h.device, amp):
-        logits = net(h)
+    with autocast(inputs[0].device, amp):
+        logits = net(*inputs)
     return loss_fn(logits.float(), y)
 
 
@@ -229,7 +242,7 @@ def distributed(net: TunedPart, w: World) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_from_trunk(model: TaggingModel, source: Callable[[np.ndarray], torch.Tensor], n: int,
+def predict_from_trunk(model: TaggingModel, source: Callable[[np.ndarray], Inputs], n: int,
                        batch_size: int = 256, amp: bool = True, groups: Sequence[Sequence[int]] = ()) -> np.ndarray:
     """Ranking scores for positions 0..n-1 of ``source``: softmax within ``groups``, sigmoid elsewhere. Under
     torchrun each rank scores its part and every rank gets all of them, in order."""
@@ -238,9 +251,9 @@ def predict_from_trunk(model: TaggingModel, source: Callable[[np.ndarray], torch
     lo, hi = w.part(n)
     out = []
     for o in range(lo, hi, batch_size):
-        h = source(np.arange(o, min(hi, o + batch_size)))
+        h, side = source(np.arange(o, min(hi, o + batch_size)))
         with autocast(h.device, amp):
-            out.append(tag_scores(model.head(model.backbone.tail(h)), groups).cpu().numpy())
+            out.append(tag_scores(model.from_trunk(h, side), groups).cpu().numpy())
     return w.gather(np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32))
 
 
@@ -302,8 +315,8 @@ def load_resume(path: Path, model: TaggingModel, opt: torch.optim.Optimizer) -> 
     return state, best
 
 
-def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Tensor], y_train: np.ndarray,
-             val_source: Callable[[np.ndarray], torch.Tensor], y_val: np.ndarray, cfg: FinetuneConfig,
+def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], Inputs], y_train: np.ndarray,
+             val_source: Callable[[np.ndarray], Inputs], y_val: np.ndarray, cfg: FinetuneConfig,
              resume_dir: Path, loss_fn: nn.Module | None = None, resume: bool = False,
              log: Callable[[dict], None] = lambda rec: None, progress: bool = True,
              stop_after_epochs: int | None = None) -> dict:
@@ -348,12 +361,12 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], torch.Ten
                 batch = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
                 lo, hi = w.part(len(batch))
                 pos = batch[lo:hi]
-                h = train_source(pos)
+                inputs = train_source(pos)
                 # DDP averages the ranks' gradients: weighting each rank's mean by its share of the batch makes the
                 # average the gradient of the whole batch's mean loss, also when the slices differ in size (a rank
                 # whose slice is empty still joins the step, with a zero loss)
-                loss = batch_loss(net, h, y_train_t[pos].to(device), loss_fn, cfg.amp) * (len(pos) * w.size / len(batch)) \
-                    if len(pos) else net(h).sum() * 0.0
+                loss = batch_loss(net, inputs, y_train_t[pos].to(device), loss_fn, cfg.amp) * (len(pos) * w.size / len(batch)) \
+                    if len(pos) else net(*inputs).sum() * 0.0
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"fine-tune: loss is {loss.item()} at epoch {epoch}, step {k}; stopped. The last good "

@@ -182,8 +182,13 @@ def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                 cfg: ProbeConfig = ProbeConfig(), loss: HeadLoss | None = None,
-                device: torch.device | str = "cpu", progress: bool = False) -> ProbeResult:
-    """Fit the sweep of linear heads; return the best one (as a Linear on raw features) and the sweep."""
+                device: torch.device | str = "cpu", progress: bool = False,
+                shared_scale: slice | None = None) -> ProbeResult:
+    """Fit the sweep of linear heads; return the best one (as a Linear on raw features) and the sweep.
+
+    Each column is centred and scaled to unit variance, except that the columns of ``shared_scale`` (a histogram:
+    bins that are rarely non-zero must not be blown up to unit variance) share one scale, the root of their mean
+    variance."""
     t0 = time.perf_counter()
     device = torch.device(device)
     loss_fn = (loss or HeadLoss()).to(device)
@@ -199,6 +204,8 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     mu = xt.mean(0)
     xt.sub_(mu)
     sd = (xt.square().sum(0) / max(n - 1, 1)).sqrt_().clamp_(min=1e-6)  # Tensor.std(0) is 4x slower on CPU
+    if shared_scale is not None:
+        sd[shared_scale] = sd[shared_scale].square().mean().sqrt()
     xt = xt.div_(sd).to(mm_dtype)
     xv = (_as_tensor(x_val, device) - mu).div_(sd)  # fp32: bf16 logits tie often enough to move AP
     yt = torch.as_tensor(np.asarray(y_train), device=device)

@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from bakeoff.train.colour import ColourHistogram
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -507,12 +509,25 @@ def wrap(spec: BackboneSpec, model: nn.Module) -> Backbone:
 
 
 class TaggingModel(nn.Module):
-    """Backbone + linear multi-label head; input: normalised NCHW float, output: logits (N x T)."""
+    """Backbone + linear multi-label head; input: normalised NCHW float, output: logits (N x T). With ``colour``
+    (:mod:`train.colour`) the head sees the pooled features followed by the image's colour histograms."""
 
-    def __init__(self, backbone: Backbone, n_tags: int):
+    def __init__(self, backbone: Backbone, n_tags: int, colour: ColourHistogram | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.feature_dim, n_tags)
+        self.colour = colour
+        self.head = nn.Linear(backbone.feature_dim + (colour.dim if colour is not None else 0), n_tags)
+
+    def side(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the head sees besides the pooled features, computed from the input images (None without)."""
+        return None if self.colour is None else self.colour(x)
+
+    def head_input(self, pooled: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+        return pooled if side is None else torch.cat([pooled, side.to(pooled.dtype)], dim=-1)
+
+    def from_trunk(self, h: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from trunk activations (the stem's output) and the side input of the same images."""
+        return self.head(self.head_input(self.backbone.tail(h), side))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.head_input(self.backbone(x), self.side(x)))

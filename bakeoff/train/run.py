@@ -37,6 +37,7 @@ from bakeoff.common.device import device_name, library_versions, pick_device, se
 from bakeoff.common.distributed import world
 from bakeoff.common.io import atomic_path, read_json, write_json
 from bakeoff.common.lock import Locked, describe, hold
+from bakeoff.train.colour import ColourConfig, ColourHistogram
 from bakeoff.train.data.cache import build_cache, load_cache
 from bakeoff.train.data.dataset import Dataset, load_dataset
 from bakeoff.train.data.splits import iterative_stratification
@@ -89,6 +90,7 @@ class RunOptions:
     trunk_cache_dtype: str = "float16"
     rebalance: str = "none"  # train.rebalance.REBALANCE: "crt" trains the head on a repeat-factor re-sample
     aug_views: int = 0  # K cached augmented views per training image (train.views): probe features, fine-tune trunks
+    colour: bool = False  # the head also sees the image's colour histograms (train.colour)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -130,10 +132,15 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> TaggingMode
     spec = BackboneSpec(**{**config["backbone"], "mean": tuple(config["backbone"]["mean"]),
                            "std": tuple(config["backbone"]["std"])})
     backbone, _ = create_backbone(spec, "random")
-    model = TaggingModel(backbone, len(config["taxonomy"]))
+    model = TaggingModel(backbone, len(config["taxonomy"]), colour_module(config.get("colour"), spec))
     state = load_file(str(Path(config["run_dir"]) / MODEL))
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def colour_module(record: dict | None, spec: BackboneSpec) -> ColourHistogram | None:
+    """The model's colour histograms from config.json's ``colour`` record (None: a model without them)."""
+    return None if record is None else ColourHistogram(ColourConfig.from_dict(record), spec.mean, spec.std)
 
 
 def read_run(run_dir: str | Path, ds: Dataset | None = None) -> tuple[dict, Decision]:
@@ -155,27 +162,31 @@ def load_run(run_dir: str | Path, ds: Dataset | None = None, device: torch.devic
     return build_model(config, device), config, decision
 
 
-def _start_identity(backbone: dict, weights: dict, dataset_hash: str, head: str) -> dict[str, str]:
-    """What a fine-tune and the probe it starts from must share: model, input size, weights, dataset, head kind."""
+def _start_identity(backbone: dict, weights: dict, dataset_hash: str, head: str, colour: bool) -> dict[str, str]:
+    """What a fine-tune and the probe it starts from must share: model, input size, weights, dataset, head kind and
+    input (with or without colour histograms)."""
     w = cache_weights(weights)
     return {"model": backbone["name"], "image_size": str(backbone["img_size"]), "dataset": dataset_hash[:12],
-            "weights": " ".join(str(v) for v in (w["kind"], w["source"], w["sha256"]) if v), "head": head}
+            "weights": " ".join(str(v) for v in (w["kind"], w["source"], w["sha256"]) if v), "head": head,
+            "colour histograms": "yes" if colour else "no"}
 
 
-def probe_mismatch(probe_dir: Path, backbone: dict, weights: dict, dataset_hash: str, head: str) -> str:
+def probe_mismatch(probe_dir: Path, backbone: dict, weights: dict, dataset_hash: str, head: str,
+                   colour: bool = False) -> str:
     """Why the run in ``probe_dir`` cannot start a fine-tune of ``backbone`` (LP-then-FT); "" when it can: a
-    complete probe run of the same model, input size, weights, dataset and head kind."""
+    complete probe run of the same model, input size, weights, dataset, head kind and head input."""
     if not is_complete(probe_dir):
         return f"no complete probe run in {probe_dir}"
     cfg = read_json(probe_dir / CONFIG)
-    found = _start_identity(cfg["backbone"], cfg["weights"], cfg["dataset"]["hash"],
-                            cfg.get("options", {}).get("head", "sigmoid"))
-    asked = _start_identity(backbone, weights, dataset_hash, head)
+    options = cfg.get("options", {})
+    found = _start_identity(cfg["backbone"], cfg["weights"], cfg["dataset"]["hash"], options.get("head", "sigmoid"),
+                            options.get("colour", False))
+    asked = _start_identity(backbone, weights, dataset_hash, head, colour)
     diff = [f"{k} {found[k]} (this fine-tune: {asked[k]})" for k in asked if found[k] != asked[k]]
     return f"the probe run in {probe_dir} was trained with another {', '.join(diff)}" if diff else ""
 
 
-def init_head(out: Path, spec: BackboneSpec, winfo: WeightsInfo, ds: Dataset, head: str
+def init_head(out: Path, spec: BackboneSpec, winfo: WeightsInfo, ds: Dataset, head: str, colour: bool = False
               ) -> tuple[InitHead | None, dict]:
     """The fine-tune's start: the head of the matching probe run ``out/<family>-probe`` (LP-then-FT), with its
     logit adjustment taken back out (the fine-tune trains on plain logits), read under the probe's run lock, so
@@ -185,7 +196,7 @@ def init_head(out: Path, spec: BackboneSpec, winfo: WeightsInfo, ds: Dataset, he
     why = f"no probe run in {probe_dir}"
     if probe_dir.is_dir():
         with hold(probe_dir / LOCK, f"{pair}: reading the head of {probe_dir}", wait=True):
-            why = probe_mismatch(probe_dir, spec.to_dict(), winfo.to_dict(), ds.content_hash(), head)
+            why = probe_mismatch(probe_dir, spec.to_dict(), winfo.to_dict(), ds.content_hash(), head, colour)
             if not why:
                 cfg, state = read_json(probe_dir / CONFIG), load_file(str(probe_dir / MODEL))
                 shift = np.asarray(cfg.get("decision", {}).get("bias_shift", np.zeros(len(ds.taxonomy))), np.float32)
@@ -263,7 +274,8 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
         print(f"WARNING {pair_name(opts.family, opts.strategy)}: {spec.name} with {RANDOM_FLAG}")
     if opts.strategy == "ft" and w.main:
         print(f"{pair_name(opts.family, opts.strategy)}: {spec.name}: last 4 blocks = {backbone.describe_split()}")
-    model = TaggingModel(backbone, len(ds.taxonomy)).to(device)
+    colour = ColourConfig().to_dict() if opts.colour else None
+    model = TaggingModel(backbone, len(ds.taxonomy), colour_module(colour, spec)).to(device)
     prep_cfg = preprocess_config(spec, opts.cache_size)
     preprocess = Preprocess.from_config(prep_cfg, device)
 
@@ -286,7 +298,7 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
                      dataset=ds.content_hash(), rows=cache_key(rows=rows.tolist()))
     start, init = (None, None)
     if opts.strategy == "ft":  # rank 0 reads the probe's head (under its lock) for every rank
-        start, init = w.broadcast(init_head(out, spec, winfo, ds, opts.head) if w.main else None)
+        start, init = w.broadcast(init_head(out, spec, winfo, ds, opts.head, opts.colour) if w.main else None)
     if init and previous.get("init_head", init)["kind"] != init["kind"] and w.main:
         print(f"{run_dir.name}: its interrupted trials started from a {previous['init_head']['kind']} head, this start "
               f"is a {init['kind']} head: starting them over")
@@ -309,6 +321,7 @@ def _train(data: str | Path, out: Path, run_dir: Path, opts: RunOptions, share_p
         "taxonomy": ds.taxonomy,
         "head": {"kind": opts.head, "groups": {ds.fields[ds.taxonomy[g[0]]]: len(g) for g in groups},
                  "loss": opts.loss},
+        "colour": colour,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("probe", "progress", "profile")},
         "profile": opts.profile,
         "device": device_name(device),

@@ -30,8 +30,16 @@ import torch
 from bakeoff.common.device import autocast
 from bakeoff.common.distributed import world
 from bakeoff.common.io import read_json, write_json
-from bakeoff.train.features import FeatureStore, Target, cache_key, extract, extract_all, extraction_seconds
-from bakeoff.train.finetune import FinetuneConfig, ImageSource, TrainingDiverged, TrunkSource, ViewTrunkSource, finetune
+from bakeoff.train.features import FeatureStore, Target, cache_key, extract_all, extraction_seconds
+from bakeoff.train.finetune import (
+    FinetuneConfig,
+    ImageSource,
+    Inputs,
+    TrainingDiverged,
+    TrunkSource,
+    ViewTrunkSource,
+    finetune,
+)
 from bakeoff.train.heads import HeadLoss, initial_bias
 from bakeoff.train.preprocess import Preprocess
 from bakeoff.train.probe import DECAY_RANGE, ProbeConfig, ProbeResult, log_grid, train_probe
@@ -97,12 +105,20 @@ def trunk_store(ctx: Context) -> FeatureStore:
     return _store(ctx, "trunk", dtype=ctx.trunk_cache_dtype)
 
 
+def colour_store(ctx: Context) -> FeatureStore:
+    """The store of the model's colour histograms (``--colour``) for the training + validation rows, shared by the
+    probe and the fine-tune of the same backbone and preprocessing."""
+    return _store(ctx, "colour", colour=ctx.model.colour.cfg.to_dict())
+
+
 def view_stores(ctx: Context, what: str = "features") -> list[FeatureStore]:
-    """One store of output ``what`` (the probe's ``features``, the fine-tune's ``trunk``) per augmented view
+    """One store of output ``what`` (the probe's ``features``, the fine-tune's ``trunk``, the ``colour`` of both)
+    per augmented view
     1..``aug_views`` of the training images, keyed by the backbone, the training rows, the seed, the view and its
     recipe: shared by every run of the backbone that asks for it."""
     parts = ctx.key_parts | {"rows": cache_key(rows=ctx.rows_train.tolist())}
-    dtype = {"dtype": ctx.trunk_cache_dtype} if what == "trunk" else {}
+    dtype = {"dtype": ctx.trunk_cache_dtype} if what == "trunk" else \
+        {"colour": ctx.model.colour.cfg.to_dict()} if what == "colour" else {}
     return [FeatureStore(ctx.cache_root, "view-" + cache_key(**parts, what=what, view=k, seed=ctx.seed,
                                                               recipe=RECIPE, **dtype))
             for k in range(1, ctx.aug_views + 1)]
@@ -110,13 +126,16 @@ def view_stores(ctx: Context, what: str = "features") -> list[FeatureStore]:
 
 def extract_views(ctx: Context, outputs: tuple[str, ...]) -> tuple[dict[str, list[np.ndarray]], float, bool]:
     """``outputs`` of each augmented view of the training images, one pass per view for all of them (the grid's
-    probe fills the fine-tune's view trunks too). Returns ({output: [view 1, ..]}, extraction seconds, reused)."""
+    probe fills the fine-tune's view trunks too; with ``--colour`` each view's histograms too). Returns ({output:
+    [view 1, ..]}, extraction seconds, reused)."""
+    outputs = (*outputs, *(("colour",) if ctx.model.colour is not None else ()))
     stores = {o: view_stores(ctx, o) for o in outputs}
     got: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
     for k in range(ctx.aug_views):
         targets = [Target(stores[o][k], (o,), ctx.trunk_cache_dtype if o == "trunk" else "float16") for o in outputs]
         arrays = extract_all(ctx.model.backbone, ctx.preprocess, ViewImages(ctx.images, ctx.seed, k + 1),
                              ctx.rows_train, targets, batch_size=ctx.batch_size, progress=ctx.progress,
+                             side=ctx.model.colour,
                              describe=ctx.describe | {"rows": len(ctx.rows_train), "view": k + 1, "recipe": RECIPE})
         for o, a in zip(outputs, arrays):
             got[o].append(a[o])
@@ -130,21 +149,28 @@ def fit_head(ctx: Context, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     head goes into the model. Returns (sweep result, its config, the re-sample's record or None)."""
     x_train, y_train, crt = rebalanced(x_train, y_train, ctx.rebalance, ctx.repeat_threshold, ctx.seed)
     cfg = replace(ctx.probe, weight_decays=log_grid(*DECAY_RANGE, ctx.trials), seed=ctx.seed)
-    result = train_probe(x_train, y_train, x_val, ctx.y_val, cfg, ctx.loss, ctx.device, progress=ctx.progress)
+    side = ctx.model.colour
+    result = train_probe(x_train, y_train, x_val, ctx.y_val, cfg, ctx.loss, ctx.device, progress=ctx.progress,
+                         shared_scale=None if side is None else slice(x_train.shape[1] - side.dim, None))
     ctx.model.head.load_state_dict(result.head.state_dict())
     return result, cfg, crt
 
 
 def run_probe(ctx: Context) -> Outcome:
     """Extract (or reuse) frozen features (and augmented views), fit the weight-decay sweep, keep the best head.
-    With ``share_pass`` the same pass fills the fine-tune's trunk store (:func:`trunk_store`)."""
+    With ``share_pass`` the same pass fills the fine-tune's trunk store (:func:`trunk_store`); with ``--colour``
+    it also fills the colour store, and the head trains on the features followed by the colour histograms."""
     rows = np.concatenate([ctx.rows_train, ctx.rows_val])
     store = _store(ctx, "features")
     targets = [Target(store, ("features",))]
     if ctx.share_pass:
         targets.append(Target(trunk_store(ctx), ("trunk",), ctx.trunk_cache_dtype))
-    feats = extract_all(ctx.model.backbone, ctx.preprocess, ctx.images, rows, targets, batch_size=ctx.batch_size,
-                        progress=ctx.progress, describe=ctx.describe)[0]["features"]
+    if ctx.model.colour is not None:
+        targets.append(Target(colour_store(ctx), ("colour",)))
+    arrays = extract_all(ctx.model.backbone, ctx.preprocess, ctx.images, rows, targets, batch_size=ctx.batch_size,
+                         progress=ctx.progress, describe=ctx.describe, side=ctx.model.colour)
+    feats = arrays[0]["features"]
+    colours = arrays[-1]["colour"] if ctx.model.colour is not None else None
     reused = {"features": not store.built_here}
     n = len(ctx.rows_train)
     timing = {"feature_extraction": extraction_seconds(store)}
@@ -152,11 +178,15 @@ def run_probe(ctx: Context) -> Outcome:
         extracted, timing["view_extraction"], reused["views"] = extract_views(
             ctx, ("features", "trunk") if ctx.share_pass else ("features",))
         view_feats = extracted["features"]
+        if colours is not None:
+            view_feats = [np.concatenate([f, c], axis=1) for f, c in zip(view_feats, extracted["colour"])]
     else:
         view_feats = []
     if not world().main:  # under torchrun the ranks share the extraction; rank 0 loads it and fits the heads
         return Outcome({}, 0, timing, reused)
     # the training features stay float16 here (the sweep makes the one float32 copy it standardises in place)
+    if colours is not None:
+        feats = np.concatenate([feats, colours], axis=1)
     x_train = np.concatenate([feats[:n], *view_feats])
     y_train = np.tile(ctx.y_train, (1 + len(view_feats), 1))
     result, cfg, crt = fit_head(ctx, x_train, y_train, np.asarray(feats[n:], dtype=np.float32))
@@ -191,16 +221,16 @@ def finetune_lrs(family: str, lr: float | None, trials: int) -> tuple[float, ...
 
 
 @torch.no_grad()
-def tail_features(model: TaggingModel, source: Callable[[np.ndarray], torch.Tensor], n: int,
+def tail_features(model: TaggingModel, source: Callable[[np.ndarray], Inputs], n: int,
                   batch_size: int = 256) -> np.ndarray:
-    """Pooled features (float32) of positions 0..n-1 of a trunk ``source``: the tuned blocks run in bf16
-    autocast, as the probe's features are extracted."""
+    """The head's input (float32: pooled features, then the side input where the model has one) of positions
+    0..n-1 of a trunk ``source``: the tuned blocks run in bf16 autocast, as the probe's features are extracted."""
     model.eval()
     out = []
     for o in range(0, n, batch_size):
-        h = source(np.arange(o, min(n, o + batch_size)))
+        h, side = source(np.arange(o, min(n, o + batch_size)))
         with autocast(h.device, True):
-            out.append(model.backbone.tail(h).float().cpu().numpy())
+            out.append(model.head_input(model.backbone.tail(h), side).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -221,15 +251,22 @@ def run_finetune(ctx: Context) -> Outcome:
     else:
         rows = np.concatenate([ctx.rows_train, ctx.rows_val])
         store = trunk_store(ctx)
-        trunk = extract(model.backbone, ctx.preprocess, ctx.images, rows, store, ("trunk",), batch_size=ctx.batch_size,
-                        dtype=ctx.trunk_cache_dtype, progress=ctx.progress, describe=ctx.describe)["trunk"]
+        targets = [Target(store, ("trunk",), ctx.trunk_cache_dtype)]
+        if model.colour is not None:
+            targets.append(Target(colour_store(ctx), ("colour",)))
+        arrays = extract_all(model.backbone, ctx.preprocess, ctx.images, rows, targets, batch_size=ctx.batch_size,
+                             progress=ctx.progress, describe=ctx.describe, side=model.colour)
+        trunk, colours = arrays[0]["trunk"], arrays[-1].get("colour")
         reused["trunk"] = not store.built_here
         n = len(ctx.rows_train)
-        train_src, val_src = TrunkSource(trunk[:n], ctx.device), TrunkSource(trunk[n:], ctx.device)
+        part = lambda a, s: None if a is None else a[s]  # noqa: E731
+        train_src = TrunkSource(trunk[:n], ctx.device, part(colours, slice(None, n)))
+        val_src = TrunkSource(trunk[n:], ctx.device, part(colours, slice(n, None)))
         timing["trunk_caching"] = extraction_seconds(store)
         if ctx.aug_views:
             extracted, timing["view_extraction"], reused["views"] = extract_views(ctx, ("trunk",))
-            train_src = ViewTrunkSource([trunk[:n], *extracted["trunk"]], ctx.device, ctx.seed)
+            train_src = ViewTrunkSource([trunk[:n], *extracted["trunk"]], ctx.device, ctx.seed,
+                                        None if colours is None else [colours[:n], *extracted["colour"]])
     base = FinetuneConfig(epochs=ctx.epochs or FinetuneConfig.epochs, batch_size=ctx.batch_size,
                           augment=ctx.augment, views=ctx.aug_views, loss=ctx.loss.kind, seed=ctx.seed)
     lrs = finetune_lrs(ctx.family, ctx.lr, ctx.trials)
@@ -273,7 +310,7 @@ def run_finetune(ctx: Context) -> Outcome:
     if ctx.rebalance == "crt":  # cRT: the fine-tuned representation fixed, the head trained anew on the re-sample
         t = time.perf_counter()
         plain = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess) if ctx.augment else \
-            TrunkSource(trunk[:len(ctx.rows_train)], ctx.device)
+            TrunkSource(trunk[:n], ctx.device, part(colours, slice(None, n)))
         x_train = tail_features(model, plain, len(ctx.rows_train))
         x_val = tail_features(model, val_src, len(ctx.rows_val))
         timing["crt_features"] = time.perf_counter() - t

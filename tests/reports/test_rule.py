@@ -418,10 +418,28 @@ def test_pairs_within_the_margin_on_validation_are_decided_by_measured_latency(f
     assert r["chosen"] == "dinov2-probe" and r["margin"]["value"] == 0.001
     assert "more than the margin of 0.001 (1 standard error of dinov2-probe's val_macro_f1_crossfit, " \
            "summary.selection.val_macro_f1_se)" in r["why"]
-    # latencies within 10% of each other are equal: the cheaper training decides
-    r = with_validation(tie, clip_ft=23.0)
-    assert r["chosen"] == "dinov2-probe" and "are within 10% of each other" in r["why"]
-    assert "dinov2-probe has the lowest training cost (90 s)" in r["why"]
+    # latencies within 10% of each other are equal: the higher validation mAP decides, whichever pair has it
+    for better, other in (("clip-ft", "dinov2-probe"), ("dinov2-probe", "clip-ft")):
+        pairs = fresh(fake_runs)
+        selection(pairs, better)["val_map"], selection(pairs, other)["val_map"] = 0.66, 0.65
+        for p in pairs:
+            selection(pairs, p.name)["val_macro_f1_crossfit"] = tie.get(p.name, 0.4)
+        next(p for p in pairs if p.name == "clip-ft").measured()[0].doc["batches"][0]["latency_ms"]["p99"] = 23.0
+        r = recommend(pairs, Constraints(), scenario[1])
+        assert r["chosen"] == better and "are within 10% of each other" in r["why"]
+        assert f"{better} has the highest validation mAP (" in r["why"] and "0.660" in r["why"]
     # a pair without a measured latency comes last (cnn-ft was never benchmarked)
     r = with_validation({"cnn-ft": 0.700, "dinov2-probe": 0.698})
     assert r["chosen"] == "dinov2-probe" and "cnn-ft not measured" in r["why"]
+
+
+def test_pairs_tied_on_validation_map_and_latency_are_decided_by_training_cost(fake_runs, scenario):
+    pairs = fresh(fake_runs)
+    for p in pairs:  # runs that record no cross-fitted macro-F1: validation mAP is the selection metric itself
+        sel = selection(pairs, p.name)
+        sel.pop("val_macro_f1_crossfit", None)
+        sel["val_map"] = {"dinov2-probe": 0.700, "clip-ft": 0.698}.get(p.name, 0.4)
+    next(p for p in pairs if p.name == "clip-ft").measured()[0].doc["batches"][0]["latency_ms"]["p99"] = 23.0
+    r = recommend(pairs, Constraints(), scenario[1])
+    assert r["chosen"] == "dinov2-probe" and "are within 10% of each other" in r["why"]
+    assert r["why"].endswith("dinov2-probe has the lowest training cost (90 s)")

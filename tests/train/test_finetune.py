@@ -140,7 +140,7 @@ def test_resume_restores_the_optimizer_on_the_parameters_device_and_dtype(tiny_d
     assert restored == len(trainable_parameters(other)) > 0
     # and AdamW steps on from there (mixed float32 state and float64 gradients would fail in its update)
     opt2.zero_grad()  # the same random-init stem (seed 0), so the float32 model's trunk activations, in float64
-    batch_loss(TunedPart(other), src(np.arange(8)).double(), yb.double(), loss_fn, amp=False).backward()
+    batch_loss(TunedPart(other), (src(np.arange(8))[0].double(), None), yb.double(), loss_fn, amp=False).backward()
     opt2.step()
     assert all(float(opt2.state[p]["step"]) == 3.0 for g in opt2.param_groups for p in g["params"])
 
@@ -155,7 +155,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     saved = (tmp_path / "resume.safetensors").read_bytes()
 
     def poisoned(pos):
-        return torch.full_like(src(pos), float("nan"))
+        return torch.full_like(src(pos)[0], float("nan")), None
 
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         finetune(model, poisoned, y, val, ds.labels()[val_rows], cfg, tmp_path, resume=True, progress=False)
@@ -182,19 +182,29 @@ def test_fp32_depthwise_on_cpu_only_for_the_block():
 def test_view_trunk_source_shows_each_image_as_one_seeded_view_per_epoch():
     n = 300
     trunks = [np.stack([np.full((2, 1, 1), 10 * v + r % 7, np.float16) for r in range(n)]) for v in range(3)]
+    sides = [np.stack([np.full(3, 1000 * v + r, np.float16) for r in range(n)]) for v in range(3)]
     src = ViewTrunkSource(trunks, torch.device("cpu"), seed=4)
+    trunk = lambda s, p: s(p)[0][:, 0, 0, 0]  # noqa: E731
     pos = np.array([5, 0, 299, 5])
-    assert torch.equal(src(pos)[:, 0, 0, 0], torch.tensor([5.0, 0, 5, 5]))  # before any epoch: the originals
+    assert torch.equal(trunk(src, pos), torch.tensor([5.0, 0, 5, 5]))  # before any epoch: the originals
+    assert src(pos)[1] is None  # no side input
     src.set_epoch(1)
-    views = src(np.arange(n))[:, 0, 0, 0].numpy() // 10
+    views = trunk(src, np.arange(n)).numpy() // 10
     assert all(70 <= c <= 130 for c in np.bincount(views.astype(int), minlength=3))  # about 1/3 each
-    got = src(pos)  # any order, duplicates: each image as its drawn view, same rows
-    np.testing.assert_array_equal(got[:, 0, 0, 0].numpy(), [10 * views[p] + p % 7 for p in pos])
+    got = trunk(src, pos)  # any order, duplicates: each image as its drawn view, same rows
+    np.testing.assert_array_equal(got.numpy(), [10 * views[p] + p % 7 for p in pos])
     again = ViewTrunkSource(trunks, torch.device("cpu"), seed=4)
     again.set_epoch(1)  # a resumed run (or another rank) draws the same
-    assert torch.equal(again(np.arange(n)), src(np.arange(n)))
+    assert torch.equal(trunk(again, np.arange(n)), trunk(src, np.arange(n)))
+    # with side inputs (each view's colour histograms), an image's side input is that of the view it shows
+    with_sides = ViewTrunkSource(trunks, torch.device("cpu"), seed=4, sides=sides)
+    with_sides.set_epoch(1)
+    h, side = with_sides(pos)
+    torch.testing.assert_close(h[:, 0, 0, 0], got)
+    np.testing.assert_array_equal(side[:, 0].numpy(), [1000 * views[p] + p for p in pos])
     src.set_epoch(2)
-    assert not np.array_equal(src(np.arange(n))[:, 0, 0, 0].numpy() // 10, views)
-    assert src(np.arange(0)).shape == (0, 2, 1, 1)  # an empty slice (a rank with no rows of a batch)
+    assert not np.array_equal(trunk(src, np.arange(n)).numpy() // 10, views)
+    assert src(np.arange(0))[0].shape == (0, 2, 1, 1)  # an empty slice (a rank with no rows of a batch)
+    assert with_sides(np.arange(0))[1].shape == (0, 3)
     with pytest.raises(ValueError, match="same rows"):
         ViewTrunkSource([trunks[0], trunks[1][:10]], torch.device("cpu"))
