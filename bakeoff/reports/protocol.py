@@ -47,7 +47,8 @@ def resolution_note(configs: dict[str, dict]) -> str:
 
 
 def head_text(config: dict) -> str:
-    """The head and decision rule: softmax fields (arg-max, logit adjustment tau) and thresholded tags."""
+    """The head and decision rule: its input where it is more than the pooled features (``--colour``), softmax
+    fields (arg-max, logit adjustment tau) and thresholded tags."""
     head, dec = config.get("head") or {}, config.get("decision") or {}
     if not head:
         return "sigmoid per tag, thresholds fitted on validation (recorded before heads were)"
@@ -62,7 +63,10 @@ def head_text(config: dict) -> str:
         shrink = dec.get("threshold_shrink")
         parts.append(f"{free} sigmoid tags with validation thresholds"
                      + (f" shrunk to their bucket (strength {shrink:g})" if shrink else ""))
-    return f"{head.get('loss', 'bce')} loss; " + "; ".join(parts) if parts else head.get("kind", "—")
+    colour = config.get("colour")
+    inputs = f"head input: pooled features + {colour.get('dim')} colour-histogram numbers; " \
+        if isinstance(colour, dict) else ""
+    return inputs + (f"{head.get('loss', 'bce')} loss; " + "; ".join(parts) if parts else head.get("kind", "—"))
 
 
 def tuning_text(config: dict) -> str:

@@ -64,9 +64,10 @@ class ColourHistogram(nn.Module):
         border = torch.cat([rgb[..., 0, :], rgb[..., -1, :], rgb[..., :, 0], rgb[..., :, -1]], dim=-1)  # N, 3, B
         background = border.sort(dim=-1).values[..., (border.shape[-1] - 1) // 2]  # N, 3: the lower median
         pixels = rgb.flatten(2)  # N, 3, P
-        foreground = ((pixels - background.unsqueeze(-1)).abs().sum(1) > self.cfg.foreground_distance).float()
+        far = (pixels - background.unsqueeze(-1)).abs().sum(1) > self.cfg.foreground_distance
+        foreground = torch.where(far, 1.0, 0.0)  # not a cast: FP16 converters leave a Cast's target type at fp32
         level = torch.clamp(torch.floor(pixels * b), max=b - 1)  # N, 3, P
-        onehot = (level.unsqueeze(-1) == self.levels).float()  # N, 3, P, b
+        onehot = torch.where(level.unsqueeze(-1) == self.levels, 1.0, 0.0)  # N, 3, P, b
         red_green = (onehot[:, 0].unsqueeze(-1) * onehot[:, 1].unsqueeze(-2)).flatten(2)  # N, P, b*b
         out = []
         for weight in (torch.ones_like(foreground), foreground):  # N, P

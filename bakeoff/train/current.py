@@ -18,8 +18,8 @@ those that do not change what a run learns:
   the probe's sweep.
 
 Options added after runs were recorded count, when a run does not record them, as the value that every run before
-them trained with (:data:`EARLIER`): ``rebalance`` none, ``aug_views`` 0 and ``colour`` off did not exist before, so such a run
-stays current for the default and is stale for any other value.
+them trained with (:data:`EARLIER`): ``rebalance`` none, ``aug_views`` 0 and ``colour`` off did not exist
+before, so such a run stays current for the default and is stale for any other value.
 
 One resolved input is not an option: a fine-tune's start. The design's fine-tune is LP-then-FT; one that started
 from a zero head because no matching probe run existed (config.json ``init_head.kind`` "zero") is stale once that
@@ -42,7 +42,8 @@ from bakeoff.train.weights import WeightsPlan
 
 IGNORED = ("progress", "resume", "device", "weights_dir", "probe", "profile")
 NOT_READ_BY = {"probe": ("epochs", "lr", "augment", "trunk_cache_dtype", "batch_size"), "ft": ("aug_views",)}
-EARLIER = {"rebalance": "none", "aug_views": 0, "colour": False}  # what runs recorded before these options existed trained with
+# what runs recorded before these options existed trained with
+EARLIER = {"rebalance": "none", "aug_views": 0, "colour": False}
 NOT_RECORDED = "(not recorded)"  # an option newer than the run: what it ran with is unknown, so it counts as changed
 
 

@@ -113,9 +113,9 @@ def extract(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows
 def extract_all(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, rows: np.ndarray,
                 targets: Sequence[Target], *, batch_size: int = 64, amp: bool = True, describe: dict | None = None,
                 progress: bool = True, side: torch.nn.Module | None = None) -> list[dict[str, ShardedArray]]:
-    """:func:`extract` (``side``: the module of output ``colour``) for several stores in one pass over the images (each store resumes on its own), holding the
-    locks of the stores still to build, taken in the order of their paths (so two processes never deadlock);
-    returns each target's outputs.
+    """:func:`extract` (``side``: the module of output ``colour``) for several stores in one pass over the images
+    (each store resumes on its own), holding the locks of the stores still to build, taken in the order of their
+    paths (so two processes never deadlock); returns each target's outputs.
 
     Under torchrun the ranks share the pass (:func:`_compute`); rank 0 alone takes the locks and decides what is
     still to build, so the ranks of one job never wait for each other's locks and other jobs wait for rank 0's.

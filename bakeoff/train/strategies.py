@@ -113,9 +113,8 @@ def colour_store(ctx: Context) -> FeatureStore:
 
 def view_stores(ctx: Context, what: str = "features") -> list[FeatureStore]:
     """One store of output ``what`` (the probe's ``features``, the fine-tune's ``trunk``, the ``colour`` of both)
-    per augmented view
-    1..``aug_views`` of the training images, keyed by the backbone, the training rows, the seed, the view and its
-    recipe: shared by every run of the backbone that asks for it."""
+    per augmented view 1..``aug_views`` of the training images, keyed by the backbone, the training rows, the seed,
+    the view and its recipe: shared by every run of the backbone that asks for it."""
     parts = ctx.key_parts | {"rows": cache_key(rows=ctx.rows_train.tolist())}
     dtype = {"dtype": ctx.trunk_cache_dtype} if what == "trunk" else \
         {"colour": ctx.model.colour.cfg.to_dict()} if what == "colour" else {}
@@ -259,9 +258,9 @@ def run_finetune(ctx: Context) -> Outcome:
         trunk, colours = arrays[0]["trunk"], arrays[-1].get("colour")
         reused["trunk"] = not store.built_here
         n = len(ctx.rows_train)
-        part = lambda a, s: None if a is None else a[s]  # noqa: E731
-        train_src = TrunkSource(trunk[:n], ctx.device, part(colours, slice(None, n)))
-        val_src = TrunkSource(trunk[n:], ctx.device, part(colours, slice(n, None)))
+        train_side, val_side = (None, None) if colours is None else (colours[:n], colours[n:])
+        train_src = TrunkSource(trunk[:n], ctx.device, train_side)
+        val_src = TrunkSource(trunk[n:], ctx.device, val_side)
         timing["trunk_caching"] = extraction_seconds(store)
         if ctx.aug_views:
             extracted, timing["view_extraction"], reused["views"] = extract_views(ctx, ("trunk",))
@@ -310,7 +309,7 @@ def run_finetune(ctx: Context) -> Outcome:
     if ctx.rebalance == "crt":  # cRT: the fine-tuned representation fixed, the head trained anew on the re-sample
         t = time.perf_counter()
         plain = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess) if ctx.augment else \
-            TrunkSource(trunk[:n], ctx.device, part(colours, slice(None, n)))
+            TrunkSource(trunk[:n], ctx.device, train_side)
         x_train = tail_features(model, plain, len(ctx.rows_train))
         x_val = tail_features(model, val_src, len(ctx.rows_val))
         timing["crt_features"] = time.perf_counter() - t

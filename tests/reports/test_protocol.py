@@ -32,6 +32,8 @@ def test_head_and_tuning_text():
                                      "adjustment tau 0.5; 3 sigmoid tags with validation thresholds shrunk to their "
                                      "bucket (strength 10)")
     assert protocol.tuning_text(c) == "8 trials: weight decay on [0.001 .. 30], selected 0.362"
+    assert protocol.head_text(c | {"colour": {"bins": 6, "dim": 432}}) == (
+        "head input: pooled features + 432 colour-histogram numbers; " + protocol.head_text(c))
     ft = cfg("cnn", 224, "x", strategy="ft", summary={
         "tuning": {"trials": 3, "searched": "block learning rate", "grid": [1e-4, 3e-4, 9e-4]}, "finetune": {"lr": 1e-4}})
     assert protocol.tuning_text(ft) == ("3 trials: block learning rate on [0.0001 .. 0.0009], selected 0.0001 (the "

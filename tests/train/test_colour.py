@@ -131,15 +131,24 @@ def test_colour_is_an_option_that_makes_a_run_stale(tiny_runs):
     assert recorded(cfg)["colour"] is False
 
 
-def test_the_onnx_export_computes_the_histograms_as_pytorch_does(colour_runs, tmp_path):
+def test_the_onnx_export_computes_the_histograms_as_pytorch_does(colour_runs, tiny_data, tmp_path):
     import onnxruntime as ort
 
+    from bakeoff.export.fp16 import convert_fp16
     from bakeoff.export.onnx_export import export_onnx
+    from bakeoff.export.parity import DEFAULT_TOLERANCES, compare, judge, ort_logits, parity_inputs, torch_logits
     path = export_onnx(colour_runs / "cnn-probe", tmp_path / "model.onnx")
-    model, cfg, _ = R.load_run(colour_runs / "cnn-probe")
+    model, cfg, decision = R.load_run(colour_runs / "cnn-probe")
     size = cfg["preprocess"]["img_size"]
     x = torch.from_numpy(np.random.default_rng(1).uniform(-2, 2, (5, 3, size, size)).astype(np.float32))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4, rtol=1e-4)
+    # the FP16 graph (histograms included) passes the FP16 parity check on the dataset's images
+    ds = load_dataset(tiny_data)
+    _, inputs = parity_inputs(ds, cfg, 64)
+    half = convert_fp16(path, tmp_path / "model_fp16.onnx")
+    assert half["violations"] == []
+    stats = compare(torch_logits(model, inputs), ort_logits(tmp_path / "model_fp16.onnx", inputs), decision)
+    assert judge(stats, DEFAULT_TOLERANCES["fp16"]) == []

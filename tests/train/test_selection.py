@@ -149,6 +149,28 @@ def test_head_is_its_best_epoch_not_its_last():
     assert batched_macro_ap(torch.as_tensor(y[80:]), scores)[0] == pytest.approx(res.best["val_map"], abs=1e-6)
 
 
+def test_shared_scale_keeps_a_histogram_block_on_one_scale():
+    """Columns are standardised one by one, so rescaling a column changes nothing; the columns of ``shared_scale``
+    share one scale (a histogram bin that is rarely non-zero is not blown up), so rescaling one of them does."""
+    x, y, groups = _grouped_problem()
+    rng = np.random.default_rng(3)
+    hist = np.zeros((len(x), 4), np.float32)
+    hist[:, 0] = rng.random(len(x))
+    hist[rng.random(len(x)) < 0.02, 3] = 0.05  # a rare, small bin
+    cfg = ProbeConfig(weight_decays=(0.1,), epochs=3, batch_size=100, eval_every=1, lr=3e-2, amp=False)
+
+    def val_logits(h: np.ndarray, shared: slice | None) -> torch.Tensor:
+        xx = np.concatenate([x, h], 1)
+        res = train_probe(xx[:350], y[:350], xx[350:], y[350:], cfg, HeadLoss(groups, n_tags=7), shared_scale=shared)
+        with torch.no_grad():
+            return res.head(torch.as_tensor(xx[350:]))
+
+    scaled = hist * np.array([1, 1, 1, 100], np.float32)
+    block = slice(x.shape[1], None)
+    torch.testing.assert_close(val_logits(scaled, None), val_logits(hist, None), atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(val_logits(scaled, block), val_logits(hist, block), atol=2e-2)
+
+
 def test_each_setting_trains_as_if_alone():
     """The settings share batches, not weights: each one's decay, bias and best epoch stay its own."""
     x, y, groups = _grouped_problem()
