@@ -37,7 +37,7 @@ Features:
 
 The test split is used for scoring only: every selection (weight decay, tau, shrinkage, thresholds, re-sampling)
 reads train and validation rows. A run trained with ``--aug-views`` is ablated on its un-augmented features, so
-no variant reproduces it. Output: ``RUNS/<pair>/eval/ablation.json`` (atomic), kept while it describes the
+no variant reproduces it; a run whose head also sees colour histograms (``--colour``) is refused. Output: ``RUNS/<pair>/eval/ablation.json`` (atomic), kept while it describes the
 current checkpoint, dataset and test rows (``--force`` redoes it).
 """
 from __future__ import annotations
@@ -480,6 +480,9 @@ def ablate_run(run_dir: str | Path, ds: Dataset | str | Path, *, device: str = "
     if config.get("strategy") != "probe":
         raise RunError(f"{run_dir}: strategy {config.get('strategy')!r}; the ablation retrains linear heads on a "
                        "probe run's frozen features")
+    if config.get("colour"):
+        raise RunError(f"{run_dir}: its head also sees colour histograms (--colour); the ablation retrains heads on "
+                       "the pooled features alone, so it would not describe this run")
     check_run_matches(run_dir, config, ds)
     cfg = probe_config(config)
     dev = pick_device(device)

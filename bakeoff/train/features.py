@@ -196,7 +196,7 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
 
     @functools.cache
     def shapes() -> dict[str, tuple[int, ...]]:
-        out = {"features": (backbone.feature_dim,), "colour": (getattr(side, "dim", 0),)}
+        out = {"features": (backbone.feature_dim,), "colour": (side.dim,) if side is not None else ()}
         if run_backbone:
             with autocast(device, amp):
                 out["trunk"] = tuple(backbone.stem(preprocess(images[rows[:1]])).shape[1:])
@@ -247,7 +247,8 @@ def _compute(backbone: Backbone, preprocess: Preprocess, images: np.ndarray, row
     if w.main:
         for t, s in zip(targets, seconds):
             write_json(t.store.dir / "meta.json", {"key": t.store.key, "outputs": list(t.outputs), "n": len(rows),
-                                                   "dtype": t.dtype, "seconds": s, "ranks": w.size,
+                                                   "pass": sorted(wanted), "dtype": t.dtype, "seconds": s,
+                                                   "ranks": w.size,
                                                    "describe": describe or {}})
     w.barrier()
 

@@ -82,14 +82,15 @@ class TrunkSource:
 
 class ViewTrunkSource:
     """Cached trunk activations of each training image's original and K augmented views (``trunks[0]`` the
-    originals, ``trunks[k]`` view k, row-aligned): :meth:`set_epoch` draws, for every image, which of the K + 1
-    it shows this epoch (seeded by (seed, epoch), as ``DistributedSampler.set_epoch`` seeds its shuffle, so every
-    rank and a resumed run draw the same)."""
+    originals, ``trunks[k]`` view k, row-aligned; ``sides``, where given, the side inputs of the same views):
+    :meth:`set_epoch` draws, for every image, which of the K + 1 it shows this epoch (seeded by (seed, epoch), as
+    ``DistributedSampler.set_epoch`` seeds its shuffle, so every rank and a resumed run draw the same)."""
 
     def __init__(self, trunks: Sequence[np.ndarray], device: torch.device, seed: int = 0,
                  sides: Sequence[np.ndarray] | None = None):
-        if len({len(t) for t in [*trunks, *(sides or [])]}) != 1:
-            raise ValueError(f"view trunks must have the same rows, got {[len(t) for t in trunks]}")
+        if len({len(t) for t in [*trunks, *(sides or [])]}) != 1 or (sides and len(sides) != len(trunks)):
+            raise ValueError(f"view trunks (and side inputs) must have the same rows, one per view: got trunks of "
+                             f"{[len(t) for t in trunks]} rows, side inputs of {[len(s) for s in sides or []]}")
         self.sources = [TrunkSource(t, device, sides[k] if sides else None) for k, t in enumerate(trunks)]
         self.seed = seed
         self.choice = np.zeros(len(trunks[0]), dtype=np.int64)

@@ -108,7 +108,7 @@ def trunk_store(ctx: Context) -> FeatureStore:
 def colour_store(ctx: Context) -> FeatureStore:
     """The store of the model's colour histograms (``--colour``) for the training + validation rows, shared by the
     probe and the fine-tune of the same backbone and preprocessing."""
-    return _store(ctx, "colour", colour=ctx.model.colour.cfg.to_dict())
+    return _store(ctx, "colour", colour=asdict(ctx.model.colour.cfg))
 
 
 def view_stores(ctx: Context, what: str = "features") -> list[FeatureStore]:
@@ -117,7 +117,7 @@ def view_stores(ctx: Context, what: str = "features") -> list[FeatureStore]:
     the view and its recipe: shared by every run of the backbone that asks for it."""
     parts = ctx.key_parts | {"rows": cache_key(rows=ctx.rows_train.tolist())}
     dtype = {"dtype": ctx.trunk_cache_dtype} if what == "trunk" else \
-        {"colour": ctx.model.colour.cfg.to_dict()} if what == "colour" else {}
+        {"colour": asdict(ctx.model.colour.cfg)} if what == "colour" else {}
     return [FeatureStore(ctx.cache_root, "view-" + cache_key(**parts, what=what, view=k, seed=ctx.seed,
                                                               recipe=RECIPE, **dtype))
             for k in range(1, ctx.aug_views + 1)]
@@ -140,6 +140,13 @@ def extract_views(ctx: Context, outputs: tuple[str, ...]) -> tuple[dict[str, lis
             got[o].append(a[o])
     every = [vs for o in outputs for vs in stores[o]]
     return got, sum(extraction_seconds(vs) for vs in stores[outputs[0]]), not any(vs.built_here for vs in every)
+
+
+def own_pass_seconds(stores: list[FeatureStore]) -> float:
+    """The extraction seconds of those colour ``stores`` that were built in a pass of their own (the backbone's
+    outputs already cached); one built in a pass with them shares that pass's seconds, counted there."""
+    return sum(extraction_seconds(s) for s in stores
+               if s.complete and read_json(s.dir / "meta.json").get("pass") == ["colour"])
 
 
 def fit_head(ctx: Context, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
@@ -173,9 +180,13 @@ def run_probe(ctx: Context) -> Outcome:
     reused = {"features": not store.built_here}
     n = len(ctx.rows_train)
     timing = {"feature_extraction": extraction_seconds(store)}
+    if colours is not None:
+        timing["colour_extraction"] = own_pass_seconds([targets[-1].store])
     if ctx.aug_views:  # validation is never augmented: views are of the training rows only
         extracted, timing["view_extraction"], reused["views"] = extract_views(
             ctx, ("features", "trunk") if ctx.share_pass else ("features",))
+        if colours is not None:
+            timing["colour_extraction"] += own_pass_seconds(view_stores(ctx, "colour"))
         view_feats = extracted["features"]
         if colours is not None:
             view_feats = [np.concatenate([f, c], axis=1) for f, c in zip(view_feats, extracted["colour"])]
@@ -229,7 +240,7 @@ def tail_features(model: TaggingModel, source: Callable[[np.ndarray], Inputs], n
     for o in range(0, n, batch_size):
         h, side = source(np.arange(o, min(n, o + batch_size)))
         with autocast(h.device, True):
-            out.append(model.head_input(model.backbone.tail(h), side).float().cpu().numpy())
+            out.append(model.head_input(model.backbone.tail(h).float(), side).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -244,6 +255,7 @@ def run_finetune(ctx: Context) -> Outcome:
         else:
             model.head.weight.zero_()
             model.head.bias.copy_(torch.as_tensor(initial_bias(ctx.y_train, ctx.loss.groups), dtype=torch.float32))
+    n = len(ctx.rows_train)
     if ctx.augment:
         train_src = ImageSource(model, ctx.images, ctx.rows_train, ctx.preprocess, augment=True, seed=ctx.seed)
         val_src = ImageSource(model, ctx.images, ctx.rows_val, ctx.preprocess)
@@ -257,13 +269,16 @@ def run_finetune(ctx: Context) -> Outcome:
                              progress=ctx.progress, describe=ctx.describe, side=model.colour)
         trunk, colours = arrays[0]["trunk"], arrays[-1].get("colour")
         reused["trunk"] = not store.built_here
-        n = len(ctx.rows_train)
         train_side, val_side = (None, None) if colours is None else (colours[:n], colours[n:])
         train_src = TrunkSource(trunk[:n], ctx.device, train_side)
         val_src = TrunkSource(trunk[n:], ctx.device, val_side)
         timing["trunk_caching"] = extraction_seconds(store)
+        if model.colour is not None:
+            timing["colour_extraction"] = own_pass_seconds([targets[-1].store])
         if ctx.aug_views:
             extracted, timing["view_extraction"], reused["views"] = extract_views(ctx, ("trunk",))
+            if colours is not None:
+                timing["colour_extraction"] += own_pass_seconds(view_stores(ctx, "colour"))
             train_src = ViewTrunkSource([trunk[:n], *extracted["trunk"]], ctx.device, ctx.seed,
                                         None if colours is None else [colours[:n], *extracted["colour"]])
     base = FinetuneConfig(epochs=ctx.epochs or FinetuneConfig.epochs, batch_size=ctx.batch_size,

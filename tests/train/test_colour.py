@@ -9,10 +9,12 @@ from bakeoff.common import shards
 from bakeoff.train import run as R
 from bakeoff.train.colour import ColourConfig, ColourHistogram
 from bakeoff.train.current import changes, expected, recorded
+from bakeoff.train.heads import tag_scores
 from bakeoff.train.data.cache import load_cache
 from bakeoff.train.data.dataset import load_dataset
 from bakeoff.train.preprocess import Preprocess
 from bakeoff.train.registry import TaggingModel, get_spec
+from bakeoff.train.valmetrics import batched_macro_ap
 from bakeoff.train.weights import create_backbone
 from tests.conftest import tiny_options
 
@@ -90,21 +92,60 @@ def test_a_colour_run_records_its_histograms_and_rebuilds_them(colour_runs, tiny
 
 
 def test_the_probe_head_is_trained_on_features_then_histograms(colour_runs, tiny_data):
-    """The cached colour rows are what the model computes, and the head reads them after the features."""
+    """The cached colour rows are what the model computes, and the probe's head, scored on the cached validation
+    rows [features, histograms], gives the validation mAP its sweep selected it by."""
     ds = load_dataset(tiny_data)
-    model, cfg, _ = R.load_run(colour_runs / "cnn-probe", ds)
+    model, cfg, decision = R.load_run(colour_runs / "cnn-probe", ds)
     cache = colour_runs / ".cache"
     f = np.asarray(shards.load(next(cache.glob("features-*")) / "features"), np.float32)
     c = np.asarray(shards.load(next(cache.glob("colour-*")) / "colour"), np.float32)
     rows = np.load(next(cache.glob("colour-*")) / "rows.npy")
+    assert f.shape[1] == model.backbone.feature_dim  # the features store is the plain one, shared
     prep = Preprocess.from_config(cfg["preprocess"], "cpu")
     images = load_cache(ds, cfg["preprocess"]["cache_size"])
     with torch.no_grad():
-        x = prep(images[rows[:16]])
-        np.testing.assert_allclose(c[:16], model.side(x).numpy(), atol=2e-3)
-        assert f.shape[1] == model.backbone.feature_dim  # the features store is the plain one, shared
-        z = model.head(model.head_input(model.backbone(x), torch.from_numpy(c[:16])))
-        np.testing.assert_allclose(z.numpy(), model(x).numpy(), atol=1e-2)
+        np.testing.assert_allclose(c[:16], model.side(prep(images[rows[:16]])).numpy(), atol=2e-3)
+        n = cfg["dataset"]["n_train_used"]
+        shift = torch.tensor(cfg["decision"]["bias_shift"], dtype=torch.float32)  # the logit adjustment, taken out
+        z = model.head(torch.from_numpy(np.concatenate([f[n:], c[n:]], 1))) - shift
+    y_val = ds.labels()[ds.split_indices("val")]
+    got = batched_macro_ap(torch.as_tensor(y_val), tag_scores(z[None], decision.groups))[0]
+    assert got == pytest.approx(cfg["summary"]["selected"]["val_map"], abs=1e-5)
+
+
+def test_histograms_of_a_full_size_image_sample_a_strided_grid():
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    img[:, :3] = img[:, -3:] = img[:3] = img[-3:] = 255  # a white border: the background
+    got = ColourHistogram(ColourConfig(), MEAN, STD)(normalised(img))[0].numpy()
+    grid = img[::4, ::4].reshape(-1, 3).astype(np.int64)  # 224 // 56 = every 4th pixel
+    border = np.concatenate([img[::4, ::4][0], img[::4, ::4][-1], img[::4, ::4][:, 0], img[::4, ::4][:, -1]])
+    fg = np.abs(grid - np.sort(border, 0)[(len(border) - 1) // 2]).sum(1) / 255 > 0.15
+    q = np.minimum(grid * 6 // 255, 5)  # bins of v / 255 in [0, 1], the last closed
+    code = (q[:, 0] * 6 + q[:, 1]) * 6 + q[:, 2]
+    want = [np.bincount(code[m], minlength=216) / m.sum() for m in (np.ones(len(grid), bool), fg)]
+    np.testing.assert_allclose(got, np.sqrt(np.concatenate(want)), atol=1e-3)
+
+
+def test_a_colour_fine_tune_with_views_and_crt(tiny_data, tmp_path):
+    """Colour histograms through the cached views (one colour store per view) and the cRT head."""
+    for strategy in ("probe", "ft"):
+        R.train_pair(tiny_data, tmp_path, tiny_options("cnn", strategy, colour=True, aug_views=1, rebalance="crt"))
+    model, cfg, _ = R.load_run(tmp_path / "cnn-ft")
+    assert model.head.in_features == model.backbone.feature_dim + 432 and cfg["summary"]["crt"]
+    assert len(list((tmp_path / ".cache").glob("colour-*"))) == 1  # originals; the view's own colour store:
+    views = [json.loads((d / "meta.json").read_text()) for d in (tmp_path / ".cache").glob("view-*")]
+    assert sorted(v["outputs"][0] for v in views) == ["colour", "features", "trunk"]
+    timing = json.loads((tmp_path / "cnn-ft" / "timing.json").read_text())["seconds"]
+    assert timing["colour_extraction"] == 0.0  # the probe filled the colour stores in its own passes
+    probe = json.loads((tmp_path / "cnn-probe" / "timing.json").read_text())["seconds"]
+    assert probe["colour_extraction"] == 0.0  # ... with its features, so their seconds are counted once, there
+
+
+def test_the_ablation_refuses_a_colour_run(colour_runs, tiny_data):
+    from bakeoff.evaluate.ablation import ablate_all
+    result = ablate_all(colour_runs, tiny_data, pairs=["cnn-probe"], log=lambda s: None)["cnn-probe"]
+    assert result["status"] == "refused" and "colour histograms" in result["reason"]
 
 
 def test_a_fine_tune_does_not_start_from_a_probe_without_histograms(tiny_runs, tiny_data, tmp_path):

@@ -182,7 +182,7 @@ def test_fp32_depthwise_on_cpu_only_for_the_block():
 def test_view_trunk_source_shows_each_image_as_one_seeded_view_per_epoch():
     n = 300
     trunks = [np.stack([np.full((2, 1, 1), 10 * v + r % 7, np.float16) for r in range(n)]) for v in range(3)]
-    sides = [np.stack([np.full(3, 1000 * v + r, np.float16) for r in range(n)]) for v in range(3)]
+    sides = [np.stack([np.full(3, 1000 * v + r, np.float32) for r in range(n)]) for v in range(3)]
     src = ViewTrunkSource(trunks, torch.device("cpu"), seed=4)
     trunk = lambda s, p: s(p)[0][:, 0, 0, 0]  # noqa: E731
     pos = np.array([5, 0, 299, 5])
