@@ -37,8 +37,9 @@ Features:
 
 The test split is used for scoring only: every selection (weight decay, tau, shrinkage, thresholds, re-sampling)
 reads train and validation rows. A run trained with ``--aug-views`` is ablated on its un-augmented features, so
-no variant reproduces it; a run whose head also sees colour histograms (``--colour``) is refused. Output: ``RUNS/<pair>/eval/ablation.json`` (atomic), kept while it describes the
-current checkpoint, dataset and test rows (``--force`` redoes it).
+no variant reproduces it; a run whose head also sees colour histograms (``--colour``) is refused. Output:
+``RUNS/<pair>/eval/ablation.json`` (atomic), kept while it describes the current checkpoint, dataset and test rows
+(``--force`` redoes it).
 """
 from __future__ import annotations
 

@@ -161,8 +161,8 @@ def rule_lines(c: Constraints, pairs: list[Pair], metric: str | None = None,
          f"({SELECTION}.{VAL_MAP}: threshold-free, so the noise of fitting the decision rule on few positives does not "
          "decide it) where the metric above is another and every tied pair records it, else the lower training "
          "cost: the sum of timing.json's phases, plus the linear probe's for a fine-tune that starts from the "
-         "probe's head (LP-then-FT). The runner-up is the same rule applied to the rest. Test macro-F1 and long-tail F1 with "
-         "their 95% CIs, and the paired bootstrap of the top two, are reported below; they never change the choice."),
+         "probe's head (LP-then-FT). The runner-up is the same rule applied to the rest. Test macro-F1 and long-tail "
+         "F1 with their 95% CIs, and the paired bootstrap of the top two, are reported below; they never change the choice."),
     ]
 
 

@@ -366,7 +366,8 @@ def finetune(model: TaggingModel, train_source: Callable[[np.ndarray], Inputs], 
                 # DDP averages the ranks' gradients: weighting each rank's mean by its share of the batch makes the
                 # average the gradient of the whole batch's mean loss, also when the slices differ in size (a rank
                 # whose slice is empty still joins the step, with a zero loss)
-                loss = batch_loss(net, inputs, y_train_t[pos].to(device), loss_fn, cfg.amp) * (len(pos) * w.size / len(batch)) \
+                share = len(pos) * w.size / len(batch)
+                loss = batch_loss(net, inputs, y_train_t[pos].to(device), loss_fn, cfg.amp) * share \
                     if len(pos) else net(*inputs).sum() * 0.0
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(

@@ -88,7 +88,8 @@ def test_a_colour_run_records_its_histograms_and_rebuilds_them(colour_runs, tiny
     # the probe and the fine-tune share one colour store of the training + validation rows
     stores = list((colour_runs / ".cache").glob("colour-*"))
     assert len(stores) == 1
-    assert json.loads((stores[0] / "meta.json").read_text())["n"] == len(ds.split_indices("train")) + len(ds.split_indices("val"))
+    n_rows = len(ds.split_indices("train")) + len(ds.split_indices("val"))
+    assert json.loads((stores[0] / "meta.json").read_text())["n"] == n_rows
 
 
 def test_the_probe_head_is_trained_on_features_then_histograms(colour_runs, tiny_data):
@@ -133,13 +134,24 @@ def test_a_colour_fine_tune_with_views_and_crt(tiny_data, tmp_path):
         R.train_pair(tiny_data, tmp_path, tiny_options("cnn", strategy, colour=True, aug_views=1, rebalance="crt"))
     model, cfg, _ = R.load_run(tmp_path / "cnn-ft")
     assert model.head.in_features == model.backbone.feature_dim + 432 and cfg["summary"]["crt"]
-    assert len(list((tmp_path / ".cache").glob("colour-*"))) == 1  # originals; the view's own colour store:
+    assert len(list((tmp_path / ".cache").glob("colour-*"))) == 1  # the originals'; the view has its own:
     views = [json.loads((d / "meta.json").read_text()) for d in (tmp_path / ".cache").glob("view-*")]
     assert sorted(v["outputs"][0] for v in views) == ["colour", "features", "trunk"]
     timing = json.loads((tmp_path / "cnn-ft" / "timing.json").read_text())["seconds"]
     assert timing["colour_extraction"] == 0.0  # the probe filled the colour stores in its own passes
     probe = json.loads((tmp_path / "cnn-probe" / "timing.json").read_text())["seconds"]
     assert probe["colour_extraction"] == 0.0  # ... with its features, so their seconds are counted once, there
+
+
+def test_a_colour_pass_of_its_own_is_counted_in_the_training_time(tiny_data, tmp_path):
+    R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "probe"))  # the features store, without colour
+    R.train_pair(tiny_data, tmp_path, tiny_options("cnn", "probe", colour=True))  # reuses it: a colour-only pass
+    store = next((tmp_path / ".cache").glob("colour-*"))
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["pass"] == ["colour"] and meta["seconds"] > 0
+    timing = json.loads((tmp_path / "cnn-probe" / "timing.json").read_text())
+    assert timing["seconds"]["colour_extraction"] == pytest.approx(meta["seconds"], abs=1e-3)
+    assert timing["caches_reused"]["features"] is True
 
 
 def test_the_ablation_refuses_a_colour_run(colour_runs, tiny_data):
